@@ -1,0 +1,197 @@
+"""FastCuRL's curriculum: stage tables and the loop that drives one stage.
+
+Each stage trains on its own slice of the problems (L1 = prompts no longer than the mean, L3 = longer,
+L2 = all) with its own response budget: short problems with a short budget first, then the budget grows
+(context scaling). One step of a stage:
+
+    prompts -> engine.generate(n each, budget) -> rewards -> group advantages -> GRPO update
+            -> push weights into the engine -> one metrics line -> (every K steps) a checkpoint
+
+    python curriculum.py plot runs/toy         # reward, length, entropy, truncation per step, by stage
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from reward import math_reward
+
+
+@dataclasses.dataclass
+class Stage:
+    data: str              # "L1" (short prompts), "L2" (all), "L3" (long prompts)
+    max_tokens: int        # response budget
+    batch: int             # prompts per step, across all ranks
+    n: int                 # samples per prompt
+    steps: int
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    kl_coef: float = 0.001
+    entropy_coef: float = 0.001
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    temperature: float = 0.6
+    top_p: float = 1.0
+    agg: str = "token-mean"
+    max_prompt: int = 1024
+    mini_batches: int = 1  # optimizer updates per step (batch / mini-batch size)
+
+
+# FastCuRL-1.5B-Preview (stages 1-4) and the V2/V3 fifth stage: lr 1e-6, KL (k3) 0.001, entropy 0.001,
+# clip 0.2, temperature 0.6, prompt budget 1024, mini-batch 64 prompts, one PPO epoch.
+RECIPES = {
+    "fastcurl-1.5b": [
+        Stage("L1", 8192, batch=128, n=8, steps=160, mini_batches=2),
+        Stage("L2", 16384, batch=64, n=8, steps=200),
+        Stage("L3", 24576, batch=64, n=8, steps=200),
+        Stage("L2", 16384, batch=64, n=16, steps=600),
+        Stage("L2", 16384, batch=64, n=16, steps=200, kl_coef=0.0, entropy_coef=1e-6),
+    ],
+    # the same shape on the embedded toy: budgets 40/80/120/80 tokens = 1:2:3:2 like 8K/16K/24K/16K
+    "toy": [
+        Stage("L1", 40, batch=16, n=8, steps=40, lr=2e-5, temperature=1.0, max_prompt=64),
+        Stage("L2", 80, batch=16, n=8, steps=40, lr=2e-5, temperature=1.0, max_prompt=64),
+        Stage("L3", 120, batch=16, n=8, steps=30, lr=2e-5, temperature=1.0, max_prompt=64),
+        Stage("L2", 80, batch=16, n=8, steps=40, lr=2e-5, temperature=1.0, max_prompt=64),
+    ],
+}
+
+
+def make_engine(kind: str, model, tok, st: Stage, rank: int, world: int, log: bool = True):
+    """'torch' (the policy itself), 'vllm' (colocated vLLM), or 'auto': vLLM when it can run, else torch."""
+    from rollout import TorchEngine
+
+    if kind == "vllm":
+        raise SystemExit("--rollout vllm: the vLLM engine is not in this build yet; use --rollout torch")
+    if log:
+        print(f"[fastcurl] rollout engine: torch ({'asked for' if kind == 'torch' else 'auto'})", flush=True)
+    return TorchEngine(model, tok.eos_ids, tok.pad_id)
+
+
+def rollout_seed(seed: int, stage: int, step: int, rank: int) -> int:
+    return ((seed * 1_000_003 + stage) * 1_000_003 + step) * 1009 + rank
+
+
+def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x)
+    return torch.cat(out)
+
+
+def run_stage(st: Stage, stage: int, prompts, engine, trainer, tok, sampler, out_dir: str, *, start: int = 0,
+              seed: int = 0, rank: int = 0, world: int = 1, save=None, save_every: int = 0):
+    """Train one stage from step `start` to st.steps; prompts are (ids, answer) pairs."""
+    from grpo import group_advantages
+
+    trainer.set_lr(st.lr)
+    metrics_f = open(os.path.join(out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    t_start = time.time()
+    for step in range(start, st.steps):
+        # 1. a batch of prompts (this rank's share) and n samples each from the engine
+        t0 = time.time()
+        batch = [prompts[i] for i in sampler.next()]
+        comps = engine.generate([ids for ids, _ in batch], n=st.n, max_tokens=st.max_tokens,
+                                temperature=st.temperature, top_p=st.top_p,
+                                seed=rollout_seed(seed, stage, step, rank))
+        # 2. rewards: 1 for a right boxed answer; a response cut at the budget scores 0
+        rewards = torch.tensor([0.0 if c.finish_reason == "length" else
+                                math_reward(tok.decode(c.response_ids), batch[i // st.n][1])
+                                for i, c in enumerate(comps)])
+        # 3. group-normalised advantages (each prompt's n samples live on one rank)
+        adv = group_advantages(rewards, st.n)
+        t1 = time.time()
+        # 4. the GRPO update, then 5. the new weights into the engine
+        stats = trainer.step(comps, adv, st, st.mini_batches)
+        engine.update_weights(trainer.model.state_dict().items())
+        t2 = time.time()
+        # 6. metrics over all ranks
+        lens = torch.tensor([float(len(c.response_ids)) for c in comps])
+        trunc = torch.tensor([float(c.finish_reason == "length") for c in comps])
+        zero = (rewards.view(-1, st.n).std(-1) == 0).float() if st.n > 1 else torch.ones(len(batch))
+        r, L, tr, z = (_gather(x, world) for x in (rewards, lens, trunc, zero))
+        toks = _gather(torch.tensor([float(sum(len(c.prompt_ids) + len(c.response_ids) for c in comps))]), world)
+        rec = {"step": step + 1, "stage": stage, "reward/mean": r.mean().item(), "reward/std": r.std().item(),
+               "response_len/mean": L.mean().item(), "response_len/max": L.max().item(),
+               "truncated_frac": tr.mean().item(), "zero_adv_frac": z.mean().item(), **stats,
+               "time/rollout_s": t1 - t0, "time/train_s": t2 - t1,
+               "throughput/tokens_per_s": toks.sum().item() / (t2 - t0)}
+        if rank == 0:
+            metrics_f.write(json.dumps(rec) + "\n")
+            metrics_f.flush()
+            el = time.time() - t_start
+            eta = el / (step + 1 - start) * (st.steps - step - 1)
+            print(f"stage {stage} step {step + 1}/{st.steps} reward {rec['reward/mean']:.3f} "
+                  f"len {rec['response_len/mean']:.1f} trunc {rec['truncated_frac']:.2f} "
+                  f"entropy {rec['entropy/mean']:.3f} kl {rec['kl/mean']:.4f} "
+                  f"elapsed {el:.0f}s eta {eta:.0f}s", flush=True)
+        # 7. a checkpoint every save_every steps
+        if save and save_every and (step + 1) % save_every == 0 and step + 1 < st.steps:
+            save(os.path.join(out_dir, f"step{step + 1}"), step + 1)
+    if metrics_f:
+        metrics_f.close()
+
+
+def latest_checkpoint(stage_dir: str) -> str | None:
+    """The newest complete step<K> folder of a stage (None when there is none)."""
+    best, best_k = None, -1
+    for d in glob.glob(os.path.join(stage_dir, "step*")):
+        name = os.path.basename(d)
+        if name[4:].isdigit() and os.path.exists(os.path.join(d, "trainer_state.pt")) and int(name[4:]) > best_k:
+            best, best_k = d, int(name[4:])
+    return best
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    rows = []
+    for f in sorted(glob.glob(os.path.join(run_dir, "stage*", "metrics.jsonl")),
+                    key=lambda p: int(os.path.basename(os.path.dirname(p))[5:])):
+        with open(f) as fh:
+            rows += [json.loads(line) for line in fh if line.strip()]
+    return rows
+
+
+def plot(run_dir: str, out: str | None = None) -> str:
+    """Reward, response length, entropy and truncated fraction against global steps, stage boundaries marked."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plotting needs matplotlib: pip install matplotlib (or pip install -e .[plot])")
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise SystemExit(f"{run_dir}: no stage*/metrics.jsonl to plot")
+    x = list(range(1, len(rows) + 1))
+    keys = [("reward/mean", "reward"), ("response_len/mean", "response length (tokens)"),
+            ("entropy/mean", "entropy"), ("truncated_frac", "truncated fraction")]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(8, 9), sharex=True)
+    bounds = [i + 1 for i in range(1, len(rows)) if rows[i]["stage"] != rows[i - 1]["stage"]]
+    for ax, (k, label) in zip(axes, keys):
+        ax.plot(x, [r.get(k, float("nan")) for r in rows], lw=1)
+        for b in bounds:
+            ax.axvline(b - 0.5, color="gray", ls="--", lw=0.8)
+        ax.set_ylabel(label)
+    starts = [1] + bounds
+    for s in starts:
+        axes[0].text(s, axes[0].get_ylim()[1], f" stage {rows[s - 1]['stage']}", va="top", fontsize=8)
+    axes[-1].set_xlabel("step (all stages)")
+    fig.tight_layout()
+    out = out or os.path.join(run_dir, "curriculum.png")
+    fig.savefig(out, dpi=100)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "plot":
+        print(plot(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))
+    else:
+        sys.exit("usage: python curriculum.py plot RUN_DIR [OUT.png]")

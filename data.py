@@ -1,0 +1,306 @@
+"""Problems in, token ids out: problem files, chat templates, FastCuRL's length split, the toy task, a sampler.
+
+    python data.py split FILE --out DIR [--template r1]   # FastCuRL: L1 (short), L2 (all), L3 (long)
+    python data.py toy --out assets/toy                   # regenerate the toy task's train/eval files
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+R1_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
+QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+# ---- problem files ---------------------------------------------------------------------------
+
+@dataclass
+class Problem:
+    problem: str
+    answer: str | list[str]  # a list = any of these is accepted
+    source: str = ""          # "file:line", for messages
+
+
+def _answer(v, where):
+    if isinstance(v, bool) or v is None:
+        raise ValueError(f"{where}: field 'answer' must be a string, a number or a list, got {v!r}")
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))  # 142.0 -> "142"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (list, tuple)) and v:
+        return [_answer(x, where) for x in v]
+    raise ValueError(f"{where}: field 'answer' must be a string, a number or a non-empty list, got {v!r}")
+
+
+def _row(row, where) -> Problem:
+    """One record: {problem, answer} (DeepScaleR) or {prompt: [messages], reward_model: {ground_truth}} (verl)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with 'problem' and 'answer', got {type(row).__name__}")
+    if "problem" in row or "answer" in row:
+        for field in ("problem", "answer"):
+            if field not in row:
+                raise ValueError(f"{where}: missing field '{field}'")
+        if not isinstance(row["problem"], str) or not row["problem"].strip():
+            raise ValueError(f"{where}: field 'problem' must be a non-empty string")
+        return Problem(row["problem"], _answer(row["answer"], where), where)
+    if "prompt" in row and "reward_model" in row:
+        msgs = row["prompt"]
+        users = [m.get("content") for m in (msgs if hasattr(msgs, "__iter__") else []) if isinstance(m, dict)
+                 and m.get("role") == "user"]
+        if not users or not isinstance(users[-1], str):
+            raise ValueError(f"{where}: field 'prompt' has no user message")
+        rm = row["reward_model"]
+        if not isinstance(rm, dict) or "ground_truth" not in rm:
+            raise ValueError(f"{where}: missing field 'reward_model.ground_truth'")
+        text = users[-1].removesuffix(R1_SUFFIX)  # verl files carry the instruction already
+        gt = rm["ground_truth"]
+        return Problem(text, _answer(list(gt) if hasattr(gt, "tolist") else gt, where), where)
+    raise ValueError(f"{where}: missing field 'problem' (or verl's 'prompt' + 'reward_model')")
+
+
+def load_problems(path: str) -> list[Problem]:
+    """Read a JSON list, JSONL or parquet problem file; any bad record stops here with file, line and field."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such problem file")
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        rows = pq.read_table(path).to_pylist()
+        out = [_row(r, f"{path}:row {i + 1}") for i, r in enumerate(rows)]
+    else:
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise ValueError(f"{path}:{line}: bytes that are not UTF-8 ({e.reason})") from None
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            out = [_row(r, f"{path}:item {i + 1}") for i, r in enumerate(rows)]
+        else:
+            out = []
+            for i, line in enumerate(text.splitlines()):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i + 1}: invalid JSON ({e.msg})") from None
+                out.append(_row(r, f"{path}:{i + 1}"))
+    if not out:
+        raise ValueError(f"{path}: no problems in the file")
+    return out
+
+
+def write_jsonl(path: str, problems: list[Problem]):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for p in problems:
+            f.write(json.dumps({"problem": p.problem, "answer": p.answer}) + "\n")
+    os.replace(tmp, path)
+
+
+# ---- templates and tokens --------------------------------------------------------------------
+
+def user_turn(problem: str, template: str) -> str:
+    """The text of the user's turn, whose length FastCuRL's split is measured on."""
+    return problem if template == "toy" else problem + R1_SUFFIX if template == "r1" else problem
+
+
+def format_prompt(problem: str, template: str) -> str:
+    if template == "r1":  # DeepSeek-R1-Distill: generation opens the think block
+        return f"<｜begin▁of▁sentence｜><｜User｜>{user_turn(problem, 'r1')}<｜Assistant｜><think>\n"
+    if template == "qwen":
+        return (f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\n{problem}<|im_end|>\n"
+                f"<|im_start|>assistant\n")
+    if template == "toy":
+        return f"{problem}="
+    raise ValueError(f"unknown template {template!r} (r1, qwen or toy)")
+
+
+class Tokenizer:
+    """tokenizer.json through `tokenizers`; EOS ids from generation_config.json, else config.json."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        fn = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(fn):
+            raise FileNotFoundError(f"{path}: no tokenizer.json")
+        self.tok = HFTokenizer.from_file(fn)
+        eos = None
+        for name in ("generation_config.json", "config.json"):
+            p = os.path.join(path, name)
+            if os.path.exists(p):
+                with open(p) as f:
+                    eos = json.load(f).get("eos_token_id")
+                if eos is not None:
+                    break
+        self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        vocab = self.tok.get_vocab()
+        self.pad_id = next((vocab[t] for t in ("<pad>", "<|endoftext|>", "<｜end▁of▁sentence｜>") if t in vocab),
+                           self.eos_ids[0] if self.eos_ids else 0)
+        self.template = ("r1" if "<｜Assistant｜>" in vocab else "qwen" if "<|im_start|>" in vocab
+                         else "toy" if "\\boxed{" in vocab else "qwen")
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def encode_problems(problems: list[Problem], tok: Tokenizer, template: str, max_prompt_len: int):
+    """-> (list of (prompt ids, answer), number dropped for exceeding max_prompt_len)."""
+    out, dropped = [], 0
+    for p in problems:
+        ids = tok.encode(format_prompt(p.problem, template))
+        if len(ids) > max_prompt_len:
+            dropped += 1
+            continue
+        out.append((ids, p.answer))
+    return out, dropped
+
+
+# ---- FastCuRL's split ------------------------------------------------------------------------
+
+def split_by_length(problems: list[Problem], template: str = "r1"):
+    """Cut at the mean user-turn length (characters): L1 = len <= mean (short), L3 = len > mean (long), L2 = all."""
+    lens = [len(user_turn(p.problem, template)) for p in problems]
+    mean = sum(lens) / len(lens)
+    l1 = [p for p, n in zip(problems, lens) if n <= mean]
+    l3 = [p for p, n in zip(problems, lens) if n > mean]
+    return {"L1": l1, "L2": list(problems), "L3": l3}, mean, lens
+
+
+def histogram(lens: list[int], bins: int = 12, width: int = 40) -> str:
+    lo, hi = min(lens), max(lens)
+    step = max(1, -(-(hi - lo + 1) // bins))
+    counts = [0] * bins
+    for n in lens:
+        counts[min((n - lo) // step, bins - 1)] += 1
+    top = max(counts)
+    return "\n".join(f"{lo + i * step:6d}-{lo + (i + 1) * step - 1:<6d} {c:7d} {'#' * round(width * c / top)}"
+                     for i, c in enumerate(counts) if c or i < bins)
+
+
+# ---- the toy task ----------------------------------------------------------------------------
+
+def toy_problem(rng: random.Random, n_terms: int) -> Problem:
+    terms = [rng.randint(1, 9) for _ in range(n_terms)]
+    return Problem("+".join(map(str, terms)), str(sum(terms)))
+
+
+def toy_trace(problem: str, rng: random.Random, slip_p: float = 0.0, repeat_p: float = 0.0) -> str:
+    """Running sums "3+5=8,8+2=10.\\boxed{10}"; each step may slip (off by 1-3, carried on) or be repeated."""
+    terms = [int(t) for t in problem.split("+")]
+    acc, steps = terms[0], []
+    for t in terms[1:]:
+        res = acc + t
+        if rng.random() < slip_p:
+            res = max(0, res + rng.choice([-3, -2, -1, 1, 2, 3]))
+        step = f"{acc}+{t}={res}"
+        steps.append(step)
+        if rng.random() < repeat_p:
+            steps.append(step)
+        acc = res
+    return ",".join(steps) + f".\\boxed{{{acc}}}"
+
+
+def toy_sets(seed: int = 0, n_train: int = 20000, n_eval: int = 512, terms=(2, 8)):
+    """Deterministic train / held-out sets, term counts uniform in `terms`; no held-out problem is in train."""
+    rng = random.Random(seed)
+    ev = [toy_problem(rng, rng.randint(*terms)) for _ in range(n_eval)]
+    seen = {p.problem for p in ev}
+    tr = []
+    while len(tr) < n_train:
+        p = toy_problem(rng, rng.randint(*terms))
+        if p.problem not in seen:
+            tr.append(p)
+    return tr, ev
+
+
+# ---- the batch sampler -----------------------------------------------------------------------
+
+class Sampler:
+    """Global batches of prompt indices, reshuffled each epoch from (seed, epoch); rank r takes rows r::world.
+
+    state() / load_state() carry (epoch, pos) through checkpoints, so a resumed run draws the same batches.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by the world size {world}")
+        if n < batch_size:
+            raise ValueError(f"{n} prompts cannot fill a batch of {batch_size}")
+        self.n, self.bs, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.epoch, self.pos = 0, 0
+        self._perm()
+
+    def _perm(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.perm = torch.randperm(self.n, generator=g).tolist()
+
+    def next(self) -> list[int]:
+        if self.pos + self.bs > self.n:  # drop the ragged tail, start a new epoch
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm()
+        batch = self.perm[self.pos:self.pos + self.bs]
+        self.pos += self.bs
+        return batch[self.rank::self.world]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state(self, s: dict):
+        self.epoch, self.pos = s["epoch"], s["pos"]
+        self._perm()
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sp = sub.add_parser("split", help="cut a problem file at the mean prompt length into L1/L2/L3")
+    sp.add_argument("file")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--template", default="r1", choices=["r1", "qwen", "toy"])
+    tp = sub.add_parser("toy", help="write the toy task's train.jsonl and eval.jsonl")
+    tp.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy"))
+    tp.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.cmd == "split":
+        probs = load_problems(a.file)
+        sets, mean, lens = split_by_length(probs, a.template)
+        os.makedirs(a.out, exist_ok=True)
+        print(f"{a.file}: {len(probs)} problems, mean user-turn length {mean:.1f} characters")
+        print(histogram(lens))
+        for name, ps in sets.items():
+            write_jsonl(os.path.join(a.out, f"{name}.jsonl"), ps)
+            print(f"{name}: {len(ps)} problems -> {os.path.join(a.out, name + '.jsonl')}")
+    else:
+        tr, ev = toy_sets(a.seed)
+        os.makedirs(a.out, exist_ok=True)
+        write_jsonl(os.path.join(a.out, "train.jsonl"), tr)
+        write_jsonl(os.path.join(a.out, "eval.jsonl"), ev)
+        print(f"toy task: {len(tr)} train, {len(ev)} eval problems -> {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Evaluate a checkpoint: pass@1 averaged over k samples per problem (the paper's metric), and pass@k.
+
+    python eval.py                                    # the toy checkpoint on the toy held-out set
+    python eval.py --model CKPT --data aime24.jsonl,amc23.jsonl,math500.jsonl --k 16 --temperature 0.6 \\
+        --max-tokens 32768 [--out results.json]
+    torchrun --nproc_per_node 8 eval.py ...           # problems sharded across ranks, gathered on rank 0
+
+    pass@1 = mean over problems of c / k;  pass@k (unbiased, Chen et al. 2021) = 1 - C(k - c, k) / C(k, k)
+    = 1 if any of the k samples is right; c = right samples of the problem.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import data
+from reward import math_reward
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c right: 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    p = 1.0
+    for i in range(n - c + 1, n + 1):
+        p *= 1.0 - k / i
+    return 1.0 - p
+
+
+def evaluate_file(engine, tok, template: str, path: str, *, k: int = 16, temperature: float = 0.6,
+                  top_p: float = 1.0, max_tokens: int = 32768, max_prompt: int = 1024, seed: int = 0,
+                  rank: int = 0, world: int = 1) -> dict:
+    """Score one problem file; under several ranks each takes problems rank::world and rank 0 gets all."""
+    probs = data.load_problems(path)
+    mine = list(range(rank, len(probs), world))
+    enc, dropped = data.encode_problems([probs[i] for i in mine], tok, template, 10 ** 9)
+    long = [len(ids) > max_prompt for ids, _ in enc]
+    t0 = time.time()
+    comps = engine.generate([ids for ids, _ in enc], n=k, max_tokens=max_tokens, temperature=temperature,
+                            top_p=top_p, seed=seed + rank)
+    rows = []
+    for j, i in enumerate(mine):
+        cs = comps[j * k:(j + 1) * k]
+        rewards = [0.0 if c.finish_reason == "length" else math_reward(tok.decode(c.response_ids), probs[i].answer)
+                   for c in cs]
+        rows.append({"index": i, "problem": probs[i].problem, "answer": probs[i].answer,
+                     "correct": int(sum(rewards)), "k": k, "lengths": [len(c.response_ids) for c in cs],
+                     "truncated": sum(c.finish_reason == "length" for c in cs), "prompt_over_budget": long[j],
+                     "sample": tok.decode(cs[0].response_ids)})
+    if world > 1:
+        allrows = [None] * world
+        dist.all_gather_object(allrows, rows)
+        rows = sorted((r for part in allrows for r in part), key=lambda r: r["index"])
+    lens = [n for r in rows for n in r["lengths"]]
+    return {"file": path, "problems": len(rows), "k": k, "temperature": temperature, "max_tokens": max_tokens,
+            "pass@1": sum(r["correct"] / k for r in rows) / len(rows),
+            f"pass@{k}": sum(pass_at_k(k, r["correct"], k) for r in rows) / len(rows),
+            "response_len/mean": sum(lens) / len(lens), "response_len/max": max(lens),
+            "truncated_frac": sum(r["truncated"] for r in rows) / len(lens),
+            "time_s": time.time() - t0, "per_problem": rows}
+
+
+def main(argv=None):
+    from grpo import TOY_EVAL, TOY_MODEL, setup_dist
+    from model import Transformer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=TOY_MODEL)
+    ap.add_argument("--data", default=TOY_EVAL, help="comma-separated problem files")
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=None, help="default 0.6 (1.0 for the toy)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 32768 (120 for the toy)")
+    ap.add_argument("--max-prompt", type=int, default=1024)
+    ap.add_argument("--rollout", default="auto", choices=["auto", "torch", "vllm"])
+    ap.add_argument("--template", default=None, choices=["r1", "qwen", "toy"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--out", default=None, help="write a JSON with per-problem results")
+    a = ap.parse_args(argv)
+    rank, world = setup_dist()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = data.Tokenizer(a.model)
+    template = a.template or tok.template
+    toy = template == "toy"
+    temperature = a.temperature if a.temperature is not None else 1.0 if toy else 0.6
+    max_tokens = a.max_tokens or (120 if toy else 32768)
+    model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=device).eval()
+    import curriculum
+    engine = curriculum.make_engine(a.rollout, model, tok, None, rank, world, log=rank == 0)
+    results = []
+    for path in a.data.split(","):
+        results.append(evaluate_file(engine, tok, template, path, k=a.k, temperature=temperature, top_p=a.top_p,
+                                     max_tokens=max_tokens, max_prompt=a.max_prompt, seed=a.seed,
+                                     rank=rank, world=world))
+    if rank == 0:
+        print(f"{'file':32s} {'n':>5s} {'pass@1':>7s} {'pass@k':>7s} {'len':>8s} {'max':>6s} {'trunc':>6s}")
+        for r in results:
+            print(f"{os.path.basename(r['file'])[:32]:32s} {r['problems']:5d} {100 * r['pass@1']:7.1f} "
+                  f"{100 * r[f'pass@{a.k}']:7.1f} {r['response_len/mean']:8.1f} {r['response_len/max']:6d} "
+                  f"{100 * r['truncated_frac']:6.1f}")
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"model": a.model, "results": results}, f, indent=2)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""FastCuRL with GRPO: the entry point, the GRPO math, the trainer step, checkpoints.
+
+    python grpo.py --stage 1                                  # the embedded toy, one process
+    torchrun --nproc_per_node 2 grpo.py --stage 1             # the same, two data-parallel ranks
+    torchrun --nproc_per_node 8 grpo.py --recipe fastcurl-1.5b --stage 2 --model CKPT --data deepscaler.json
+
+GRPO, per prompt group of n samples with rewards r_1..r_n:
+    A_i = (r_i - mean(r)) / (std(r) + eps)                              (group-normalised advantage)
+    ratio_t = exp(logp_t - old_logp_t)
+    loss_t = -min(ratio_t A, clip(ratio_t, 1 - clip_low, 1 + clip_high) A)
+             + kl_coef (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)     (k3 estimator of KL(pi || ref))
+             - entropy_coef H_t
+aggregated over response tokens by token-mean, seq-mean or Dr.GRPO's sum / (B * T).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import curriculum
+import data
+from kernels import fused_logprob_entropy
+from model import Transformer, load_config
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOY_MODEL = os.path.join(HERE, "assets", "toy", "model")
+TOY_DATA = os.path.join(HERE, "assets", "toy", "train.jsonl")
+TOY_EVAL = os.path.join(HERE, "assets", "toy", "eval.jsonl")
+
+
+# ---- the GRPO math ---------------------------------------------------------------------------
+
+def group_advantages(rewards: torch.Tensor, group_size: int, norm: str = "std", eps: float = 1e-6):
+    """A = (r - mean_group) / (std_group + eps) with the unbiased std (as verl); all-equal groups give 0."""
+    r = rewards.float().view(-1, group_size)
+    a = r - r.mean(-1, keepdim=True)
+    if norm == "std":
+        a = a / (r.std(-1, keepdim=True) + eps) if group_size > 1 else a
+    elif norm != "none":
+        raise ValueError(f"norm must be 'std' or 'none', not {norm!r}")
+    return a.view(-1)
+
+
+def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, ref_logp=None, kl_coef=0.0,
+              entropy=None, entropy_coef=0.0, agg="token-mean", denom=None):
+    """GRPO loss over [B, T] response tokens (formula in the module docstring); adv is [B].
+
+    agg: "token-mean" = sum / number of tokens; "seq-mean" = mean over sequences of each one's token mean;
+    "drgrpo" = sum / (B * T). `denom` replaces the denominator (tokens, sequences or B*T) with a global one,
+    so that micro-batches and data-parallel ranks add up to the loss of the whole batch.
+    """
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    pg1, pg2 = ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a
+    per_tok = -torch.minimum(pg1, pg2)
+    kl = None
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        if kl_coef:
+            per_tok = per_tok + kl_coef * kl
+    if entropy is not None and entropy_coef:
+        per_tok = per_tok - entropy_coef * entropy
+    if agg == "token-mean":
+        loss = (per_tok * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
+    elif agg == "seq-mean":
+        seq = (per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        loss = seq.sum() / (mask.shape[0] if denom is None else denom)
+    elif agg == "drgrpo":
+        loss = (per_tok * mask).sum() / (mask.numel() if denom is None else denom)
+    else:
+        raise ValueError(f"agg must be token-mean, seq-mean or drgrpo, not {agg!r}")
+    with torch.no_grad():
+        n = mask.sum().clamp(min=1)
+        stats = {"pg_clipfrac": ((pg2 < pg1).float() * mask).sum() / n,
+                 "ratio/mean": (ratio * mask).sum() / n,
+                 "kl/mean": (kl * mask).sum() / n if kl is not None else torch.zeros(()),
+                 "entropy/mean": (entropy * mask).sum() / n if entropy is not None else torch.zeros(()),
+                 "tokens": mask.sum()}
+    return loss, stats
+
+
+# ---- the trainer -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Rows:
+    """A micro-batch in training layout: right-padded [prompt + response] rows."""
+    ids: torch.Tensor       # [B, L]
+    resp_pos: torch.Tensor  # [B, R] position in the row whose hidden state predicts response token j
+    resp_ids: torch.Tensor  # [B, R]
+    mask: torch.Tensor      # [B, R] 1 for real response tokens
+    index: list[int]        # which completions these rows are
+
+
+def micro_batches(comps, token_budget: int, pad_id: int, device) -> list[Rows]:
+    """Sort completions by length and cut them into micro-batches of at most token_budget padded tokens."""
+    order = sorted(range(len(comps)), key=lambda i: len(comps[i].prompt_ids) + len(comps[i].response_ids))
+    groups, cur = [], []
+    for i in order:
+        L = len(comps[i].prompt_ids) + len(comps[i].response_ids)
+        if cur and (len(cur) + 1) * L > token_budget:  # rows are sorted, so L is the new padded width
+            groups.append(cur)
+            cur = []
+        cur.append(i)
+    groups.append(cur)
+    out = []
+    for g in groups:
+        L = max(len(comps[i].prompt_ids) + len(comps[i].response_ids) for i in g)
+        R = max(max(len(comps[i].response_ids) for i in g), 1)
+        ids = torch.full((len(g), L), pad_id, dtype=torch.long)
+        pos = torch.zeros(len(g), R, dtype=torch.long)
+        rid = torch.zeros(len(g), R, dtype=torch.long)
+        mask = torch.zeros(len(g), R)
+        for b, i in enumerate(g):
+            p, r = comps[i].prompt_ids, comps[i].response_ids
+            ids[b, :len(p) + len(r)] = torch.tensor(p + r)
+            pos[b, :len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+            rid[b, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[b, :len(r)] = 1
+        out.append(Rows(ids.to(device), pos.to(device), rid.to(device), mask.to(device), g))
+    return out
+
+
+def token_logprobs(model: Transformer, rows: Rows, temperature: float):
+    """Log-probs and entropies [B, R] of the response tokens at the sampling temperature (fused, no logits)."""
+    h = model(rows.ids)
+    hs = h.gather(1, rows.resp_pos[..., None].expand(-1, -1, h.shape[-1]))
+    sel = rows.mask.bool()
+    lp, ent = fused_logprob_entropy(hs[sel], model.lm_head.weight, rows.resp_ids[sel], temperature)
+    logp = torch.zeros(rows.mask.shape, device=h.device).masked_scatter(sel, lp)
+    entropy = torch.zeros(rows.mask.shape, device=h.device).masked_scatter(sel, ent)
+    return logp, entropy
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    token_budget: int = 16384   # padded tokens per micro-batch
+    grad_checkpointing: bool = False
+
+
+class Trainer:
+    """One GRPO update per call: old log-probs, then per mini-batch: micro-batch forward/backward,
+    gradient all-reduce across ranks, clip, AdamW."""
+
+    def __init__(self, model: Transformer, cfg: TrainConfig, ref: Transformer | None = None, pad_id: int = 0):
+        self.model, self.cfg, self.ref, self.pad_id = model, cfg, ref, pad_id
+        self.device = model.lm_head.weight.device
+        model.gradient_checkpointing = cfg.grad_checkpointing
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+                                     weight_decay=cfg.weight_decay)
+        self.updates = 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+
+    def lr_at(self, update: int) -> float:
+        w = self.cfg.warmup_steps
+        return self.cfg.lr * (min(1.0, (update + 1) / w) if w else 1.0)
+
+    def set_lr(self, lr: float):
+        self.cfg.lr = lr
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(x)
+        return x
+
+    @torch.no_grad()
+    def _logprobs(self, model, mbs, temperature):
+        out = {}
+        for mb in mbs:
+            lp, _ = token_logprobs(model, mb, temperature)
+            for b, i in enumerate(mb.index):
+                out[i] = lp[b]
+        return out
+
+    def step(self, comps, adv: torch.Tensor, st, mini_batches: int = 1) -> dict:
+        """comps: this rank's completions; adv [len(comps)]; st: the stage (clip, kl, entropy, temperature, agg)."""
+        m = self.model
+        m.train()
+        mbs_all = micro_batches(comps, self.cfg.token_budget, self.pad_id, self.device)
+        old = self._logprobs(m, mbs_all, st.temperature)
+        ref = self._logprobs(self.ref, mbs_all, st.temperature) if self.ref is not None and st.kl_coef else None
+        engine_diff = [(old[i][:len(c.logprobs)] - torch.tensor(c.logprobs, device=self.device)).abs()
+                       for i, c in enumerate(comps) if c.logprobs]
+        adv = adv.to(self.device)
+        stats_sum, n_stat = {}, 0
+        order = list(range(len(comps)))
+        per = math.ceil(len(order) / mini_batches)
+        grad_norm = torch.zeros(())
+        for k in range(mini_batches):
+            part = order[k * per:(k + 1) * per]
+            mbs = micro_batches([comps[i] for i in part], self.cfg.token_budget, self.pad_id, self.device)
+            for mb in mbs:
+                mb.index = [part[j] for j in mb.index]
+            R_budget = st.max_tokens
+            local = {"token-mean": sum(mb.mask.sum() for mb in mbs),
+                     "seq-mean": torch.tensor(float(len(part))),
+                     "drgrpo": torch.tensor(float(len(part) * R_budget))}[st.agg]
+            denom = self._sum(torch.as_tensor(local, dtype=torch.float32, device=self.device).clone()).clamp(min=1)
+            self.opt.zero_grad(set_to_none=True)
+            for mb in mbs:
+                logp, ent = token_logprobs(m, mb, st.temperature)
+                R = logp.shape[1]
+                pad = lambda t: torch.nn.functional.pad(t, (0, R - t.shape[0]))  # noqa: E731
+                old_lp = torch.stack([pad(old[i]) for i in mb.index])[:, :R]
+                ref_lp = torch.stack([pad(ref[i]) for i in mb.index])[:, :R] if ref is not None else None
+                loss, s = grpo_loss(logp, old_lp, adv[mb.index], mb.mask, clip_low=st.clip_low,
+                                    clip_high=st.clip_high, ref_logp=ref_lp, kl_coef=st.kl_coef, entropy=ent,
+                                    entropy_coef=st.entropy_coef, agg=st.agg, denom=denom)
+                loss.backward()
+                for key, v in s.items():  # token-weighted sums, divided at the end
+                    stats_sum[key] = stats_sum.get(key, 0.0) + (v * s["tokens"] if key != "tokens" else v)
+                n_stat += 1
+            grads = [p.grad for p in m.parameters() if p.grad is not None]
+            if self.world > 1:  # each rank's loss already carries the global denominator: sum, not mean
+                flat = torch.cat([g.flatten() for g in grads])
+                dist.all_reduce(flat)
+                off = 0
+                for g in grads:
+                    g.copy_(flat[off:off + g.numel()].view_as(g))
+                    off += g.numel()
+            grad_norm = torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.grad_clip)
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr_at(self.updates)
+            if torch.isfinite(grad_norm):
+                self.opt.step()
+            self.updates += 1
+        tok = stats_sum.pop("tokens")
+        tot = self._sum(torch.stack([tok] + [stats_sum[k] for k in sorted(stats_sum)]).float())
+        out = {k: (tot[j + 1] / tot[0].clamp(min=1)).item() for j, k in enumerate(sorted(stats_sum))}
+        diffs = torch.cat(engine_diff) if engine_diff else torch.zeros(1)
+        dsum = self._sum(torch.stack([diffs.sum(), torch.tensor(float(diffs.numel()))]))
+        dmax = diffs.max().clone()
+        if self.world > 1:
+            dist.all_reduce(dmax, op=dist.ReduceOp.MAX)
+        pad_tok = sum(mb.ids.numel() for mb in mbs_all)
+        real = sum(len(c.prompt_ids) + len(c.response_ids) for c in comps)
+        out.update({"grad_norm": float(grad_norm), "lr": self.lr_at(self.updates - 1),
+                    "rollout/logprob_absdiff": (dsum[0] / dsum[1].clamp(min=1)).item(),
+                    "rollout/logprob_maxdiff": dmax.item(), "pad_frac": 1 - real / max(pad_tok, 1)})
+        return out
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, s: dict):
+        self.opt.load_state_dict(s["opt"])
+        self.updates = s["updates"]
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+
+def save_checkpoint(path: str, model: Transformer, trainer: Trainer, extra: dict, src_dir: str, rank: int = 0):
+    """HF folder + trainer_state.pt, written to path.tmp then renamed: a crash leaves the last one whole."""
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        for fn in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(src_dir, fn)):
+                shutil.copy(os.path.join(src_dir, fn), tmp)
+        state = {"trainer": trainer.state_dict(), **extra,
+                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                         "python": random.getstate()}}
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="FastCuRL: curriculum GRPO with stage-wise context scaling",
+                                 epilog="Stage fields not given keep the recipe's value.")
+    ap.add_argument("--stage", type=int, default=1)
+    ap.add_argument("--recipe", default="toy", choices=sorted(curriculum.RECIPES))
+    ap.add_argument("--model", default=None, help="stage 1's starting checkpoint (default: the toy model)")
+    ap.add_argument("--data", default=None, help="problem file (default: the toy task)")
+    ap.add_argument("--eval-data", default=None, help="held-out file scored at the end of the stage")
+    ap.add_argument("--out", default=None, help="output folder (default runs/<recipe>)")
+    ap.add_argument("--rollout", default="auto", choices=["auto", "torch", "vllm"])
+    ap.add_argument("--steps", type=int, default=None, help="override the stage's number of steps")
+    ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--token-budget", type=int, default=None, help="padded tokens per micro-batch")
+    ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--eval-k", type=int, default=4)
+    for f in dataclasses.fields(curriculum.Stage):
+        if f.name not in ("data", "steps"):
+            ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            type=type(f.default) if f.default is not None else float)
+    return ap.parse_args(argv)
+
+
+def setup_dist():
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return rank, world
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    rank, world = setup_dist()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    stages = curriculum.RECIPES[a.recipe]
+    if not 1 <= a.stage <= len(stages):
+        sys.exit(f"--stage {a.stage}: recipe {a.recipe} has stages 1..{len(stages)}")
+    st = dataclasses.replace(stages[a.stage - 1], **{f.name: getattr(a, f.name) for f in
+                             dataclasses.fields(curriculum.Stage) if getattr(a, f.name, None) is not None})
+    if a.steps is not None:
+        st = dataclasses.replace(st, steps=a.steps)
+    out = a.out or os.path.join("runs", a.recipe)
+    stage_dir = os.path.join(out, f"stage{a.stage}")
+    if a.stage == 1:
+        src = a.model or (TOY_MODEL if a.recipe == "toy" else None)
+        if src is None:
+            sys.exit(f"--recipe {a.recipe} --stage 1 needs --model (a Hugging Face checkpoint folder)")
+    else:
+        src = os.path.join(out, f"stage{a.stage - 1}", "final")
+        if not os.path.exists(os.path.join(src, "config.json")):
+            sys.exit(f"--stage {a.stage} starts from stage {a.stage - 1}'s final checkpoint, but {src} does not "
+                     f"exist: run --stage {a.stage - 1} with --out {out} first")
+    data_file = a.data or (TOY_DATA if a.recipe == "toy" else None)
+    if data_file is None:
+        sys.exit(f"--recipe {a.recipe} needs --data (a problem file: JSON, JSONL or parquet)")
+    eval_file = a.eval_data or (TOY_EVAL if a.recipe == "toy" and a.data is None else None)
+
+    # everything that can be wrong with the inputs is found here, before any compute
+    tok = data.Tokenizer(src)
+    template = tok.template
+    problems = data.load_problems(data_file)
+    sets, mean_len, _ = data.split_by_length(problems, template)
+    cfg = load_config(src)
+    if st.max_prompt + st.max_tokens > cfg.max_position_embeddings:
+        sys.exit(f"stage {a.stage}: prompt budget {st.max_prompt} + response budget {st.max_tokens} exceeds the "
+                 f"model's max_position_embeddings {cfg.max_position_embeddings}")
+    prompts, dropped = data.encode_problems(sets[st.data], tok, template, st.max_prompt)
+    resume_from = None
+    if a.resume:
+        resume_from = curriculum.latest_checkpoint(stage_dir)
+    elif os.path.exists(os.path.join(stage_dir, "metrics.jsonl")):
+        sys.exit(f"{stage_dir} already holds a run: pass --resume to continue it or choose another --out")
+    if rank == 0:
+        os.makedirs(stage_dir, exist_ok=True)
+        print(f"[fastcurl] recipe {a.recipe} stage {a.stage}: {st.data} ({len(prompts)} prompts, {dropped} dropped "
+              f"over {st.max_prompt} tokens; split at mean length {mean_len:.1f}), response budget {st.max_tokens}, "
+              f"batch {st.batch} x n={st.n}, {st.steps} steps, world {world}, device {device}, from {src}",
+              flush=True)
+
+    dtype = getattr(torch, a.dtype)
+    torch.manual_seed(a.seed)
+    model = Transformer.from_pretrained(resume_from or src, dtype=dtype, device=device)
+    ref = Transformer.from_pretrained(src, dtype=dtype, device=device).eval() if st.kl_coef else None
+    if ref is not None:
+        ref.requires_grad_(False)
+    gc = a.grad_checkpointing if a.grad_checkpointing is not None else a.recipe != "toy"
+    tcfg = TrainConfig(lr=st.lr, warmup_steps=st.warmup_steps, grad_clip=1.0,
+                       token_budget=a.token_budget or (16384 if a.recipe == "toy" else 32768),
+                       grad_checkpointing=gc)
+    trainer = Trainer(model, tcfg, ref, tok.pad_id)
+    engine = curriculum.make_engine(a.rollout, model, tok, st, rank, world, log=rank == 0)
+    sampler = data.Sampler(len(prompts), st.batch, rank, world, seed=a.seed * 1000 + a.stage)
+    start = 0
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        trainer.load_state_dict(state["trainer"])
+        sampler.load_state(state["sampler"])
+        start = state["step"]
+        if rank == 0:
+            print(f"[fastcurl] resumed from {resume_from} at step {start}", flush=True)
+
+    def save(path, step):
+        save_checkpoint(path, model, trainer, {"step": step, "stage": a.stage, "sampler": sampler.state(),
+                                               "recipe": a.recipe, "seed": a.seed}, src, rank)
+
+    curriculum.run_stage(st, a.stage, prompts, engine, trainer, tok, sampler, stage_dir, start=start,
+                         seed=a.seed, rank=rank, world=world, save=save, save_every=a.save_every)
+    save(os.path.join(stage_dir, "final"), st.steps)
+    if eval_file and rank == 0:
+        import eval as evaluate
+        res = evaluate.evaluate_file(engine, tok, template, eval_file, k=a.eval_k, temperature=st.temperature,
+                                     max_tokens=st.max_tokens, max_prompt=st.max_prompt, seed=a.seed)
+        res["stage"] = a.stage
+        with open(os.path.join(stage_dir, "eval.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        print(f"[fastcurl] stage {a.stage} held-out {os.path.basename(eval_file)}: pass@1 {res['pass@1']:.3f} "
+              f"(k={a.eval_k}), mean length {res['response_len/mean']:.1f}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

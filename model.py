@@ -1,0 +1,344 @@
+"""The policy: a Qwen2 / Llama-family decoder in plain torch, with Hugging Face checkpoints in and out.
+
+    h_0 = embed(ids)
+    h_l = h_{l-1} + Attn(RMSNorm(h_{l-1}));  h_l = h_l + MLP(RMSNorm(h_l))      for l = 1..L
+    out = RMSNorm(h_L)                       (returned; the LM head is applied by the caller)
+
+Attn is grouped-query attention with rotary embeddings (rotate-half convention, as in transformers),
+q/k/v biases when the config has them (Qwen2); MLP is SwiGLU: down(silu(gate(x)) * up(x)).
+Parameter names equal the Hugging Face ones (model.layers.0.self_attn.q_proj.weight, ...), so a
+state_dict is a checkpoint and a checkpoint is a state_dict.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int | None = None
+    max_position_embeddings: int = 32768
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool | None = None  # None: True for qwen2 (q/k/v biases), False for llama
+    model_type: str = "qwen2"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.attention_bias is None:
+            self.attention_bias = self.model_type == "qwen2"
+
+    @classmethod
+    def from_hf(cls, d: dict, path: str = "config.json") -> "Config":
+        """Read a transformers config.json dict; refuse what this file does not implement."""
+        mt = d.get("model_type")
+        if mt not in ("qwen2", "llama"):
+            raise ValueError(f"{path}: model_type {mt!r} is not supported (qwen2 or llama)")
+        rp = d.get("rope_parameters") or {}  # transformers >= 5 moves rope_theta in here
+        for rs in (d.get("rope_scaling"), rp):
+            if rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+                raise ValueError(f"{path}: rope scaling {rs} is not supported (plain RoPE only)")
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known and v is not None}
+        if "rope_theta" not in kw and "rope_theta" in rp:
+            kw["rope_theta"] = rp["rope_theta"]
+        kw["attention_bias"] = True if mt == "qwen2" else bool(d.get("attention_bias", False))
+        kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+        kw["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "float32")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in kw]
+        if missing:
+            raise ValueError(f"{path}: missing field(s) {', '.join(missing)}")
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        d = asdict(self)
+        arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[self.model_type]
+        d["architectures"] = [arch]
+        d["hidden_act"] = "silu"
+        d["use_cache"] = True
+        if self.model_type == "qwen2":
+            d.pop("attention_bias")
+            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
+        else:
+            d["mlp_bias"] = False
+        return d
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else [e] if isinstance(e, int) else list(e)
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 as transformers does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+def rope(pos: torch.Tensor, head_dim: int, theta: float):
+    """cos, sin [B, 1, T, D] for integer positions [B, T]: angle_i = pos / theta^(2i/D), duplicated halves."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    ang = pos.float()[..., None] * inv_freq
+    ang = torch.cat([ang, ang], dim=-1)[:, None]
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x * cos + rotate_half(x) * sin, where rotate_half([a, b]) = [-b, a]."""
+    a, b = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-b, a], dim=-1) * sin).to(x.dtype)
+
+
+class KVCache:
+    """Static cache [L, B, Hkv, Tmax, D]; all rows share one write column (prompts are left-padded)."""
+
+    def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # columns filled so far
+
+    def update(self, layer: int, k, v):
+        t = k.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + t] = k
+        self.v[layer, :, :, self.pos:self.pos + t] = v
+        return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
+
+    def select(self, rows: torch.Tensor):
+        """Keep (or repeat) batch rows, e.g. expand one prompt to n samples or drop finished sequences."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_attention_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        d = self.cfg.head_dim
+        q = self.q_proj(x).view(B, T, -1, d).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, d).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Holds the `model.*` parameters, so names match transformers' Qwen2Model / LlamaModel."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, position_ids=None, mask=None, cache: KVCache | None = None):
+        """Final normed hidden states [B, T, H].
+
+        Training: right-padded rows, no mask, positions 0..T-1 (causality keeps pads out of real tokens).
+        Generation: left-padded rows with `position_ids`, a boolean `mask` [B, 1, T, S] and a `cache`.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = rope(position_ids, self.config.head_dim, self.config.rope_theta)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        return self.model.norm(x)
+
+    def logits(self, hidden):
+        """z = h W^T in fp32 (only for a few positions: training uses kernels.fused_logprob_entropy)."""
+        return hidden.float() @ self.lm_head.weight.float().T
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied head is one parameter, counted once
+
+    # ---- Hugging Face checkpoints -------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, dtype=torch.float32, device="cpu") -> "Transformer":
+        """Build on the meta device, allocate once, then copy tensors in shard by shard."""
+        from safetensors import safe_open
+
+        cfg = load_config(path)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)  # allocates each parameter separately: re-tie the head
+        model.to(dtype)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        params = dict(model.named_parameters())  # tied head appears once, as model.embed_tokens.weight
+        seen = set()
+        for file in checkpoint_files(path):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                        continue  # some tied checkpoints store the head too; it equals the embedding
+                    if name not in params:
+                        raise ValueError(f"{file}: unexpected tensor {name!r} for a {cfg.model_type} model")
+                    t = f.get_tensor(name)
+                    if t.shape != params[name].shape:
+                        raise ValueError(f"{file}: {name} has shape {tuple(t.shape)}, "
+                                         f"config.json implies {tuple(params[name].shape)}")
+                    with torch.no_grad():
+                        params[name].copy_(t)
+                    seen.add(name)
+        missing = sorted(set(params) - seen)
+        if missing:
+            raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+        return model
+
+    def save_pretrained(self, path: str, state_dict=None, max_shard_bytes: int = 5 << 30, dtype=None):
+        """Write config.json + model.safetensors (or shards + index) that transformers and vLLM load.
+
+        `state_dict` may be an iterator of (name, tensor), e.g. fsdp.full_state_dict, so the caller never
+        holds a second full copy; by default the module's own parameters are written.
+        """
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        cfg = self.config.to_hf()
+        items = state_dict if state_dict is not None else self.state_dict().items()
+        dtype = dtype or next(self.parameters()).dtype
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        shards, cur, size = [], {}, 0
+        for name, t in items:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            t = t.detach().to("cpu", dtype).contiguous()
+            if cur and size + t.numel() * t.element_size() > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[name], size = t, size + t.numel() * t.element_size()
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, sh in enumerate(shards):
+                fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(sh, os.path.join(path, fn), metadata={"format": "pt"})
+                for n, t in sh.items():
+                    weight_map[n] = fn
+                    total += t.numel() * t.element_size()
+            with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+
+
+def load_config(path: str) -> Config:
+    fn = os.path.join(path, "config.json")
+    if not os.path.exists(fn):
+        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint folder?)")
+    with open(fn) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{fn}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    return Config.from_hf(d, fn)
+
+
+def checkpoint_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, fn) for fn in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def init_weights(model: Transformer, std: float = 0.02, seed: int = 0):
+    """Random init (normal(0, std) for matrices, zeros for biases, ones for norms), reproducible."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model

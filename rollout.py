@@ -1,0 +1,113 @@
+"""Rollout engines with one interface: generate(prompts, n, ...) -> completions; update_weights(named_tensors).
+
+TorchEngine samples from the policy module itself: prompts left-padded into one batch, one prefill,
+the prompt's KV cache copied to its n samples, then one decode step for all live rows per token
+(finished rows are dropped from the batch as they accumulate). Each sampled token's log-prob is
+log softmax(z / T)[token], the tempered distribution before top-p, which is what the trainer computes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model import KVCache, Transformer
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    response_ids: list[int]    # includes the EOS token when finish_reason == "stop"
+    logprobs: list[float]      # sampling log-prob of each response token
+    finish_reason: str         # "stop" (EOS) or "length" (hit max_tokens)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
+    """-> (tokens [B], log-probs [B]) from logits [B, V]: greedy at temperature 0, else softmax(z/T) cut to top-p."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+    logp = torch.log_softmax(logits / temperature, -1)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sp, idx = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, sp.masked_fill(drop, 0.0))
+    tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+class TorchEngine:
+    """Generation from a model.Transformer with a static KV cache. Shares the trainer's module, so
+    update_weights has nothing to copy unless a separate inference copy is given."""
+
+    name = "torch"
+
+    def __init__(self, model: Transformer, eos_ids: list[int], pad_id: int = 0, max_rows: int = 512):
+        self.model, self.eos_ids, self.pad_id, self.max_rows = model, list(eos_ids), pad_id, max_rows
+
+    def update_weights(self, named_tensors):
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in named_tensors:
+                if name in params and params[name].data_ptr() != t.data_ptr():
+                    params[name].copy_(t)
+
+    def generate(self, prompts: list[list[int]], n: int = 1, max_tokens: int = 64, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 0) -> list[Completion]:
+        """n samples per prompt, prompt-major: out[i * n + j] is sample j of prompt i."""
+        per_call = max(1, self.max_rows // n)
+        out = []
+        for s in range(0, len(prompts), per_call):
+            out += self._generate(prompts[s:s + per_call], n, max_tokens, temperature, top_p, seed + s)
+        return out
+
+    @torch.inference_mode()
+    def _generate(self, prompts, n, max_tokens, temperature, top_p, seed):
+        m = self.model
+        dev = m.lm_head.weight.device
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        B, P = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long, device=dev)
+        valid = torch.zeros(B, P + max_tokens, dtype=torch.bool, device=dev)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p, device=dev)
+            valid[i, P - len(p):P] = True
+        pos = (valid[:, :P].cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        mask = (causal & valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)  # pads see themselves
+        cache = KVCache(m.config, B, P + max_tokens, dev, m.lm_head.weight.dtype)
+        was_training = m.training
+        m.eval()
+        last = m(ids, pos, mask, cache)[:, -1]
+        cache.pos = P
+        rows = torch.arange(B, device=dev).repeat_interleave(n)  # prompt i -> its n samples
+        cache.select(rows)
+        last, valid, pos = last[rows], valid[rows], pos[rows, -1]
+        live = torch.arange(B * n, device=dev)   # which output row each batch row is
+        toks = torch.full((B * n, max_tokens), -1, dtype=torch.long, device=dev)
+        lps = torch.zeros(B * n, max_tokens, device=dev)
+        done = torch.zeros(B * n, dtype=torch.bool, device=dev)
+        eos = torch.tensor(self.eos_ids or [-1], device=dev)
+        for t in range(max_tokens):
+            tok, lp = sample(m.logits(last), temperature, top_p, gen)
+            toks[live, t], lps[live, t] = tok, lp
+            fin = torch.isin(tok, eos)
+            done[live] = fin
+            keep = ~fin
+            if t == max_tokens - 1 or not keep.any():
+                break
+            if not keep.all():  # drop finished rows from the batch and the cache
+                live, tok, pos, valid = live[keep], tok[keep], pos[keep], valid[keep]
+                cache.select(keep.nonzero()[:, 0])
+            valid[:, P + t] = True
+            pos = pos + 1
+            last = m(tok[:, None], pos[:, None], valid[:, None, None, :P + t + 1], cache)[:, -1]
+            cache.pos += 1
+        m.train(was_training)
+        out = []
+        toks, lps, done = toks.tolist(), lps.tolist(), done.tolist()
+        for r in range(B * n):
+            k = next((j for j, x in enumerate(toks[r]) if x < 0), max_tokens)
+            out.append(Completion(list(prompts[r // n]), toks[r][:k], lps[r][:k], "stop" if done[r] else "length"))
+        return out
