@@ -56,10 +56,10 @@ RECIPES = {
     ],
     # the same shape on the embedded toy: budgets 40/80/120/80 tokens = 1:2:3:2 like 8K/16K/24K/16K
     "toy": [
-        Stage("L1", 40, batch=16, n=8, steps=40, lr=2e-5, temperature=1.0, max_prompt=64),
-        Stage("L2", 80, batch=16, n=8, steps=40, lr=2e-5, temperature=1.0, max_prompt=64),
-        Stage("L3", 120, batch=16, n=8, steps=30, lr=2e-5, temperature=1.0, max_prompt=64),
-        Stage("L2", 80, batch=16, n=8, steps=40, lr=2e-5, temperature=1.0, max_prompt=64),
+        Stage("L1", 40, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64),
+        Stage("L2", 80, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64),
+        Stage("L3", 120, batch=16, n=8, steps=30, lr=1e-4, temperature=1.0, max_prompt=64),
+        Stage("L2", 80, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64),
     ],
 }
 

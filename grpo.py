@@ -307,7 +307,7 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--token-budget", type=int, default=None, help="padded tokens per micro-batch")
     ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--eval-k", type=int, default=4)
+    ap.add_argument("--eval-k", type=int, default=4, help="samples per held-out problem at the end (0: skip)")
     for f in dataclasses.fields(curriculum.Stage):
         if f.name not in ("data", "steps"):
             ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
@@ -332,10 +332,11 @@ def main(argv=None):
     stages = curriculum.RECIPES[a.recipe]
     if not 1 <= a.stage <= len(stages):
         sys.exit(f"--stage {a.stage}: recipe {a.recipe} has stages 1..{len(stages)}")
-    st = dataclasses.replace(stages[a.stage - 1], **{f.name: getattr(a, f.name) for f in
-                             dataclasses.fields(curriculum.Stage) if getattr(a, f.name, None) is not None})
+    overrides = {f.name: getattr(a, f.name) for f in dataclasses.fields(curriculum.Stage)
+                 if f.name not in ("data", "steps") and getattr(a, f.name) is not None}
     if a.steps is not None:
-        st = dataclasses.replace(st, steps=a.steps)
+        overrides["steps"] = a.steps
+    st = dataclasses.replace(stages[a.stage - 1], **overrides)
     out = a.out or os.path.join("runs", a.recipe)
     stage_dir = os.path.join(out, f"stage{a.stage}")
     if a.stage == 1:
@@ -403,15 +404,17 @@ def main(argv=None):
     curriculum.run_stage(st, a.stage, prompts, engine, trainer, tok, sampler, stage_dir, start=start,
                          seed=a.seed, rank=rank, world=world, save=save, save_every=a.save_every)
     save(os.path.join(stage_dir, "final"), st.steps)
-    if eval_file and rank == 0:
+    if eval_file and a.eval_k > 0:  # held-out pass@1 at the largest budget of the recipe, so stages compare like with like
         import eval as evaluate
         res = evaluate.evaluate_file(engine, tok, template, eval_file, k=a.eval_k, temperature=st.temperature,
-                                     max_tokens=st.max_tokens, max_prompt=st.max_prompt, seed=a.seed)
-        res["stage"] = a.stage
-        with open(os.path.join(stage_dir, "eval.json"), "w") as f:
-            json.dump(res, f, indent=2)
-        print(f"[fastcurl] stage {a.stage} held-out {os.path.basename(eval_file)}: pass@1 {res['pass@1']:.3f} "
-              f"(k={a.eval_k}), mean length {res['response_len/mean']:.1f}", flush=True)
+                                     max_tokens=max(s.max_tokens for s in stages), max_prompt=st.max_prompt,
+                                     seed=a.seed, rank=rank, world=world)
+        if rank == 0:
+            res["stage"] = a.stage
+            with open(os.path.join(stage_dir, "eval.json"), "w") as f:
+                json.dump(res, f, indent=2)
+            print(f"[fastcurl] stage {a.stage} held-out {os.path.basename(eval_file)}: pass@1 {res['pass@1']:.3f} "
+                  f"(k={a.eval_k}), mean length {res['response_len/mean']:.1f}", flush=True)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
