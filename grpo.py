@@ -308,10 +308,12 @@ def parse_args(argv=None):
     ap.add_argument("--token-budget", type=int, default=None, help="padded tokens per micro-batch")
     ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--eval-k", type=int, default=4, help="samples per held-out problem at the end (0: skip)")
-    for f in dataclasses.fields(curriculum.Stage):
+    for f in dataclasses.fields(curriculum.Stage):  # --batch, --n-samples, --max-tokens, --lr, --kl-coef, ...
         if f.name not in ("data", "steps"):
-            ap.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            type=type(f.default) if f.default is not None else float)
+            flag = "--n-samples" if f.name == "n" else "--" + f.name.replace("_", "-")  # torchrun owns --n*
+            ap.add_argument(flag, dest=f.name, default=None, type=int if f.type == "int" else
+                            str if f.type == "str" else float, help="stage override",
+                            choices=["token-mean", "seq-mean", "drgrpo"] if f.name == "agg" else None)
     return ap.parse_args(argv)
 
 

@@ -139,7 +139,7 @@ def _build_kernels():
             scale = tl.exp(m - m_new)
             e = tl.exp(z - m_new[:, None])
             s = s * scale + tl.sum(e, 1)
-            sz = sz * scale + tl.sum(tl.where(col_ok[None, :], e * z, 0.0), 1)
+            sz = sz * scale + tl.sum(e * tl.where(col_ok[None, :], z, 0.0), 1)  # no 0 * -inf
             zy += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), 1)
             m = m_new
         lse = m + tl.log(s)
@@ -202,7 +202,7 @@ class _TritonFused(torch.autograd.Function):
         dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for s, e in _chunks(n, v, ctx.chunk_elems):
             hc = h[s:e].to(mm_dtype)
-            z = torch.matmul(hc, wm.T, out=None).float()
+            z = _mm_f32(hc, wm.T)  # fp32 logits: bf16-rounded ones would put 10% errors into p
             z /= ctx.temperature
             dz_kernel[(e - s,)](z, labels[s:e].contiguous(), lse[s:e].contiguous(), ent[s:e].contiguous(),
                                 g_lp[s:e].contiguous(), g_ent[s:e].contiguous(), v, 1.0 / ctx.temperature,
@@ -213,6 +213,16 @@ class _TritonFused(torch.autograd.Function):
             if dw is not None:
                 dw += (dz.T @ hc).float()
         return (None if dh is None else dh.to(h.dtype), None if dw is None else dw.to(w.dtype), None, None, None)
+
+
+def _mm_f32(a, b):
+    """a @ b with an fp32 result: bf16/fp16 inputs on tensor cores with fp32 output where torch offers it."""
+    if a.dtype != torch.float32 and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return a.float() @ b.float()
 
 
 def _triton_logprob_entropy(hidden, weight, labels, temperature, chunk_elems=CHUNK_ELEMS):
