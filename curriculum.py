@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from reward import math_reward
+from reward import score_batch
 
 
 @dataclasses.dataclass
@@ -103,9 +103,9 @@ def run_stage(st: Stage, stage: int, prompts, engine, trainer, tok, sampler, out
                                 temperature=st.temperature, top_p=st.top_p,
                                 seed=rollout_seed(seed, stage, step, rank))
         # 2. rewards: 1 for a right boxed answer; a response cut at the budget scores 0
-        rewards = torch.tensor([0.0 if c.finish_reason == "length" else
-                                math_reward(tok.decode(c.response_ids), batch[i // st.n][1])
-                                for i, c in enumerate(comps)])
+        scores = score_batch([tok.decode(c.response_ids) for c in comps],
+                             [batch[i // st.n][1] for i in range(len(comps))])
+        rewards = torch.tensor([0.0 if c.finish_reason == "length" else s for c, s in zip(comps, scores)])
         # 3. group-normalised advantages (each prompt's n samples live on one rank)
         adv = group_advantages(rewards, st.n)
         t1 = time.time()

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from reward import math_reward
+from reward import score_batch
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -44,11 +44,12 @@ def evaluate_file(engine, tok, template: str, path: str, *, k: int = 16, tempera
     t0 = time.time()
     comps = engine.generate([ids for ids, _ in enc], n=k, max_tokens=max_tokens, temperature=temperature,
                             top_p=top_p, seed=seed + rank)
+    scores = score_batch([tok.decode(c.response_ids) for c in comps], [probs[mine[j // k]].answer
+                                                                       for j in range(len(comps))])
     rows = []
     for j, i in enumerate(mine):
         cs = comps[j * k:(j + 1) * k]
-        rewards = [0.0 if c.finish_reason == "length" else math_reward(tok.decode(c.response_ids), probs[i].answer)
-                   for c in cs]
+        rewards = [0.0 if c.finish_reason == "length" else s for c, s in zip(cs, scores[j * k:(j + 1) * k])]
         rows.append({"index": i, "problem": probs[i].problem, "answer": probs[i].answer,
                      "correct": int(sum(rewards)), "k": k, "lengths": [len(c.response_ids) for c in cs],
                      "truncated": sum(c.finish_reason == "length" for c in cs), "prompt_over_budget": long[j],
