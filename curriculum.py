@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from reward import score_batch
+from reward import reward_errors, score_batch
 
 
 @dataclasses.dataclass
@@ -88,13 +88,20 @@ def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def run_stage(st: Stage, stage: int, prompts, engine, trainer, tok, sampler, out_dir: str, *, start: int = 0,
-              seed: int = 0, rank: int = 0, world: int = 1, save=None, save_every: int = 0):
-    """Train one stage from step `start` to st.steps; prompts are (ids, answer) pairs."""
+              seed: int = 0, rank: int = 0, world: int = 1, save=None, save_every: int = 0,
+              should_stop=lambda: False, max_skips: int = 3, counters: dict | None = None) -> str:
+    """Train one stage from step `start` to st.steps; prompts are (ids, answer) pairs.
+
+    Returns "done", "stopped" (a signal: checkpoint written) or "nan" (max_skips bad updates in a row: saved)."""
     from grpo import group_advantages
 
     trainer.set_lr(st.lr)
+    c = counters if counters is not None else {}
+    for k in ("skipped_steps", "skips_in_row", "reward_errors"):
+        c.setdefault(k, 0)
     metrics_f = open(os.path.join(out_dir, "metrics.jsonl"), "a") if rank == 0 else None
     t_start = time.time()
+    status = "done"
     for step in range(start, st.steps):
         # 1. a batch of prompts (this rank's share) and n samples each from the engine
         t0 = time.time()
@@ -114,16 +121,22 @@ def run_stage(st: Stage, stage: int, prompts, engine, trainer, tok, sampler, out
         engine.update_weights(trainer.model.state_dict().items())
         t2 = time.time()
         # 6. metrics over all ranks
-        lens = torch.tensor([float(len(c.response_ids)) for c in comps])
-        trunc = torch.tensor([float(c.finish_reason == "length") for c in comps])
+        bad = stats.pop("skipped_updates")
+        c["skipped_steps"] += bool(bad)
+        c["skips_in_row"] = c["skips_in_row"] + 1 if bad else 0
+        lens = torch.tensor([float(len(x.response_ids)) for x in comps])
+        trunc = torch.tensor([float(x.finish_reason == "length") for x in comps])
         zero = (rewards.view(-1, st.n).std(-1) == 0).float() if st.n > 1 else torch.ones(len(batch))
         r, L, tr, z = (_gather(x, world) for x in (rewards, lens, trunc, zero))
-        toks = _gather(torch.tensor([float(sum(len(c.prompt_ids) + len(c.response_ids) for c in comps))]), world)
+        counts = _gather(torch.tensor([float(sum(len(x.prompt_ids) + len(x.response_ids) for x in comps)),
+                                       float(reward_errors())]), world).view(world, 2).sum(0)
+        c["reward_errors"] += int(counts[1])
         rec = {"step": step + 1, "stage": stage, "reward/mean": r.mean().item(), "reward/std": r.std().item(),
                "response_len/mean": L.mean().item(), "response_len/max": L.max().item(),
                "truncated_frac": tr.mean().item(), "zero_adv_frac": z.mean().item(), **stats,
+               "skipped_steps": c["skipped_steps"], "reward/errors": c["reward_errors"],
                "time/rollout_s": t1 - t0, "time/train_s": t2 - t1,
-               "throughput/tokens_per_s": toks.sum().item() / (t2 - t0)}
+               "throughput/tokens_per_s": counts[0].item() / (t2 - t0)}
         if rank == 0:
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
@@ -133,21 +146,30 @@ def run_stage(st: Stage, stage: int, prompts, engine, trainer, tok, sampler, out
                   f"len {rec['response_len/mean']:.1f} trunc {rec['truncated_frac']:.2f} "
                   f"entropy {rec['entropy/mean']:.3f} kl {rec['kl/mean']:.4f} "
                   f"elapsed {el:.0f}s eta {eta:.0f}s", flush=True)
-        # 7. a checkpoint every save_every steps
-        if save and save_every and (step + 1) % save_every == 0 and step + 1 < st.steps:
-            save(os.path.join(out_dir, f"step{step + 1}"), step + 1)
+        # 7. a checkpoint every save_every steps, and on the way out
+        if c["skips_in_row"] >= max_skips:
+            status = "nan"
+        elif should_stop():
+            status = "stopped"
+        if save and (status != "done" or save_every and (step + 1) % save_every == 0 and step + 1 < st.steps):
+            save(os.path.join(out_dir, f"step{step + 1}"), step + 1, dict(c))
+        if status != "done":
+            break
     if metrics_f:
         metrics_f.close()
+    return status
 
 
-def latest_checkpoint(stage_dir: str) -> str | None:
-    """The newest complete step<K> folder of a stage (None when there is none)."""
-    best, best_k = None, -1
-    for d in glob.glob(os.path.join(stage_dir, "step*")):
-        name = os.path.basename(d)
-        if name[4:].isdigit() and os.path.exists(os.path.join(d, "trainer_state.pt")) and int(name[4:]) > best_k:
-            best, best_k = d, int(name[4:])
-    return best
+def truncate_metrics(path: str, last_step: int):
+    """Drop lines logged after `last_step` (by a run that died before its next checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: str) -> list[dict]:

@@ -201,7 +201,7 @@ class Trainer:
         stats_sum, n_stat = {}, 0
         order = list(range(len(comps)))
         per = math.ceil(len(order) / mini_batches)
-        grad_norm = torch.zeros(())
+        grad_norm, skipped = torch.zeros(()), 0
         for k in range(mini_batches):
             part = order[k * per:(k + 1) * per]
             mbs = micro_batches([comps[i] for i in part], self.cfg.token_budget, self.pad_id, self.device)
@@ -237,8 +237,10 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.grad_clip)
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.updates)
-            if torch.isfinite(grad_norm):
+            if torch.isfinite(grad_norm):  # identical on every rank (all-reduced grads): all skip together
                 self.opt.step()
+            else:
+                skipped += 1
             self.updates += 1
         tok = stats_sum.pop("tokens")
         tot = self._sum(torch.stack([tok] + [stats_sum[k] for k in sorted(stats_sum)]).float())
@@ -252,7 +254,8 @@ class Trainer:
         real = sum(len(c.prompt_ids) + len(c.response_ids) for c in comps)
         out.update({"grad_norm": float(grad_norm), "lr": self.lr_at(self.updates - 1),
                     "rollout/logprob_absdiff": (dsum[0] / dsum[1].clamp(min=1)).item(),
-                    "rollout/logprob_maxdiff": dmax.item(), "pad_frac": 1 - real / max(pad_tok, 1)})
+                    "rollout/logprob_maxdiff": dmax.item(), "pad_frac": 1 - real / max(pad_tok, 1),
+                    "skipped_updates": skipped})
         return out
 
     def state_dict(self) -> dict:
@@ -264,12 +267,40 @@ class Trainer:
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
+# <stage dir>/step<K>/: config.json, model.safetensors, tokenizer files (a Hugging Face folder), trainer_state.pt
+# (optimizer, step, sampler), rank<r>.pt (each rank's random states), manifest.json (every file and its size,
+# written last). Written into step<K>.tmp and renamed into place, then the `latest` marker is replaced: a
+# crash at any moment leaves the previous checkpoint whole and findable.
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 
 
-def save_checkpoint(path: str, model: Transformer, trainer: Trainer, extra: dict, src_dir: str, rank: int = 0):
-    """HF folder + trainer_state.pt, written to path.tmp then renamed: a crash leaves the last one whole."""
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def save_checkpoint(path: str, model: Transformer, trainer: Trainer, extra: dict, src_dir: str, rank: int = 0,
+                    keep: int = 0):
+    """Write the checkpoint atomically (see above); keep the newest `keep` step folders (0: all)."""
     tmp = path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -277,14 +308,89 @@ def save_checkpoint(path: str, model: Transformer, trainer: Trainer, extra: dict
         for fn in TOKENIZER_FILES:
             if os.path.exists(os.path.join(src_dir, fn)):
                 shutil.copy(os.path.join(src_dir, fn), tmp)
-        state = {"trainer": trainer.state_dict(), **extra,
-                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                         "python": random.getstate()}}
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        torch.save({"trainer": trainer.state_dict(), **extra}, os.path.join(tmp, "trainer_state.pt"))
+    _barrier()
+    torch.save({"rng": rng_state()}, os.path.join(tmp, f"rank{rank}.pt"))
+    _barrier()
+    if rank == 0:
+        files = sorted(os.listdir(tmp))
+        for fn in files:
+            with open(os.path.join(tmp, fn), "rb+") as f:
+                os.fsync(f.fileno())
+        manifest = {"files": {fn: os.path.getsize(os.path.join(tmp, fn)) for fn in files}, **{
+            k: v for k, v in extra.items() if isinstance(v, (int, str))}}
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-    if dist.is_initialized():
-        dist.barrier()
+        parent = os.path.dirname(path)
+        with open(os.path.join(parent, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(path) + "\n")
+        os.replace(os.path.join(parent, "latest.tmp"), os.path.join(parent, "latest"))
+        _fsync_dir(parent)
+        if keep:
+            for old in step_dirs(parent)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def same_architecture(c1, c2) -> bool:
+    """Configs equal in everything but the stored dtype."""
+    return dataclasses.replace(c1, torch_dtype="") == dataclasses.replace(c2, torch_dtype="")
+
+
+def step_dirs(stage_dir: str) -> list[str]:
+    """step<K> folders, oldest first."""
+    ds = [d for d in os.listdir(stage_dir) if d.startswith("step") and d[4:].isdigit()] if os.path.isdir(
+        stage_dir) else []
+    return [os.path.join(stage_dir, d) for d in sorted(ds, key=lambda d: int(d[4:]))]
+
+
+def check_checkpoint(path: str) -> str | None:
+    """None when complete; else what is wrong (a missing manifest, a missing file, a size that differs)."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        return "no readable manifest.json (the write never finished)"
+    for fn, size in files.items():
+        p = os.path.join(path, fn)
+        if not os.path.exists(p):
+            return f"{fn} is missing"
+        if os.path.getsize(p) != size:
+            return f"{fn} has {os.path.getsize(p)} bytes, the manifest says {size}"
+    return None
+
+
+def latest_checkpoint(stage_dir: str, log=print) -> str | None:
+    """The newest complete step checkpoint of a stage; a damaged newer one is skipped with a warning."""
+    for path in reversed(step_dirs(stage_dir)):
+        problem = check_checkpoint(path)
+        if problem is None:
+            return path
+        log(f"[fastcurl] warning: checkpoint {path} is damaged ({problem}); falling back to the one before")
+    return None
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and exits 0 on every rank."""
+
+    def __init__(self):
+        import signal
+        self.hit = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame):
+        self.hit = True
+
+    def __call__(self) -> bool:
+        flag = torch.tensor([float(self.hit)])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank signalled: all stop at the same step
+        return bool(flag.item())
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -300,7 +406,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="output folder (default runs/<recipe>)")
     ap.add_argument("--rollout", default="auto", choices=["auto", "torch", "vllm"])
     ap.add_argument("--steps", type=int, default=None, help="override the stage's number of steps")
-    ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--save-every", type=int, default=10, help="checkpoint every K steps (0: only the final)")
+    ap.add_argument("--keep", type=int, default=2, help="step checkpoints kept (0: all)")
+    ap.add_argument("--max-skips", type=int, default=3, help="stop after this many non-finite updates in a row")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
@@ -365,20 +473,38 @@ def main(argv=None):
         sys.exit(f"stage {a.stage}: prompt budget {st.max_prompt} + response budget {st.max_tokens} exceeds the "
                  f"model's max_position_embeddings {cfg.max_position_embeddings}")
     prompts, dropped = data.encode_problems(sets[st.data], tok, template, st.max_prompt)
-    resume_from = None
-    if a.resume:
-        resume_from = curriculum.latest_checkpoint(stage_dir)
-    elif os.path.exists(os.path.join(stage_dir, "metrics.jsonl")):
-        sys.exit(f"{stage_dir} already holds a run: pass --resume to continue it or choose another --out")
+    identity = {"recipe": a.recipe, "stage": a.stage, "seed": a.seed, "data": os.path.abspath(data_file),
+                "model": os.path.abspath(src), "world": world, "stage_config": dataclasses.asdict(st)}
+    resume_from, run_file = None, os.path.join(stage_dir, "run.json")
+    if os.path.exists(run_file) or os.path.exists(os.path.join(stage_dir, "metrics.jsonl")):
+        if not a.resume:
+            sys.exit(f"{stage_dir} already holds a run: pass --resume to continue it or choose another --out")
+        if os.path.exists(run_file):
+            with open(run_file) as f:
+                old = json.load(f)
+            diff = [k for k in identity if old.get(k) != identity[k]]
+            if diff:
+                sys.exit(f"{stage_dir} holds a different run ({', '.join(diff)} differ: {run_file}); "
+                         f"resume it with the same arguments or choose another --out")
+        if check_checkpoint(os.path.join(stage_dir, "final")) is None:
+            if rank == 0:
+                print(f"[fastcurl] stage {a.stage} is already complete: {stage_dir}/final", flush=True)
+            return
+        resume_from = latest_checkpoint(stage_dir, log=print if rank == 0 else lambda *_: None)
+        if resume_from and not same_architecture(load_config(resume_from), cfg):
+            sys.exit(f"{resume_from}/config.json does not match {src}/config.json: not the same model")
+    _barrier()
     if rank == 0:
         os.makedirs(stage_dir, exist_ok=True)
+        with open(run_file, "w") as f:
+            json.dump(identity, f, indent=1)
         print(f"[fastcurl] recipe {a.recipe} stage {a.stage}: {st.data} ({len(prompts)} prompts, {dropped} dropped "
               f"over {st.max_prompt} tokens; split at mean length {mean_len:.1f}), response budget {st.max_tokens}, "
               f"batch {st.batch} x n={st.n}, {st.steps} steps, world {world}, device {device}, from {src}",
               flush=True)
 
     dtype = getattr(torch, a.dtype)
-    torch.manual_seed(a.seed)
+    torch.manual_seed(a.seed * 1009 + rank)
     model = Transformer.from_pretrained(resume_from or src, dtype=dtype, device=device)
     ref = Transformer.from_pretrained(src, dtype=dtype, device=device).eval() if st.kl_coef else None
     if ref is not None:
@@ -390,22 +516,39 @@ def main(argv=None):
     trainer = Trainer(model, tcfg, ref, tok.pad_id)
     engine = curriculum.make_engine(a.rollout, model, tok, st, rank, world, log=rank == 0)
     sampler = data.Sampler(len(prompts), st.batch, rank, world, seed=a.seed * 1000 + a.stage)
-    start = 0
+    start, counters = 0, {}
     if resume_from:
         state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
         trainer.load_state_dict(state["trainer"])
         sampler.load_state(state["sampler"])
-        start = state["step"]
+        start, counters = state["step"], state.get("counters", {})
+        set_rng_state(torch.load(os.path.join(resume_from, f"rank{rank}.pt"), weights_only=False)["rng"])
         if rank == 0:
             print(f"[fastcurl] resumed from {resume_from} at step {start}", flush=True)
+    if rank == 0:  # metrics logged after the checkpoint by a run that died are logged again
+        curriculum.truncate_metrics(os.path.join(stage_dir, "metrics.jsonl"), start)
 
-    def save(path, step):
+    def save(path, step, counters):
         save_checkpoint(path, model, trainer, {"step": step, "stage": a.stage, "sampler": sampler.state(),
-                                               "recipe": a.recipe, "seed": a.seed}, src, rank)
+                                               "recipe": a.recipe, "seed": a.seed, "counters": counters},
+                        src, rank, keep=a.keep)
 
-    curriculum.run_stage(st, a.stage, prompts, engine, trainer, tok, sampler, stage_dir, start=start,
-                         seed=a.seed, rank=rank, world=world, save=save, save_every=a.save_every)
-    save(os.path.join(stage_dir, "final"), st.steps)
+    stop = StopFlag()
+    status = curriculum.run_stage(st, a.stage, prompts, engine, trainer, tok, sampler, stage_dir, start=start,
+                                  seed=a.seed, rank=rank, world=world, save=save, save_every=a.save_every,
+                                  should_stop=stop, max_skips=a.max_skips, counters=counters)
+    if status != "done":
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if status == "stopped":
+            if rank == 0:
+                print(f"[fastcurl] stopped by a signal; checkpoint in {latest_checkpoint(stage_dir)}: "
+                      f"rerun the same command with --resume to continue", flush=True)
+            return
+        sys.exit(f"[fastcurl] {a.max_skips} updates in a row had a NaN/inf loss or gradient norm; saved "
+                 f"{latest_checkpoint(stage_dir)}. Look at the learning rate, the data of the last steps "
+                 f"(metrics.jsonl) and --dtype; rerun with --resume after a change.")
+    save(os.path.join(stage_dir, "final"), st.steps, counters)
     if eval_file and a.eval_k > 0:  # held-out pass@1 at the largest budget of the recipe, so stages compare like with like
         import eval as evaluate
         res = evaluate.evaluate_file(engine, tok, template, eval_file, k=a.eval_k, temperature=st.temperature,

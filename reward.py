@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 SYMPY_TIMEOUT = 0.8  # seconds for one symbolic comparison
+_POOL_LOCK = threading.Lock()
 MAX_SYMBOLIC_LEN = 400  # characters; longer answers are compared as strings and numbers only
 
 
@@ -266,12 +267,27 @@ class _Worker:
             line = None
         if not line:
             self.restart()  # overran (or died)
+            _count_error()
             return False
         return line.strip() == "1"
 
 
+_ERRORS = [0]  # symbolic checks that overran their time, and exceptions caught (read by reward_errors())
+
+
+def _count_error():
+    with _POOL_LOCK:
+        _ERRORS[0] += 1
+
+
+def reward_errors() -> int:
+    """Errors and time-outs since the last call (each scored 0), for the reward/errors metric."""
+    with _POOL_LOCK:
+        n, _ERRORS[0] = _ERRORS[0], 0
+    return n
+
+
 _POOL: queue.Queue | None = None
-_POOL_LOCK = threading.Lock()
 _POOL_PID = None
 
 
@@ -351,6 +367,7 @@ def math_reward(text: str, gt) -> float:
         deadline = time.monotonic() + SYMPY_TIMEOUT  # one budget for all acceptable answers
         return float(any(_equiv(pred, str(g), 0, deadline) for g in golds if g is not None))
     except Exception:
+        _count_error()
         return 0.0
 
 

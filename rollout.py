@@ -24,6 +24,7 @@ class Completion:
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
     """-> (tokens [B], log-probs [B]) from logits [B, V]: greedy at temperature 0, else softmax(z/T) cut to top-p."""
+    logits = torch.nan_to_num(logits, nan=0.0, posinf=1e4, neginf=-1e4)  # a diverged policy still samples
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
