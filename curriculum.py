@@ -118,7 +118,7 @@ def run_stage(st: Stage, stage: int, prompts, engine, trainer, tok, sampler, out
         t1 = time.time()
         # 4. the GRPO update, then 5. the new weights into the engine
         stats = trainer.step(comps, adv, st, st.mini_batches)
-        engine.update_weights(trainer.model.state_dict().items())
+        engine.update_weights(trainer.full_state_dict())
         t2 = time.time()
         # 6. metrics over all ranks
         bad = stats.pop("skipped_updates")

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 import curriculum
 import data
+import fsdp
 from kernels import fused_logprob_entropy
 from model import Transformer, load_config
 
@@ -155,12 +156,13 @@ class TrainConfig:
 
 
 class Trainer:
-    """One GRPO update per call: old log-probs, then per mini-batch: micro-batch forward/backward,
-    gradient all-reduce across ranks, clip, AdamW."""
+    """One GRPO update per call: old (and reference) log-probs, then per mini-batch: micro-batch forward and
+    backward, gradients summed across ranks (all-reduce, or fsdp's reduce-scatter), clip, AdamW."""
 
     def __init__(self, model: Transformer, cfg: TrainConfig, ref: Transformer | None = None, pad_id: int = 0):
         self.model, self.cfg, self.ref, self.pad_id = model, cfg, ref, pad_id
-        self.device = model.lm_head.weight.device
+        self.sharded = fsdp.is_sharded(model)
+        self.device = next(model.parameters()).device
         model.gradient_checkpointing = cfg.grad_checkpointing
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                      weight_decay=cfg.weight_decay)
@@ -174,10 +176,28 @@ class Trainer:
     def set_lr(self, lr: float):
         self.cfg.lr = lr
 
-    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+    def full_state_dict(self):
+        """(name, full tensor) pairs; under fsdp every rank must consume them (they are all-gathered)."""
+        return fsdp.full_state_dict(self.model) if self.sharded else self.model.state_dict().items()
+
+    def _sum(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world > 1:
-            dist.all_reduce(x)
+            dist.all_reduce(x, op=op)
         return x
+
+    def _micro(self, comps, index=None) -> list[Rows]:
+        """Micro-batches of these completions; sharded models run collectives in every forward, so all ranks
+        get the same number of micro-batches (empty ones padded in: a pad row with no loss tokens)."""
+        mbs = micro_batches(comps, self.cfg.token_budget, self.pad_id, self.device)
+        if index is not None:
+            for mb in mbs:
+                mb.index = [index[j] for j in mb.index]
+        if self.sharded and self.world > 1:
+            n = int(self._sum(torch.tensor([float(len(mbs))]), dist.ReduceOp.MAX).item())
+            z = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            mbs += [Rows(torch.full((1, 2), self.pad_id, device=self.device), z, z,
+                         torch.zeros(1, 1, device=self.device), []) for _ in range(n - len(mbs))]
+        return mbs
 
     @torch.no_grad()
     def _logprobs(self, model, mbs, temperature):
@@ -192,52 +212,52 @@ class Trainer:
         """comps: this rank's completions; adv [len(comps)]; st: the stage (clip, kl, entropy, temperature, agg)."""
         m = self.model
         m.train()
-        mbs_all = micro_batches(comps, self.cfg.token_budget, self.pad_id, self.device)
+        mbs_all = self._micro(comps)
         old = self._logprobs(m, mbs_all, st.temperature)
         ref = self._logprobs(self.ref, mbs_all, st.temperature) if self.ref is not None and st.kl_coef else None
         engine_diff = [(old[i][:len(c.logprobs)] - torch.tensor(c.logprobs, device=self.device)).abs()
                        for i, c in enumerate(comps) if c.logprobs]
         adv = adv.to(self.device)
-        stats_sum, n_stat = {}, 0
-        order = list(range(len(comps)))
-        per = math.ceil(len(order) / mini_batches)
+        stats_sum = {}
+        per = math.ceil(len(comps) / mini_batches)
         grad_norm, skipped = torch.zeros(()), 0
         for k in range(mini_batches):
-            part = order[k * per:(k + 1) * per]
-            mbs = micro_batches([comps[i] for i in part], self.cfg.token_budget, self.pad_id, self.device)
-            for mb in mbs:
-                mb.index = [part[j] for j in mb.index]
-            R_budget = st.max_tokens
-            local = {"token-mean": sum(mb.mask.sum() for mb in mbs),
-                     "seq-mean": torch.tensor(float(len(part))),
-                     "drgrpo": torch.tensor(float(len(part) * R_budget))}[st.agg]
-            denom = self._sum(torch.as_tensor(local, dtype=torch.float32, device=self.device).clone()).clamp(min=1)
+            part = list(range(k * per, min(len(comps), (k + 1) * per)))
+            mbs = self._micro([comps[i] for i in part], part)
+            local = {"token-mean": float(sum(mb.mask.sum() for mb in mbs)), "seq-mean": float(len(part)),
+                     "drgrpo": float(len(part) * st.max_tokens)}[st.agg]
+            denom = self._sum(torch.tensor(local, device=self.device)).clamp(min=1)
+            if self.sharded:
+                denom = denom / self.world  # fsdp averages over ranks; the global-denominator loss wants a sum
             self.opt.zero_grad(set_to_none=True)
             for mb in mbs:
                 logp, ent = token_logprobs(m, mb, st.temperature)
                 R = logp.shape[1]
-                pad = lambda t: torch.nn.functional.pad(t, (0, R - t.shape[0]))  # noqa: E731
-                old_lp = torch.stack([pad(old[i]) for i in mb.index])[:, :R]
-                ref_lp = torch.stack([pad(ref[i]) for i in mb.index])[:, :R] if ref is not None else None
-                loss, s = grpo_loss(logp, old_lp, adv[mb.index], mb.mask, clip_low=st.clip_low,
-                                    clip_high=st.clip_high, ref_logp=ref_lp, kl_coef=st.kl_coef, entropy=ent,
-                                    entropy_coef=st.entropy_coef, agg=st.agg, denom=denom)
+
+                def rows(d):
+                    return torch.stack([torch.nn.functional.pad(d[i], (0, R - d[i].shape[0]))[:R] for i in mb.index]
+                                       ) if mb.index else torch.zeros_like(logp)
+                loss, s = grpo_loss(logp, rows(old), adv[mb.index] if mb.index else torch.zeros(1, device=self.device),
+                                    mb.mask, clip_low=st.clip_low, clip_high=st.clip_high,
+                                    ref_logp=rows(ref) if ref is not None else None, kl_coef=st.kl_coef,
+                                    entropy=ent, entropy_coef=st.entropy_coef, agg=st.agg, denom=denom)
                 loss.backward()
                 for key, v in s.items():  # token-weighted sums, divided at the end
                     stats_sum[key] = stats_sum.get(key, 0.0) + (v * s["tokens"] if key != "tokens" else v)
-                n_stat += 1
-            grads = [p.grad for p in m.parameters() if p.grad is not None]
-            if self.world > 1:  # each rank's loss already carries the global denominator: sum, not mean
-                flat = torch.cat([g.flatten() for g in grads])
-                dist.all_reduce(flat)
-                off = 0
-                for g in grads:
-                    g.copy_(flat[off:off + g.numel()].view_as(g))
-                    off += g.numel()
-            grad_norm = torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.grad_clip)
+            if self.sharded:
+                grad_norm = fsdp.clip_grad_norm_(m, self.cfg.grad_clip)
+            else:
+                grads = [p.grad for p in m.parameters() if p.grad is not None]
+                if self.world > 1:  # each rank's loss already carries the global denominator: sum, not mean
+                    flat = self._sum(torch.cat([g.flatten() for g in grads]))
+                    off = 0
+                    for g in grads:
+                        g.copy_(flat[off:off + g.numel()].view_as(g))
+                        off += g.numel()
+                grad_norm = torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.grad_clip)
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.updates)
-            if torch.isfinite(grad_norm):  # identical on every rank (all-reduced grads): all skip together
+            if torch.isfinite(grad_norm):  # the global norm, identical on every rank: all skip together
                 self.opt.step()
             else:
                 skipped += 1
@@ -247,10 +267,8 @@ class Trainer:
         out = {k: (tot[j + 1] / tot[0].clamp(min=1)).item() for j, k in enumerate(sorted(stats_sum))}
         diffs = torch.cat(engine_diff) if engine_diff else torch.zeros(1)
         dsum = self._sum(torch.stack([diffs.sum(), torch.tensor(float(diffs.numel()))]))
-        dmax = diffs.max().clone()
-        if self.world > 1:
-            dist.all_reduce(dmax, op=dist.ReduceOp.MAX)
-        pad_tok = sum(mb.ids.numel() for mb in mbs_all)
+        dmax = self._sum(diffs.max().clone(), dist.ReduceOp.MAX)
+        pad_tok = sum(mb.ids.numel() for mb in mbs_all if mb.index)
         real = sum(len(c.prompt_ids) + len(c.response_ids) for c in comps)
         out.update({"grad_norm": float(grad_norm), "lr": self.lr_at(self.updates - 1),
                     "rollout/logprob_absdiff": (dsum[0] / dsum[1].clamp(min=1)).item(),
@@ -259,6 +277,7 @@ class Trainer:
         return out
 
     def state_dict(self) -> dict:
+        """This rank's optimizer state (its shards under fsdp) and the update count."""
         return {"opt": self.opt.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, s: dict):
@@ -268,7 +287,8 @@ class Trainer:
 
 # ---- checkpoints -----------------------------------------------------------------------------
 # <stage dir>/step<K>/: config.json, model.safetensors, tokenizer files (a Hugging Face folder), trainer_state.pt
-# (optimizer, step, sampler), rank<r>.pt (each rank's random states), manifest.json (every file and its size,
+# (step, sampler, counters), rank<r>.pt (each rank's optimizer state, its shards under fsdp, and random
+# states), manifest.json (every file and its size,
 # written last). Written into step<K>.tmp and renamed into place, then the `latest` marker is replaced: a
 # crash at any moment leaves the previous checkpoint whole and findable.
 
@@ -302,15 +322,19 @@ def save_checkpoint(path: str, model: Transformer, trainer: Trainer, extra: dict
                     keep: int = 0):
     """Write the checkpoint atomically (see above); keep the newest `keep` step folders (0: all)."""
     tmp = path + ".tmp"
+    weights = trainer.full_state_dict()  # under fsdp: gathered unit by unit, every rank takes part
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights, dtype=torch.float32)
         for fn in TOKENIZER_FILES:
             if os.path.exists(os.path.join(src_dir, fn)):
                 shutil.copy(os.path.join(src_dir, fn), tmp)
-        torch.save({"trainer": trainer.state_dict(), **extra}, os.path.join(tmp, "trainer_state.pt"))
+        torch.save(extra, os.path.join(tmp, "trainer_state.pt"))
+    else:
+        for _ in weights:
+            pass
     _barrier()
-    torch.save({"rng": rng_state()}, os.path.join(tmp, f"rank{rank}.pt"))
+    torch.save({"rng": rng_state(), "trainer": trainer.state_dict()}, os.path.join(tmp, f"rank{rank}.pt"))
     _barrier()
     if rank == 0:
         files = sorted(os.listdir(tmp))
@@ -412,7 +436,9 @@ def parse_args(argv=None):
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument("--fsdp", default="hand", choices=["hand", "torch", "none"],
+                    help="hand: fsdp.py (default); torch: torch's FSDP2 fully_shard; none: plain data parallel")
     ap.add_argument("--token-budget", type=int, default=None, help="padded tokens per micro-batch")
     ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--eval-k", type=int, default=4, help="samples per held-out problem at the end (0: skip)")
@@ -505,24 +531,38 @@ def main(argv=None):
 
     dtype = getattr(torch, a.dtype)
     torch.manual_seed(a.seed * 1009 + rank)
-    model = Transformer.from_pretrained(resume_from or src, dtype=dtype, device=device)
+    start_from = resume_from or src
     ref = Transformer.from_pretrained(src, dtype=dtype, device=device).eval() if st.kl_coef else None
     if ref is not None:
         ref.requires_grad_(False)
+    if a.fsdp == "none":
+        model = gen_model = Transformer.from_pretrained(start_from, dtype=dtype, device=device)
+    else:  # fp32 master shards, compute in --dtype; the engine gets its own full copy, refreshed every step
+        model = Transformer.from_pretrained(start_from, dtype=torch.float32, device=device)
+        gen_model = Transformer.from_pretrained(start_from, dtype=dtype, device=device).eval()
+        if a.fsdp == "hand":
+            fsdp.shard(model, param_dtype=dtype if dtype != torch.float32 else None)
+            if ref is not None:
+                fsdp.shard(ref)
+        else:
+            fsdp.torch_fully_shard(model, param_dtype=dtype)
+            if ref is not None:
+                fsdp.torch_fully_shard(ref)
     gc = a.grad_checkpointing if a.grad_checkpointing is not None else a.recipe != "toy"
     tcfg = TrainConfig(lr=st.lr, warmup_steps=st.warmup_steps, grad_clip=1.0,
                        token_budget=a.token_budget or (16384 if a.recipe == "toy" else 32768),
                        grad_checkpointing=gc)
     trainer = Trainer(model, tcfg, ref, tok.pad_id)
-    engine = curriculum.make_engine(a.rollout, model, tok, st, rank, world, log=rank == 0)
+    engine = curriculum.make_engine(a.rollout, gen_model, tok, st, rank, world, log=rank == 0)
     sampler = data.Sampler(len(prompts), st.batch, rank, world, seed=a.seed * 1000 + a.stage)
     start, counters = 0, {}
     if resume_from:
         state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        trainer.load_state_dict(state["trainer"])
+        mine = torch.load(os.path.join(resume_from, f"rank{rank}.pt"), weights_only=False)
+        trainer.load_state_dict(mine["trainer"])
+        set_rng_state(mine["rng"])
         sampler.load_state(state["sampler"])
         start, counters = state["step"], state.get("counters", {})
-        set_rng_state(torch.load(os.path.join(resume_from, f"rank{rank}.pt"), weights_only=False)["rng"])
         if rank == 0:
             print(f"[fastcurl] resumed from {resume_from} at step {start}", flush=True)
     if rank == 0:  # metrics logged after the checkpoint by a run that died are logged again

@@ -280,26 +280,33 @@ class Transformer(nn.Module):
         items = state_dict if state_dict is not None else self.state_dict().items()
         dtype = dtype or next(self.parameters()).dtype
         cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-        shards, cur, size = [], {}, 0
+        # shards are written as they fill (never more than one shard in memory), renamed once counted
+        written, cur, size = [], {}, 0
+
+        def flush():
+            fn = os.path.join(path, f"model-part{len(written) + 1:05d}.safetensors")
+            save_file(cur, fn, metadata={"format": "pt"})
+            written.append((fn, {n: t.numel() * t.element_size() for n, t in cur.items()}))
+
         for name, t in items:
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             t = t.detach().to("cpu", dtype).contiguous()
             if cur and size + t.numel() * t.element_size() > max_shard_bytes:
-                shards.append(cur)
+                flush()
                 cur, size = {}, 0
             cur[name], size = t, size + t.numel() * t.element_size()
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        flush()
+        if len(written) == 1:
+            os.replace(written[0][0], os.path.join(path, "model.safetensors"))
         else:
             weight_map, total = {}, 0
-            for i, sh in enumerate(shards):
-                fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(sh, os.path.join(path, fn), metadata={"format": "pt"})
-                for n, t in sh.items():
+            for i, (tmp, sizes) in enumerate(written):
+                fn = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+                os.replace(tmp, os.path.join(path, fn))
+                for n, b in sizes.items():
                     weight_map[n] = fn
-                    total += t.numel() * t.element_size()
+                    total += b
             with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(path, "config.json"), "w") as f:

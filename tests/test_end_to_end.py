@@ -15,8 +15,8 @@ KEYS = ["step", "stage", "reward/mean", "reward/std", "response_len/mean", "resp
 
 def grpo(*args, nproc=2, check=True):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    pre = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29600 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
+    pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
     r = subprocess.run(pre + [f"{ROOT}/grpo.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     if check:

@@ -13,8 +13,8 @@ VOLATILE = ("time/", "throughput/")
 
 
 def cmd(out, *args, nproc=2):
-    pre = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(29700 + os.getpid() % 1000)] if nproc > 1 else [sys.executable]
+    pre = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc > 1 else [sys.executable]
     return pre + [f"{ROOT}/grpo.py", "--stage", "1", "--out", str(out), *SMALL, *args]
 
 

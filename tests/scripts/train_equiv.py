@@ -1,8 +1,9 @@
 """Run a few GRPO updates on a fixed global batch; under torchrun each rank takes its share of the prompts.
 
-    python tests/scripts/train_equiv.py OUT            # one process, the whole batch
-    torchrun --nproc_per_node 2 tests/scripts/train_equiv.py OUT
-Writes OUT/rank<r>.pt with the final weights and the step stats.
+    python tests/scripts/train_equiv.py OUT [AGG] [MODE]           # one process, the whole batch
+    torchrun --nproc_per_node 2 tests/scripts/train_equiv.py OUT [AGG] [MODE]
+MODE: dp (plain data parallel), hand (fsdp.shard), hand-bf16 (bf16 params, fp32 reduce), torch (FSDP2).
+Writes OUT/rank<r>.pt with the final full weights, the step stats and the bytes this rank holds.
 """
 import os
 import sys
@@ -10,19 +11,26 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import fsdp  # noqa: E402
 from curriculum import Stage  # noqa: E402
 from grpo import Trainer, TrainConfig, group_advantages, setup_dist  # noqa: E402
 from model import Config, Transformer, init_weights  # noqa: E402
 from rollout import Completion  # noqa: E402
 
 
-def main(out, agg="token-mean"):
+def main(out, agg="token-mean", mode="dp"):
     torch.set_num_threads(1)
     rank, world = setup_dist()
     cfg = Config(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, max_position_embeddings=64, eos_token_id=1)
+                 num_key_value_heads=1, max_position_embeddings=64, eos_token_id=1, tie_word_embeddings=True)
     model = init_weights(Transformer(cfg), std=0.1, seed=0)
     ref = init_weights(Transformer(cfg), std=0.1, seed=0).requires_grad_(False)
+    if mode.startswith("hand"):
+        fsdp.shard(model, param_dtype=torch.bfloat16 if mode == "hand-bf16" else None)
+        fsdp.shard(ref)
+    elif mode == "torch":
+        fsdp.torch_fully_shard(model)
+        fsdp.torch_fully_shard(ref)
     g = torch.Generator().manual_seed(0)
     P, n = 8, 4
     comps = []
@@ -36,11 +44,13 @@ def main(out, agg="token-mean"):
     mine = [i for p in range(rank, P, world) for i in range(p * n, (p + 1) * n)]
     st = Stage("L2", max_tokens=16, batch=P, n=n, steps=3, lr=3e-3, kl_coef=0.1, entropy_coef=0.01,
                clip_low=0.1, clip_high=0.15, temperature=0.8, agg=agg)
-    tr = Trainer(model, TrainConfig(lr=st.lr, grad_clip=0.05, token_budget=40), ref)
+    tr = Trainer(model, TrainConfig(lr=st.lr, grad_clip=0.05, token_budget=40 + 20 * rank), ref)
     stats = []
     for _ in range(st.steps):
         stats.append(tr.step([comps[i] for i in mine], adv[mine], st, mini_batches=2))
-    torch.save({"weights": model.state_dict(), "stats": stats}, os.path.join(out, f"rank{rank}.pt"))
+    held = fsdp.local_bytes(model, tr.opt)
+    weights = {k: v.detach().clone() for k, v in tr.full_state_dict()}
+    torch.save({"weights": weights, "stats": stats, "bytes": held}, os.path.join(out, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,234 @@
+"""Fully sharded data parallel, by hand, on torch.distributed.
+
+Units: one per transformer block, plus a root unit for the rest (embedding, final norm, LM head). Each
+unit's parameters are flattened into one fp32 vector, padded to a multiple of the world size W, and rank r
+keeps only slice r: `module.parameters()` then yields exactly these shards, so a stock AdamW steps sharded
+state, and every rank holds 1/W of the parameters, gradients and optimizer state.
+
+    unit       | at rest            | forward                           | backward
+    -----------+--------------------+-----------------------------------+------------------------------------------
+    block i    | shard (P/W, fp32)  | all-gather full (param_dtype),    | all-gather again, compute, reduce-scatter
+               |                    | compute, free                     | grad (mean, reduce_dtype) into shard, free
+    root       | shard              | all-gather, kept until backward   | reduce-scatter grad into shard, free
+
+The module's own parameters become views into a unit's gathered buffer `full`; freeing the buffer frees
+its storage (views and autograd keep their metadata) and gathering writes it back, so the autograd graph
+of a forward stays valid through a free and re-gather. Gradients of all views land in `full.grad`; a
+post-accumulate-grad hook on `full` reduce-scatters them once per backward. Gradient accumulation over
+micro-batches adds the reduce-scattered pieces into the shard's .grad.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def _world(pg):
+    return dist.get_world_size(pg) if dist.is_initialized() else 1
+
+
+def _rank(pg):
+    return dist.get_rank(pg) if dist.is_initialized() else 0
+
+
+class Unit:
+    """One flat-sharded group of parameters (one block, or the root's leftovers)."""
+
+    def __init__(self, owner: nn.Module, params: list, pg, param_dtype, reduce_dtype, reshard_after_forward):
+        # params: [(name_in_full_model, tensor, [(module, attr), ...])]; a tied parameter has several homes
+        self.pg, self.W, self.rank = pg, _world(pg), _rank(pg)
+        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
+        self.reshard_after_forward = reshard_after_forward
+        self.entries, off = [], 0
+        for name, p, homes in params:
+            self.entries.append((name, off, p.shape, homes))
+            off += p.numel()
+        self.numel = off
+        self.padded = math.ceil(off / self.W) * self.W
+        n = self.padded // self.W
+        flat = torch.zeros(self.padded, dtype=torch.float32, device=params[0][1].device)
+        for (name, o, shape, _), (_, p, _) in zip(self.entries, params):
+            flat[o:o + p.numel()] = p.detach().reshape(-1).float()
+        self.shard = nn.Parameter(flat[self.rank * n:(self.rank + 1) * n].clone())
+        dt = param_dtype or torch.float32
+        self.full = torch.zeros(self.padded, dtype=dt, device=flat.device, requires_grad=True)
+        self.full.register_post_accumulate_grad_hook(self._reduce_scatter)
+        self.in_backward = False
+        for name, o, shape, homes in self.entries:
+            for mod, attr in homes:
+                del mod._parameters[attr]
+        self._set_views()
+        self._free()
+        owner.register_parameter("flat_shard", self.shard)
+
+    # -- gather and free ---------------------------------------------------------------------------
+    def gathered(self) -> bool:
+        return self.full.untyped_storage().size() > 0
+
+    def _free(self):
+        self.full.untyped_storage().resize_(0)
+
+    def gather(self):
+        """All-gather the full flat parameter into `full` (its .data: the autograd version stays as it was)."""
+        if not self.gathered():
+            self.full.untyped_storage().resize_(self.padded * self.full.element_size())
+        src = self.shard.detach().to(self.full.dtype)
+        if self.W == 1:
+            self.full.data.copy_(src)
+        else:
+            dist.all_gather_into_tensor(self.full.data, src, group=self.pg)
+
+    def _set_views(self):
+        """Point each module attribute at its slice of `full` (under grad mode: views autograd can follow)."""
+        for name, o, shape, homes in self.entries:
+            n = math.prod(shape)
+            v = self.full[o:o + n].view(shape)
+            for mod, attr in homes:
+                setattr(mod, attr, v)
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def pre_forward(self):
+        if self.in_backward:  # activation checkpointing recomputes: the parameters are already here
+            return
+        self.gather()
+        self._set_views()
+
+    def post_forward(self, output):
+        if self.in_backward:
+            return output
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(self._pre_backward)
+            if self.reshard_after_forward:
+                self._free()
+        elif self.reshard_after_forward:
+            self._free()  # no backward will come
+        return output
+
+    def _pre_backward(self, grad):
+        if not self.in_backward:
+            self.in_backward = True
+            if not self.gathered():
+                self.gather()
+        return grad
+
+    def _reduce_scatter(self, full):
+        """full.grad -> mean over ranks (reduce_dtype) -> this rank's slice, added into shard.grad."""
+        g = full.grad.to(self.reduce_dtype)
+        full.grad = None
+        n = self.padded // self.W
+        if self.W == 1:
+            piece = g
+        else:
+            piece = torch.empty(n, dtype=self.reduce_dtype, device=g.device)
+            dist.reduce_scatter_tensor(piece, g, op=dist.ReduceOp.SUM, group=self.pg)
+            piece /= self.W
+        piece = piece.to(self.shard.dtype)
+        self.shard.grad = piece if self.shard.grad is None else self.shard.grad + piece
+        self.in_backward = False
+        self._free()
+
+    # -- whole tensors -----------------------------------------------------------------------------
+    def full_tensors(self):
+        """(name, fp32 tensor) of every parameter of the unit, gathered from all ranks (not kept)."""
+        buf = torch.empty(self.padded, dtype=torch.float32, device=self.shard.device)
+        if self.W == 1:
+            buf.copy_(self.shard.detach())
+        else:
+            dist.all_gather_into_tensor(buf, self.shard.detach().contiguous(), group=self.pg)
+        for name, o, shape, _ in self.entries:
+            yield name, buf[o:o + math.prod(shape)].view(shape)
+
+
+def shard(module: nn.Module, process_group=None, param_dtype=None, reduce_dtype=torch.float32,
+          reshard_after_forward=True) -> nn.Module:
+    """Shard a model.Transformer in place (one unit per block + the root) and return it."""
+    names = {}
+    for mname, mod in module.named_modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                names.setdefault(id(p), (f"{mname}.{attr}" if mname else attr, p, []))[2].append((mod, attr))
+    blocks = list(module.model.layers)
+    units = []
+    for i, blk in enumerate(blocks):
+        ids = {id(p) for p in blk.parameters()}
+        params = [names.pop(k) for k in list(names) if k in ids]
+        units.append((blk, Unit(blk, params, process_group, param_dtype, reduce_dtype, reshard_after_forward)))
+    root = Unit(module, list(names.values()), process_group, param_dtype, reduce_dtype, False)
+    units.append((module, root))
+    for mod, u in units:
+        mod.register_forward_pre_hook(lambda m, args, u=u: u.pre_forward())
+        mod.register_forward_hook(lambda m, args, out, u=u: u.post_forward(out))
+    module._fsdp_units = [u for _, u in units]
+    module._fsdp_names = [n for u in module._fsdp_units for n, *_ in u.entries]
+    return module
+
+
+def is_sharded(module) -> bool:
+    """Sharded by shard() or by torch_fully_shard()."""
+    return hasattr(module, "_fsdp_units") or getattr(module, "_fsdp2", False)
+
+
+def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
+    """Scale every shard's gradient so the global L2 norm (all shards, all ranks) is at most max_norm."""
+    if getattr(module, "_fsdp2", False):
+        n = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+        return n.full_tensor() if hasattr(n, "full_tensor") else n
+    units = module._fsdp_units
+    sq = torch.zeros((), dtype=torch.float32, device=units[0].shard.device)
+    for u in units:
+        if u.shard.grad is not None:
+            sq += u.shard.grad.float().pow(2).sum()
+    if units[0].W > 1:
+        dist.all_reduce(sq, group=units[0].pg)
+    total = sq.sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for u in units:
+        if u.shard.grad is not None:
+            u.shard.grad.mul_(coef)
+    return total
+
+
+def full_state_dict(module: nn.Module):
+    """Yield (name, full fp32 tensor) unit by unit, names as in the unsharded model's state_dict (a tied head
+    under both names), so the whole model is never held twice. Every rank must iterate it (collectives)."""
+    if getattr(module, "_fsdp2", False):
+        for name, t in module.state_dict().items():
+            yield name, t.full_tensor() if hasattr(t, "full_tensor") else t
+        return
+    for u in module._fsdp_units:
+        for name, t in u.full_tensors():
+            yield name, t
+            if name == "model.embed_tokens.weight" and getattr(module.config, "tie_word_embeddings", False):
+                yield "lm_head.weight", t
+
+
+def local_numel(module: nn.Module) -> int:
+    return sum(u.shard.numel() for u in module._fsdp_units)
+
+
+def local_bytes(module: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict:
+    """Bytes this rank holds in parameters, gradients and optimizer state (DTensors count their local part)."""
+    def nbytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    ps = list(module.parameters())
+    out = {"params": sum(nbytes(p) for p in ps), "grads": sum(nbytes(p.grad) for p in ps if p.grad is not None)}
+    if opt is not None:
+        out["optimizer"] = sum(nbytes(v) for st in opt.state.values() for v in st.values()
+                               if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return out
+
+
+def torch_fully_shard(module: nn.Module, param_dtype=None, reduce_dtype=torch.float32):
+    """The same units with torch's FSDP2 (`fully_shard`), for comparison and for those who prefer it."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for blk in module.model.layers:
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(module, mp_policy=mp, reshard_after_forward=False)
+    module._fsdp2 = True
+    return module
