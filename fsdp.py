@@ -26,6 +26,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 
+# torch >= 2.13 renames the flat collectives; older ones only have the first names
+_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _world(pg):
     return dist.get_world_size(pg) if dist.is_initialized() else 1
 
@@ -55,7 +60,7 @@ class Unit:
         self.shard = nn.Parameter(flat[self.rank * n:(self.rank + 1) * n].clone())
         dt = param_dtype or torch.float32
         self.full = torch.zeros(self.padded, dtype=dt, device=flat.device, requires_grad=True)
-        self.full.register_post_accumulate_grad_hook(self._reduce_scatter)
+        self.full.register_post_accumulate_grad_hook(self._reduce_grad)
         self.in_backward = False
         for name, o, shape, homes in self.entries:
             for mod, attr in homes:
@@ -79,7 +84,7 @@ class Unit:
         if self.W == 1:
             self.full.data.copy_(src)
         else:
-            dist.all_gather_into_tensor(self.full.data, src, group=self.pg)
+            _gather_flat(self.full.data, src, group=self.pg)
 
     def _set_views(self):
         """Point each module attribute at its slice of `full` (under grad mode: views autograd can follow)."""
@@ -114,7 +119,7 @@ class Unit:
                 self.gather()
         return grad
 
-    def _reduce_scatter(self, full):
+    def _reduce_grad(self, full):
         """full.grad -> mean over ranks (reduce_dtype) -> this rank's slice, added into shard.grad."""
         g = full.grad.to(self.reduce_dtype)
         full.grad = None
@@ -123,7 +128,7 @@ class Unit:
             piece = g
         else:
             piece = torch.empty(n, dtype=self.reduce_dtype, device=g.device)
-            dist.reduce_scatter_tensor(piece, g, op=dist.ReduceOp.SUM, group=self.pg)
+            _scatter_flat(piece, g, op=dist.ReduceOp.SUM, group=self.pg)
             piece /= self.W
         piece = piece.to(self.shard.dtype)
         self.shard.grad = piece if self.shard.grad is None else self.shard.grad + piece
@@ -137,7 +142,7 @@ class Unit:
         if self.W == 1:
             buf.copy_(self.shard.detach())
         else:
-            dist.all_gather_into_tensor(buf, self.shard.detach().contiguous(), group=self.pg)
+            _gather_flat(buf, self.shard.detach().contiguous(), group=self.pg)
         for name, o, shape, _ in self.entries:
             yield name, buf[o:o + math.prod(shape)].view(shape)
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMS = 1 << 24  # logits held at once by the torch path: 64 MB in fp32
+CHUNK_ELEMS = 1 << 24  # logits held at once on a CPU: 64 MB in fp32
+CHUNK_ELEMS_CUDA = 1 << 27  # on a GPU: 512 MB in fp32, chunks of about 880 tokens at a 152K vocabulary
 
 
 def _chunks(n: int, v: int, chunk_elems: int):
@@ -77,8 +78,9 @@ class _TorchFused(torch.autograd.Function):
 
 
 def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          temperature: float = 1.0, impl: str = "auto", chunk_elems: int = CHUNK_ELEMS):
+                          temperature: float = 1.0, impl: str = "auto", chunk_elems: int | None = None):
     """-> (logprob [N], entropy [N]) in fp32, differentiable in hidden [N, H] and weight [V, H]."""
+    chunk_elems = chunk_elems or (CHUNK_ELEMS_CUDA if hidden.is_cuda else CHUNK_ELEMS)
     if impl == "auto":
         impl = "triton" if hidden.is_cuda and _triton_ok() else "torch"
     if impl == "torch":
@@ -113,7 +115,10 @@ def _build_kernels():
 
     @triton.jit
     def fwd_kernel(h_ptr, w_ptr, y_ptr, lp_ptr, ent_ptr, lse_ptr, N, V, H, inv_t,
-                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr):
+        # UPCAST: fp32 operands (the CPU interpreter has no bf16 arithmetic); on a GPU bf16/fp16 tiles go to
+        # the tensor cores as they are, fp32 tiles in full "ieee" precision, always accumulating in fp32
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -130,10 +135,12 @@ def _build_kernels():
                 hk = h0 + tl.arange(0, BLOCK_H)
                 hk_ok = hk < H
                 a = tl.load(h_ptr + rows[:, None] * H + hk[None, :], mask=row_ok[:, None] & hk_ok[None, :],
-                            other=0.0).to(tl.float32)
+                            other=0.0)
                 b = tl.load(w_ptr + cols[:, None] * H + hk[None, :], mask=col_ok[:, None] & hk_ok[None, :],
-                            other=0.0).to(tl.float32)
-                acc += tl.dot(a, tl.trans(b))
+                            other=0.0)
+                if UPCAST:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
             z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))  # columns past V add nothing
             m_new = tl.maximum(m, tl.max(z, 1))
             scale = tl.exp(m - m_new)
@@ -176,16 +183,17 @@ class _TritonFused(torch.autograd.Function):
         global _KERNELS
         _KERNELS = _KERNELS or _build_kernels()
         fwd, _ = _KERNELS
-        h, w = hidden.contiguous(), weight.contiguous()
+        h, w = hidden.contiguous(), weight.to(hidden.dtype).contiguous()
         n, hdim = h.shape
         v = w.shape[0]
         lp = torch.empty(n, device=h.device, dtype=torch.float32)
         ent, lse = torch.empty_like(lp), torch.empty_like(lp)
         BLOCK_N, BLOCK_V, BLOCK_H = (64, 128, 64) if h.is_cuda else (16, 64, 32)
         fwd[(triton.cdiv(n, BLOCK_N),)](h, w, labels.contiguous(), lp, ent, lse, n, v, hdim, 1.0 / temperature,
-                                        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H)
+                                        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, UPCAST=not h.is_cuda,
+                                        PRECISION="ieee" if h.dtype == torch.float32 else "tf32")
         ctx.save_for_backward(h, w, labels, lse, ent)
-        ctx.temperature, ctx.chunk_elems = temperature, chunk_elems
+        ctx.temperature, ctx.chunk_elems, ctx.w_dtype = temperature, chunk_elems, weight.dtype
         return lp, ent
 
     @staticmethod
@@ -212,7 +220,7 @@ class _TritonFused(torch.autograd.Function):
                 dh[s:e] = (dz @ wm).float()
             if dw is not None:
                 dw += (dz.T @ hc).float()
-        return (None if dh is None else dh.to(h.dtype), None if dw is None else dw.to(w.dtype), None, None, None)
+        return (None if dh is None else dh.to(h.dtype), None if dw is None else dw.to(ctx.w_dtype), None, None, None)
 
 
 def _mm_f32(a, b):
@@ -225,7 +233,7 @@ def _mm_f32(a, b):
     return a.float() @ b.float()
 
 
-def _triton_logprob_entropy(hidden, weight, labels, temperature, chunk_elems=CHUNK_ELEMS):
+def _triton_logprob_entropy(hidden, weight, labels, temperature, chunk_elems):
     return _TritonFused.apply(hidden, weight, labels, temperature, chunk_elems)
 
 

@@ -47,6 +47,12 @@ class TorchEngine:
     def __init__(self, model: Transformer, eos_ids: list[int], pad_id: int = 0, max_rows: int = 512):
         self.model, self.eos_ids, self.pad_id, self.max_rows = model, list(eos_ids), pad_id, max_rows
 
+    def sleep(self):  # nothing to free: the engine is the policy (or a copy of its weights)
+        pass
+
+    def wake_up(self):
+        pass
+
     def update_weights(self, named_tensors):
         params = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -112,3 +118,78 @@ class TorchEngine:
             k = next((j for j, x in enumerate(toks[r]) if x < 0), max_tokens)
             out.append(Completion(list(prompts[r // n]), toks[r][:k], lps[r][:k], "stop" if done[r] else "length"))
         return out
+
+
+class VLLMEngine:
+    """vLLM in-process, one engine per torchrun rank (external launcher, data parallel = world size, a seed per
+    rank). Token-id prompts in, Completion records out, with vLLM's log-probs of the sampled tokens after
+    temperature (logprobs_mode="processed_logprobs"), the same quantity the trainer computes.
+
+    update_weights streams Hugging Face (name, tensor) pairs into the running engine, then resets the prefix
+    cache. On a GPU the engine sleeps while the trainer works: level 1 keeps the weights in CPU memory,
+    level 2 drops them (the full weights are sent after every step either way, so both are safe).
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, *, max_model_len: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 dtype: str = "auto", gpu_memory_utilization: float | None = None, enforce_eager: bool | None = None,
+                 sleep_level: int | None = None):
+        import torch
+        import vllm
+        from vllm import LLM
+
+        major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
+        if (major, minor) < (0, 10):
+            raise RuntimeError(f"vllm {vllm.__version__} is too old for fastcurl's colocated engine: need >= 0.10")
+        cuda = torch.cuda.is_available()
+        self.sleep_level = (1 if cuda else 0) if sleep_level is None else sleep_level
+        kw = dict(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed + rank,
+                  gpu_memory_utilization=gpu_memory_utilization or (0.4 if cuda else 0.15),
+                  enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
+                  logprobs_mode="processed_logprobs", enable_prefix_caching=True)
+        if self.sleep_level:
+            kw["enable_sleep_mode"] = True
+        if world > 1:
+            kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world)
+        self.llm = LLM(**kw)
+        self.asleep = False
+
+    def generate(self, prompts, n=1, max_tokens=64, temperature=1.0, top_p=1.0, seed=0) -> list[Completion]:
+        from vllm import SamplingParams
+
+        self.wake_up()
+        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp, use_tqdm=False)
+        comps = []
+        for p, o in zip(prompts, outs):
+            for c in o.outputs:
+                ids = list(c.token_ids)
+                lps = [c.logprobs[j][t].logprob for j, t in enumerate(ids)] if c.logprobs else []
+                comps.append(Completion(list(p), ids, lps, "stop" if c.finish_reason == "stop" else "length"))
+        return comps
+
+    def sleep(self):
+        if self.sleep_level and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
+
+    def wake_up(self):
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def update_weights(self, named_tensors):
+        self.wake_up()
+        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+        runner.reload_weights(weights_iterator=((n, t.detach()) for n, t in named_tensors))
+        self.llm.reset_prefix_cache()
+
+    def prompt_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
+        """log p(token_t | tokens_<t) for t >= 1 of each sequence, at temperature 1 (a check, not a sampler)."""
+        from vllm import SamplingParams
+
+        self.wake_up()
+        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in seqs],
+                                 SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)
+        return [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], s[1:])] for o, s in zip(outs, seqs)]
