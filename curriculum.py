@@ -64,14 +64,35 @@ RECIPES = {
 }
 
 
-def make_engine(kind: str, model, tok, st: Stage, rank: int, world: int, log: bool = True):
-    """'torch' (the policy itself), 'vllm' (colocated vLLM), or 'auto': vLLM when it can run, else torch."""
-    from rollout import TorchEngine
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
-    if kind == "vllm":
-        raise SystemExit("--rollout vllm: the vLLM engine is not in this build yet; use --rollout torch")
+
+def vllm_usable(cfg) -> str | None:
+    """None when vLLM can serve this model here, else why not."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # an install can fail at import in several ways
+        return f"vllm does not import ({type(e).__name__}: {e})"
+    import torch
+    if not torch.cuda.is_available() and cfg.head_dim not in VLLM_CPU_HEAD_SIZES:
+        return f"vLLM's CPU attention does not take head size {cfg.head_dim}"
+    return None
+
+
+def make_engine(kind: str, model, tok, *, model_dir: str, max_model_len: int, rank: int = 0, world: int = 1,
+                seed: int = 0, dtype: str = "float32", log: bool = True):
+    """'torch' (the policy's own weights), 'vllm' (colocated vLLM), or 'auto': vLLM when it can run, else torch."""
+    from rollout import TorchEngine, VLLMEngine
+
+    why = vllm_usable(model.config) if kind in ("auto", "vllm") else "asked for torch"
+    if kind == "vllm" and why:
+        raise SystemExit(f"--rollout vllm: {why}")
+    if why is None:
+        if log:
+            print(f"[fastcurl] rollout engine: vllm ({'asked for' if kind == 'vllm' else 'auto'})", flush=True)
+        return VLLMEngine(model_dir, max_model_len=max_model_len, rank=rank, world=world, seed=seed, dtype=dtype)
     if log:
-        print(f"[fastcurl] rollout engine: torch ({'asked for' if kind == 'torch' else 'auto'})", flush=True)
+        print(f"[fastcurl] rollout engine: torch ({why})", flush=True)
     return TorchEngine(model, tok.eos_ids, tok.pad_id)
 
 
@@ -117,6 +138,7 @@ def run_stage(st: Stage, stage: int, prompts, engine, trainer, tok, sampler, out
         adv = group_advantages(rewards, st.n)
         t1 = time.time()
         # 4. the GRPO update, then 5. the new weights into the engine
+        engine.sleep()  # vLLM on a GPU hands its memory to the trainer meanwhile
         stats = trainer.step(comps, adv, st, st.mini_batches)
         engine.update_weights(trainer.full_state_dict())
         t2 = time.time()

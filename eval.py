@@ -68,7 +68,7 @@ def evaluate_file(engine, tok, template: str, path: str, *, k: int = 16, tempera
 
 
 def main(argv=None):
-    from grpo import TOY_EVAL, TOY_MODEL, setup_dist
+    from grpo import TOY_EVAL, TOY_MODEL, close_dist, setup_dist
     from model import Transformer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +94,8 @@ def main(argv=None):
     max_tokens = a.max_tokens or (120 if toy else 32768)
     model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=device).eval()
     import curriculum
-    engine = curriculum.make_engine(a.rollout, model, tok, None, rank, world, log=rank == 0)
+    engine = curriculum.make_engine(a.rollout, model, tok, model_dir=a.model, rank=rank, world=world, seed=a.seed,
+                                    dtype=a.dtype, log=rank == 0, max_model_len=a.max_prompt + max_tokens)
     results = []
     for path in a.data.split(","):
         results.append(evaluate_file(engine, tok, template, path, k=a.k, temperature=temperature, top_p=a.top_p,
@@ -109,8 +110,7 @@ def main(argv=None):
         if a.out:
             with open(a.out, "w") as f:
                 json.dump({"model": a.model, "results": results}, f, indent=2)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_dist(engine)
 
 
 if __name__ == "__main__":

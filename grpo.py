@@ -54,8 +54,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, norm: str = "std", 
 
 
 def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, ref_logp=None, kl_coef=0.0,
-              entropy=None, entropy_coef=0.0, agg="token-mean", denom=None):
+              entropy=None, entropy_coef=0.0, agg="token-mean", denom=None, is_weight=None):
     """GRPO loss over [B, T] response tokens (formula in the module docstring); adv is [B].
+
+    is_weight [B, T] (optional) multiplies the policy-gradient term: truncated importance sampling,
+    min(exp(old_logp - engine_logp), cap), against the gap between the rollout engine and the trainer.
 
     agg: "token-mean" = sum / number of tokens; "seq-mean" = mean over sequences of each one's token mean;
     "drgrpo" = sum / (B * T). `denom` replaces the denominator (tokens, sequences or B*T) with a global one,
@@ -66,6 +69,8 @@ def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, ref_log
     a = adv[:, None]
     pg1, pg2 = ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a
     per_tok = -torch.minimum(pg1, pg2)
+    if is_weight is not None:
+        per_tok = per_tok * is_weight
     kl = None
     if ref_logp is not None:
         d = ref_logp - logp
@@ -153,6 +158,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     token_budget: int = 16384   # padded tokens per micro-batch
     grad_checkpointing: bool = False
+    tis_cap: float = 0.0        # > 0: truncated importance sampling against the engine's log-probs
 
 
 class Trainer:
@@ -215,8 +221,10 @@ class Trainer:
         mbs_all = self._micro(comps)
         old = self._logprobs(m, mbs_all, st.temperature)
         ref = self._logprobs(self.ref, mbs_all, st.temperature) if self.ref is not None and st.kl_coef else None
-        engine_diff = [(old[i][:len(c.logprobs)] - torch.tensor(c.logprobs, device=self.device)).abs()
-                       for i, c in enumerate(comps) if c.logprobs]
+        gap = {i: old[i][:len(c.logprobs)] - torch.tensor(c.logprobs, device=self.device)
+               for i, c in enumerate(comps) if c.logprobs}  # trainer minus engine log-prob, per token
+        engine_diff = [d.abs() for d in gap.values()]
+        tis = {i: d.exp().clamp(max=self.cfg.tis_cap) for i, d in gap.items()} if self.cfg.tis_cap > 0 else None
         adv = adv.to(self.device)
         stats_sum = {}
         per = math.ceil(len(comps) / mini_batches)
@@ -240,7 +248,9 @@ class Trainer:
                 loss, s = grpo_loss(logp, rows(old), adv[mb.index] if mb.index else torch.zeros(1, device=self.device),
                                     mb.mask, clip_low=st.clip_low, clip_high=st.clip_high,
                                     ref_logp=rows(ref) if ref is not None else None, kl_coef=st.kl_coef,
-                                    entropy=ent, entropy_coef=st.entropy_coef, agg=st.agg, denom=denom)
+                                    entropy=ent, entropy_coef=st.entropy_coef, agg=st.agg, denom=denom,
+                                    is_weight=rows({i: tis.get(i, torch.ones(R, device=self.device)) for i in mb.index})
+                                    if tis else None)
                 loss.backward()
                 for key, v in s.items():  # token-weighted sums, divided at the end
                     stats_sum[key] = stats_sum.get(key, 0.0) + (v * s["tokens"] if key != "tokens" else v)
@@ -440,6 +450,8 @@ def parse_args(argv=None):
     ap.add_argument("--fsdp", default="hand", choices=["hand", "torch", "none"],
                     help="hand: fsdp.py (default); torch: torch's FSDP2 fully_shard; none: plain data parallel")
     ap.add_argument("--token-budget", type=int, default=None, help="padded tokens per micro-batch")
+    ap.add_argument("--tis-cap", type=float, default=0.0,
+                    help="truncated importance sampling: weight the loss by min(exp(trainer - engine log-prob), C)")
     ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--eval-k", type=int, default=4, help="samples per held-out problem at the end (0: skip)")
     for f in dataclasses.fields(curriculum.Stage):  # --batch, --n-samples, --max-tokens, --lr, --kl-coef, ...
@@ -535,11 +547,12 @@ def main(argv=None):
     ref = Transformer.from_pretrained(src, dtype=dtype, device=device).eval() if st.kl_coef else None
     if ref is not None:
         ref.requires_grad_(False)
+    use_vllm = a.rollout == "vllm" or (a.rollout == "auto" and curriculum.vllm_usable(cfg) is None)
     if a.fsdp == "none":
         model = gen_model = Transformer.from_pretrained(start_from, dtype=dtype, device=device)
-    else:  # fp32 master shards, compute in --dtype; the engine gets its own full copy, refreshed every step
+    else:  # fp32 master shards, compute in --dtype; a native engine gets its own full copy, refreshed every step
         model = Transformer.from_pretrained(start_from, dtype=torch.float32, device=device)
-        gen_model = Transformer.from_pretrained(start_from, dtype=dtype, device=device).eval()
+        gen_model = model if use_vllm else Transformer.from_pretrained(start_from, dtype=dtype, device=device).eval()
         if a.fsdp == "hand":
             fsdp.shard(model, param_dtype=dtype if dtype != torch.float32 else None)
             if ref is not None:
@@ -551,9 +564,11 @@ def main(argv=None):
     gc = a.grad_checkpointing if a.grad_checkpointing is not None else a.recipe != "toy"
     tcfg = TrainConfig(lr=st.lr, warmup_steps=st.warmup_steps, grad_clip=1.0,
                        token_budget=a.token_budget or (16384 if a.recipe == "toy" else 32768),
-                       grad_checkpointing=gc)
+                       grad_checkpointing=gc, tis_cap=a.tis_cap)
     trainer = Trainer(model, tcfg, ref, tok.pad_id)
-    engine = curriculum.make_engine(a.rollout, gen_model, tok, st, rank, world, log=rank == 0)
+    engine = curriculum.make_engine(a.rollout, gen_model, tok, model_dir=start_from, rank=rank, world=world,
+                                    seed=a.seed, dtype=a.dtype, log=rank == 0,
+                                    max_model_len=max(s.max_prompt + s.max_tokens for s in stages))
     sampler = data.Sampler(len(prompts), st.batch, rank, world, seed=a.seed * 1000 + a.stage)
     start, counters = 0, {}
     if resume_from:
@@ -578,8 +593,7 @@ def main(argv=None):
                                   seed=a.seed, rank=rank, world=world, save=save, save_every=a.save_every,
                                   should_stop=stop, max_skips=a.max_skips, counters=counters)
     if status != "done":
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_dist(engine)
         if status == "stopped":
             if rank == 0:
                 print(f"[fastcurl] stopped by a signal; checkpoint in {latest_checkpoint(stage_dir)}: "
@@ -600,9 +614,15 @@ def main(argv=None):
                 json.dump(res, f, indent=2)
             print(f"[fastcurl] stage {a.stage} held-out {os.path.basename(eval_file)}: pass@1 {res['pass@1']:.3f} "
                   f"(k={a.eval_k}), mean length {res['response_len/mean']:.1f}", flush=True)
+    close_dist(engine)
+
+
+def close_dist(engine=None):
+    """Leave torch.distributed cleanly; a vLLM engine tears down its own groups (and the world) at exit."""
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if getattr(engine, "name", "") != "vllm":
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -135,7 +135,10 @@ class VLLMEngine:
     def __init__(self, model_dir: str, *, max_model_len: int, rank: int = 0, world: int = 1, seed: int = 0,
                  dtype: str = "auto", gpu_memory_utilization: float | None = None, enforce_eager: bool | None = None,
                  sleep_level: int | None = None):
+        import os
+
         import torch
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: colocated
         import vllm
         from vllm import LLM
 

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-runs/toy}
 for s in 1 2 3 4; do
-  torchrun --nproc_per_node 2 grpo.py --stage "$s" --out "$out" --eval-k 4
+  torchrun --nproc_per_node 2 grpo.py --stage "$s" --out "$out" --eval-k 4 --rollout torch
 done
 python curriculum.py plot "$out"
 python - "$out" <<'PY'

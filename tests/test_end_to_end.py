@@ -26,7 +26,8 @@ def grpo(*args, nproc=2, check=True):
 
 def test_two_stages_under_torchrun(tmp_path):
     out = str(tmp_path / "run")
-    small = ["--out", out, "--steps", "3", "--batch", "4", "--n-samples", "4", "--save-every", "2", "--eval-k", "1"]
+    small = ["--out", out, "--steps", "3", "--batch", "4", "--n-samples", "4", "--save-every", "2", "--eval-k", "1",
+             "--rollout", "torch"]
     r = grpo("--stage", "1", *small)
     assert "stage 1 step 3/3 reward" in r.stdout and "held-out eval.jsonl: pass@1" in r.stdout
     rows = [json.loads(l) for l in open(f"{out}/stage1/metrics.jsonl")]

@@ -29,7 +29,7 @@ def test_group_advantages(norm):
     assert (got[:8] == 0).all()
 
 
-def ref_loss(logp, old, adv, mask, ref, ent, clip_low, clip_high, kl_coef, ent_coef, agg):
+def ref_loss(logp, old, adv, mask, ref, ent, clip_low, clip_high, kl_coef, ent_coef, agg, isw=None):
     """Token by token in float64 autograd."""
     B, T = logp.shape
     per = [[None] * T for _ in range(B)]
@@ -38,6 +38,8 @@ def ref_loss(logp, old, adv, mask, ref, ent, clip_low, clip_high, kl_coef, ent_c
             ratio = torch.exp(logp[b, t] - old[b, t])
             clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
             x = -torch.minimum(ratio * adv[b], clipped * adv[b])
+            if isw is not None:
+                x = x * isw[b, t]
             if ref is not None:
                 d = ref[b, t] - logp[b, t]
                 x = x + kl_coef * (torch.exp(d) - d - 1)
@@ -65,10 +67,11 @@ def test_grpo_loss_matches_reference(agg, with_kl_ent):
     mask[3, 2:] = 0
     ref = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3 if with_kl_ent else None
     ent = (torch.rand(B, T, generator=g, dtype=torch.float64) * 2).requires_grad_() if with_kl_ent else None
+    isw = torch.rand(B, T, generator=g, dtype=torch.float64) * 2 if with_kl_ent else None  # TIS weights
     kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.05 if with_kl_ent else 0.0,
               entropy_coef=0.01 if with_kl_ent else 0.0, agg=agg)
-    loss, stats = grpo_loss(logp, old, adv, mask, ref_logp=ref, entropy=ent, **kw)
-    want = ref_loss(logp, old, adv, mask, ref, ent, 0.2, 0.28, kw["kl_coef"], kw["entropy_coef"], agg)
+    loss, stats = grpo_loss(logp, old, adv, mask, ref_logp=ref, entropy=ent, is_weight=isw, **kw)
+    want = ref_loss(logp, old, adv, mask, ref, ent, 0.2, 0.28, kw["kl_coef"], kw["entropy_coef"], agg, isw)
     assert abs(loss.item() - want.item()) < 1e-12
     ins = [logp] + ([ent] if ent is not None else [])
     g1 = torch.autograd.grad(loss, ins)

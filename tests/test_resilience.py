@@ -8,7 +8,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--batch", "4", "--n-samples", "4", "--eval-k", "0", "--save-every", "2"]
+SMALL = ["--batch", "4", "--n-samples", "4", "--eval-k", "0", "--save-every", "2", "--rollout", "torch"]
 VOLATILE = ("time/", "throughput/")
 
 
