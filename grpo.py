@@ -440,6 +440,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="output folder (default runs/<recipe>)")
     ap.add_argument("--rollout", default="auto", choices=["auto", "torch", "vllm"])
     ap.add_argument("--steps", type=int, default=None, help="override the stage's number of steps")
+    ap.add_argument("--split", default=None, choices=["L1", "L2", "L3"], help="override the stage's data split")
     ap.add_argument("--save-every", type=int, default=10, help="checkpoint every K steps (0: only the final)")
     ap.add_argument("--keep", type=int, default=2, help="step checkpoints kept (0: all)")
     ap.add_argument("--max-skips", type=int, default=3, help="stop after this many non-finite updates in a row")
@@ -484,6 +485,8 @@ def main(argv=None):
                  if f.name not in ("data", "steps") and getattr(a, f.name) is not None}
     if a.steps is not None:
         overrides["steps"] = a.steps
+    if a.split is not None:
+        overrides["data"] = a.split
     st = dataclasses.replace(stages[a.stage - 1], **overrides)
     out = a.out or os.path.join("runs", a.recipe)
     stage_dir = os.path.join(out, f"stage{a.stage}")

@@ -72,6 +72,7 @@ def worker(mode: str, steps: int, tokens: int, out: str):
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump({"step_s": sorted(times)[len(times) // 2], "peak_bytes": peak, "params": params}, f)
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -51,6 +51,9 @@ def main(out, agg="token-mean", mode="dp"):
     held = fsdp.local_bytes(model, tr.opt)
     weights = {k: v.detach().clone() for k, v in tr.full_state_dict()}
     torch.save({"weights": weights, "stats": stats, "bytes": held}, os.path.join(out, f"rank{rank}.pt"))
+    if torch.distributed.is_initialized():  # leaving a gloo group to the interpreter's exit can abort the process
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,119 @@
+"""FastCuRL's claim in miniature: curriculum with growing budgets vs flat training, same number of steps.
+
+    python bench/ablation.py                      # 3 arms x 3 seeds at --scale 0.4: about 30 minutes on 2 cores
+    python bench/ablation.py --seeds 1            # about 10 minutes
+    python bench/ablation.py --scale 1.0          # the full toy recipe's 150 steps per arm
+
+Arms, all from the shipped toy checkpoint, each as four consecutive stages of the same lengths (the toy
+recipe's 40/40/30/40 steps times --scale), 16 prompts x 8 samples per step:
+  curriculum : L1 at 40 tokens, L2 at 80, L3 at 120, L2 at 80 (the toy recipe)
+  flat-large : L2 at 120 tokens throughout
+  flat-small : L2 at 40 tokens throughout
+Held-out pass@1 (k samples at T=1, scored at 120 tokens) after each stage, tokens generated, wall time and
+entropy are written to bench/results/ablation.json, and accuracy against tokens generated to ablation.png.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from curriculum import RECIPES  # noqa: E402
+
+ARMS = {
+    "curriculum": [("L1", 40), ("L2", 80), ("L3", 120), ("L2", 80)],
+    "flat-large": [("L2", 120)] * 4,
+    "flat-small": [("L2", 40)] * 4,
+}
+
+
+def run_arm(arm: str, seed: int, scale: float, out: str, eval_k: int, nproc: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    stages = RECIPES["toy"]
+    t0 = time.time()
+    points, tokens, entropy = [], 0.0, []
+    for i, (split, budget) in enumerate(ARMS[arm]):
+        steps = max(1, round(stages[i].steps * scale))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               os.path.join(ROOT, "grpo.py"), "--stage", str(i + 1), "--out", out, "--seed", str(seed),
+               "--split", split, "--max-tokens", str(budget), "--steps", str(steps), "--eval-k", str(eval_k),
+               "--rollout", "torch", "--save-every", "0"]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        if r.returncode != 0:
+            raise RuntimeError(f"{arm} seed {seed} stage {i + 1} failed:\n{r.stderr[-2000:]}")
+        rows = [json.loads(line) for line in open(os.path.join(out, f"stage{i + 1}", "metrics.jsonl"))]
+        st = stages[i]
+        tokens += sum(x["response_len/mean"] * st.batch * st.n for x in rows)
+        entropy += [x["entropy/mean"] for x in rows]
+        ev = json.load(open(os.path.join(out, f"stage{i + 1}", "eval.json")))
+        points.append({"stage": i + 1, "steps": steps, "acc": ev["pass@1"], "tokens_generated": tokens,
+                       "mean_len": ev["response_len/mean"], "reward_last": rows[-1]["reward/mean"]})
+        print(f"  {arm} seed {seed} stage {i + 1}: held-out pass@1 {ev['pass@1']:.3f}, tokens {tokens:.0f}",
+              flush=True)
+    return {"seed": seed, "final_acc": points[-1]["acc"], "tokens_generated": tokens, "wall_s": time.time() - t0,
+            "final_mean_len": points[-1]["mean_len"], "points": points, "entropy": entropy}
+
+
+def plot(res: dict, path: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no matplotlib: skipping the plot")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    card = json.load(open(os.path.join(ROOT, "assets", "toy", "model", "toy_card.json")))
+    for arm, d in res["arms"].items():
+        seeds = d["seeds"]
+        xs = [[0] + [p["tokens_generated"] for p in s["points"]] for s in seeds]
+        ys = [[card["pass@1"]] + [p["acc"] for p in s["points"]] for s in seeds]
+        mx = [sum(c) / len(c) for c in zip(*xs)]
+        lo, hi = [min(c) for c in zip(*ys)], [max(c) for c in zip(*ys)]
+        line, = ax.plot(mx, [sum(c) / len(c) for c in zip(*ys)], marker="o", label=arm)
+        ax.fill_between(mx, lo, hi, alpha=0.2, color=line.get_color())
+    ax.set_xlabel("response tokens generated in training")
+    ax.set_ylabel("held-out pass@1 (toy, T=1)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--scale", type=float, default=0.4, help="fraction of the toy recipe's steps per stage")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--eval-k", type=int, default=2)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--work", default=os.path.join(ROOT, "runs", "ablation"))
+    a = ap.parse_args()
+    import torch
+    res = {"arms": {}, "scale": a.scale, "eval_k": a.eval_k, "date": time.strftime("%Y-%m-%d"),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {a.nproc} ranks"}
+    for arm in a.arms.split(","):
+        res["arms"][arm] = {"stages": ARMS[arm], "seeds": []}
+        for seed in range(a.seeds):
+            res["arms"][arm]["seeds"].append(run_arm(arm, seed, a.scale, os.path.join(a.work, f"{arm}-s{seed}"),
+                                                     a.eval_k, a.nproc))
+    for arm, d in res["arms"].items():
+        accs = [s["final_acc"] for s in d["seeds"]]
+        d["final_acc_mean"] = sum(accs) / len(accs)
+        d["tokens_generated_mean"] = sum(s["tokens_generated"] for s in d["seeds"]) / len(accs)
+        d["wall_s_mean"] = sum(s["wall_s"] for s in d["seeds"]) / len(accs)
+        print(f"{arm:11s} final pass@1 {d['final_acc_mean']:.3f} ({', '.join(f'{x:.3f}' for x in accs)}), "
+              f"tokens {d['tokens_generated_mean']:.0f}, wall {d['wall_s_mean']:.0f}s")
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", "ablation.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    plot(res, os.path.join(ROOT, "bench", "results", "ablation.png"))
+
+
+if __name__ == "__main__":
+    main()

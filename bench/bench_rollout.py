@@ -1,0 +1,117 @@
+"""Generated tokens/s: the native engine, vLLM and transformers' generate, same prompts, n and budget.
+
+    python bench/bench_rollout.py [--shapes toy,0.5b]        # writes bench/results/rollout-<device>.json
+
+Shapes: the shipped toy checkpoint, and a randomly initialised Qwen2-shaped ~0.5B model (hidden 896, 24 layers,
+vocabulary 151936) written to a temporary folder. Every engine runs in its own process (vLLM sets the thread
+count of the process it lives in), samples at temperature 1 with no EOS so that every sequence runs to the
+budget. Also the weight push: the time to stream all weights into the running vLLM engine (update_weights).
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+HALF_B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+              num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1e6)
+
+
+def worker(engine: str, model_dir: str, prompts: int, n: int, prompt_len: int, max_tokens: int) -> dict:
+    import torch
+
+    from model import Transformer, load_config
+    cfg = load_config(model_dir)
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randint(3, cfg.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(prompts)]
+    res = {"engine": engine}
+    if engine == "torch":
+        from rollout import TorchEngine
+        m = Transformer.from_pretrained(model_dir).eval()
+        eng = TorchEngine(m, [], pad_id=0)
+        run = lambda: eng.generate(ps, n=n, max_tokens=max_tokens, temperature=1.0, seed=1)  # noqa: E731
+    elif engine == "vllm":
+        from rollout import VLLMEngine
+        eng = VLLMEngine(model_dir, max_model_len=prompt_len + max_tokens + 8, dtype="float32")
+        from vllm import SamplingParams
+        sp = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=1)
+        run = lambda: eng.llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)  # noqa: E731
+    else:
+        import transformers
+        m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        ids = torch.tensor(ps)
+
+        def run():
+            with torch.no_grad():
+                return m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                  top_k=0, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                  num_return_sequences=n, pad_token_id=0)
+    run()  # warm up
+    t = time.perf_counter()
+    run()
+    dt = time.perf_counter() - t
+    res.update(seconds=dt, tokens_per_s=prompts * n * max_tokens / dt)
+    if engine == "vllm":  # the weight push of the full model
+        m = Transformer.from_pretrained(model_dir)
+        t = time.perf_counter()
+        eng.update_weights(m.state_dict().items())
+        res["weight_push_s"] = time.perf_counter() - t
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="toy,0.5b")
+    ap.add_argument("--engines", default="torch,vllm,transformers")
+    ap.add_argument("--worker", nargs=6, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        e, d, p, n, pl, mt = a.worker
+        print(json.dumps(worker(e, d, int(p), int(n), int(pl), int(mt))))
+        return
+    import torch
+
+    from model import Config, Transformer, init_weights
+    settings = {"toy": dict(prompts=16, n=8, prompt_len=8, max_tokens=64),
+                "0.5b": dict(prompts=8, n=8, prompt_len=16, max_tokens=32)}
+    res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+           "date": time.strftime("%Y-%m-%d"), "shapes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in a.shapes.split(","):
+            if shape == "toy":
+                d = os.path.join(ROOT, "assets", "toy", "model")
+            else:
+                d = os.path.join(tmp, shape)
+                m = init_weights(Transformer(Config(**HALF_B)), std=0.02)
+                m.save_pretrained(d)
+                res["half_b_params"] = m.num_params()
+                del m
+            s = settings[shape]
+            rows = {}
+            for e in a.engines.split(","):
+                r = subprocess.run([sys.executable, __file__, "--worker", e, d, str(s["prompts"]), str(s["n"]),
+                                    str(s["prompt_len"]), str(s["max_tokens"])], capture_output=True, text=True,
+                                   env=dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count())))
+                rows[e] = (json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0
+                           else {"error": r.stderr.strip().splitlines()[-1][:200]})
+                print(shape, json.dumps(rows[e]), flush=True)
+            ok = {k: v for k, v in rows.items() if "tokens_per_s" in v}
+            if "torch" in ok:
+                for k in ok:
+                    rows[k]["native_over_this"] = ok["torch"]["tokens_per_s"] / ok[k]["tokens_per_s"]
+            res["shapes"][shape] = {"settings": s, "engines": rows}
+    dev = "gpu" if torch.cuda.is_available() else "cpu"
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "results", f"rollout-{dev}.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
