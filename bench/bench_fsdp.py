@@ -4,8 +4,10 @@
 
 Each mode runs in its own torchrun (gloo on CPU, NCCL on GPU) so the peak memory of one does not hide
 another's: a Qwen2-shaped model of about 100M parameters, a GRPO-style step (forward, fused log-probs,
-backward, clip, AdamW) on random tokens. CPU peak = the process's max resident set (parameters, gradients,
-optimizer, activations, the Python runtime); GPU peak = max allocated. Ratios are against FSDP2.
+backward, clip, AdamW) on random tokens. CPU peak = the resident set's high-water mark during the steps (reset
+after start-up: parameters, gradients, optimizer, activations, the Python runtime); GPU peak = max allocated.
+On a CPU the resident set keeps memory the allocator has freed but not returned, so the bytes each rank holds
+in parameters, gradients and optimizer state (state_gb) are reported too. Ratios are against FSDP2.
 """
 import argparse
 import json
@@ -21,6 +23,15 @@ sys.path.insert(0, ROOT)
 
 CFG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
            num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True, model_type="qwen2")
+
+
+def vm_hwm() -> int:
+    """Peak resident set since the last reset (Linux: VmHWM in /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(mode: str, steps: int, tokens: int, out: str):
@@ -45,6 +56,11 @@ def worker(mode: str, steps: int, tokens: int, out: str):
     g = torch.Generator().manual_seed(rank)
     ids = torch.randint(0, CFG["vocab_size"], (1, tokens + 1), generator=g).to(dev)
     times = []
+    import gc
+    gc.collect()
+    if dev == "cpu":  # measure the training steps' peak, not the start-up's: reset the high-water mark
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
     for s in range(steps + 1):  # the first step warms up
         if dev == "cuda":
             torch.cuda.synchronize()
@@ -61,16 +77,17 @@ def worker(mode: str, steps: int, tokens: int, out: str):
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        held = fsdp.local_bytes(model, opt)  # parameters, gradients and optimizer state this rank holds
         opt.zero_grad(set_to_none=True)
         if dev == "cuda":
             torch.cuda.synchronize()
         if s:
             times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() if dev == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else vm_hwm()
     params = sum(p.numel() for p in Transformer(Config(**CFG)).to("meta").parameters())
     with open(f"{out}.rank{rank}.json", "w") as f:
-        json.dump({"step_s": sorted(times)[len(times) // 2], "peak_bytes": peak, "params": params}, f)
+        json.dump({"step_s": sorted(times)[len(times) // 2], "peak_bytes": peak, "params": params,
+                   "held_bytes": sum(held.values())}, f)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -102,10 +119,12 @@ def main():
             rows = [json.load(open(f"{out}.rank{r}.json")) for r in range(a.ranks)]
             res["params"] = rows[0]["params"]
             res["modes"][mode] = {"step_s": max(r["step_s"] for r in rows),
-                                  "peak_gb_per_rank": max(r["peak_bytes"] for r in rows) / 1e9}
+                                  "peak_gb_per_rank": max(r["peak_bytes"] for r in rows) / 1e9,
+                                  "state_gb_per_rank": max(r["held_bytes"] for r in rows) / 1e9}
     m = res["modes"]
     res["ratios_vs_fsdp2"] = {k: {"step_time": m[k]["step_s"] / m["torch"]["step_s"],
-                                  "peak_memory": m[k]["peak_gb_per_rank"] / m["torch"]["peak_gb_per_rank"]}
+                                  "peak_memory": m[k]["peak_gb_per_rank"] / m["torch"]["peak_gb_per_rank"],
+                                  "state_memory": m[k]["state_gb_per_rank"] / m["torch"]["state_gb_per_rank"]}
                               for k in m}
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "fsdp.json"), "w") as f:

@@ -38,7 +38,8 @@ def worker(engine: str, model_dir: str, prompts: int, n: int, prompt_len: int, m
         run = lambda: eng.generate(ps, n=n, max_tokens=max_tokens, temperature=1.0, seed=1)  # noqa: E731
     elif engine == "vllm":
         from rollout import VLLMEngine
-        eng = VLLMEngine(model_dir, max_model_len=prompt_len + max_tokens + 8, dtype="float32")
+        eng = VLLMEngine(model_dir, max_model_len=prompt_len + max_tokens + 8, dtype="float32",
+                         gpu_memory_utilization=0.6 if cfg.hidden_size > 512 else None)  # fp32 0.5B: 2 GB of weights
         from vllm import SamplingParams
         sp = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, ignore_eos=True, seed=1)
         run = lambda: eng.llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)  # noqa: E731
