@@ -150,6 +150,19 @@ def token_logprobs(model: Transformer, rows: Rows, temperature: float):
     return logp, entropy
 
 
+def stack_rows(d: dict | None, index: list[int], like: torch.Tensor, fill: float = 0.0):
+    """Per-completion 1-D tensors d[i] for i in index as a batch shaped like `like` [B, R], cut or padded with
+    `fill` (a completion missing from d, or an empty padding micro-batch, gets `fill` throughout)."""
+    if d is None:
+        return None
+    out = torch.full(like.shape, fill, device=like.device)
+    for b, i in enumerate(index):
+        if i in d:
+            t = d[i][:like.shape[1]]
+            out[b, :t.shape[0]] = t
+    return out
+
+
 @dataclasses.dataclass
 class TrainConfig:
     lr: float = 1e-6
@@ -240,17 +253,11 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             for mb in mbs:
                 logp, ent = token_logprobs(m, mb, st.temperature)
-                R = logp.shape[1]
-
-                def rows(d):
-                    return torch.stack([torch.nn.functional.pad(d[i], (0, R - d[i].shape[0]))[:R] for i in mb.index]
-                                       ) if mb.index else torch.zeros_like(logp)
-                loss, s = grpo_loss(logp, rows(old), adv[mb.index] if mb.index else torch.zeros(1, device=self.device),
-                                    mb.mask, clip_low=st.clip_low, clip_high=st.clip_high,
-                                    ref_logp=rows(ref) if ref is not None else None, kl_coef=st.kl_coef,
-                                    entropy=ent, entropy_coef=st.entropy_coef, agg=st.agg, denom=denom,
-                                    is_weight=rows({i: tis.get(i, torch.ones(R, device=self.device)) for i in mb.index})
-                                    if tis else None)
+                loss, s = grpo_loss(logp, stack_rows(old, mb.index, logp), adv[mb.index] if mb.index else
+                                    torch.zeros(len(logp), device=self.device), mb.mask, clip_low=st.clip_low,
+                                    clip_high=st.clip_high, ref_logp=stack_rows(ref, mb.index, logp),
+                                    kl_coef=st.kl_coef, entropy=ent, entropy_coef=st.entropy_coef, agg=st.agg,
+                                    denom=denom, is_weight=stack_rows(tis, mb.index, logp, fill=1.0))
                 loss.backward()
                 for key, v in s.items():  # token-weighted sums, divided at the end
                     stats_sum[key] = stats_sum.get(key, 0.0) + (v * s["tokens"] if key != "tokens" else v)

@@ -1,7 +1,7 @@
 """FastCuRL's claim in miniature: curriculum with growing budgets vs flat training, same number of steps.
 
-    python bench/ablation.py                      # 3 arms x 3 seeds at --scale 0.4: about 30 minutes on 2 cores
-    python bench/ablation.py --seeds 1            # about 10 minutes
+    python bench/ablation.py                      # 3 arms x 3 seeds at --scale 0.4: about 45 minutes on 2 cores
+    python bench/ablation.py --seeds 1            # about 15 minutes (--seeds 2: about 30)
     python bench/ablation.py --scale 1.0          # the full toy recipe's 150 steps per arm
 
 Arms, all from the shipped toy checkpoint, each as four consecutive stages of the same lengths (the toy
@@ -71,6 +71,8 @@ def plot(res: dict, path: str):
     card = json.load(open(os.path.join(ROOT, "assets", "toy", "model", "toy_card.json")))
     for arm, d in res["arms"].items():
         seeds = d["seeds"]
+        if not seeds:
+            continue
         xs = [[0] + [p["tokens_generated"] for p in s["points"]] for s in seeds]
         ys = [[card["pass@1"]] + [p["acc"] for p in s["points"]] for s in seeds]
         mx = [sum(c) / len(c) for c in zip(*xs)]
@@ -97,12 +99,21 @@ def main():
     import torch
     res = {"arms": {}, "scale": a.scale, "eval_k": a.eval_k, "date": time.strftime("%Y-%m-%d"),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {a.nproc} ranks"}
-    for arm in a.arms.split(","):
+    arms = a.arms.split(",")
+    for arm in arms:
         res["arms"][arm] = {"stages": ARMS[arm], "seeds": []}
-        for seed in range(a.seeds):
+    for seed in range(a.seeds):  # seed by seed, all arms each time, the file rewritten after every run:
+        for arm in arms:         # stopped early, it still holds a balanced comparison
             res["arms"][arm]["seeds"].append(run_arm(arm, seed, a.scale, os.path.join(a.work, f"{arm}-s{seed}"),
                                                      a.eval_k, a.nproc))
+            summarize(res)
+    plot(res, os.path.join(ROOT, "bench", "results", "ablation.png"))
+
+
+def summarize(res: dict):
     for arm, d in res["arms"].items():
+        if not d["seeds"]:
+            continue
         accs = [s["final_acc"] for s in d["seeds"]]
         d["final_acc_mean"] = sum(accs) / len(accs)
         d["tokens_generated_mean"] = sum(s["tokens_generated"] for s in d["seeds"]) / len(accs)
@@ -112,7 +123,6 @@ def main():
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "ablation.json"), "w") as f:
         json.dump(res, f, indent=1)
-    plot(res, os.path.join(ROOT, "bench", "results", "ablation.png"))
 
 
 if __name__ == "__main__":
