@@ -26,6 +26,13 @@ def run(out, *args, nproc=2, check=True):
     return r
 
 
+def _cmdline(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+    except OSError:
+        return ""
+
+
 def metrics(out):
     rows = [json.loads(line) for line in open(f"{out}/stage1/metrics.jsonl")]
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
@@ -34,6 +41,26 @@ def metrics(out):
 def start(out, *args, nproc=2):
     return subprocess.Popen(cmd(out, *args, nproc=nproc), cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill_all(pid: int):
+    """SIGKILL torchrun and every process under it: its workers run in sessions of their own, so killing its
+    process group alone would leave them running."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    kids = {}
+    for c, par in zip(out[::2], out[1::2]):
+        kids.setdefault(int(par), []).append(int(c))
+    todo, tree = [pid], []
+    while todo:
+        q = todo.pop()
+        tree.append(q)
+        todo += kids.get(q, [])
+    for q in tree:
+        try:
+            os.kill(q, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return tree
 
 
 def wait_for_steps(out, n, proc, timeout=300):
@@ -52,8 +79,10 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(tmp_path):
     run(ref, "--steps", "12")
     p = start(cut, "--steps", "12")
     wait_for_steps(cut, 5, p)   # checkpoints at steps 2 and 4, step 6 in flight
-    os.killpg(p.pid, signal.SIGKILL)
+    assert len(kill_all(p.pid)) == 3  # torchrun and its two workers
     p.wait()
+    time.sleep(0.5)
+    assert not [q for q in os.listdir("/proc") if q.isdigit() and str(cut) in _cmdline(q)]  # nothing left running
     assert not os.path.exists(cut / "stage1" / "final")
     assert os.path.exists(cut / "stage1" / "step4" / "manifest.json")
     r = run(cut, "--steps", "12", "--resume")
