@@ -132,3 +132,20 @@ def test_shipped_toy_files_and_tokenizer():
     assert [p.problem for p in ev] == [p.problem for p in held]  # the generator reproduces the shipped files
     prompts, dropped = data.encode_problems(held, tok, "toy", 12)
     assert dropped == sum(len(p.problem) + 1 > 12 for p in held) and len(prompts) + dropped == 512
+
+
+def test_make_toy_script_is_deterministic(tmp_path):
+    """The script that built the shipped checkpoint runs, and twice gives the same bytes (a short run here;
+    the shipped model is its default 1000 steps)."""
+    outs = []
+    for name in ("a", "b"):
+        r = subprocess.run([sys.executable, f"{ROOT}/assets/toy/make_toy.py", "--out", str(tmp_path / name),
+                            "--steps", "3", "--eval-k", "1"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append((tmp_path / name / "model" / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+    card = json.loads((tmp_path / "a" / "model" / "toy_card.json").read_text())
+    assert 0 <= card["pass@1"] <= 1 and card["steps"] == 3
+    assert (tmp_path / "a" / "eval.jsonl").read_text() == open(f"{ROOT}/assets/toy/eval.jsonl").read()
+    assert (tmp_path / "a" / "model" / "tokenizer.json").read_text() == open(
+        f"{ROOT}/assets/toy/model/tokenizer.json").read()
