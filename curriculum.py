@@ -45,12 +45,14 @@ class Stage:
 
 
 # FastCuRL-1.5B-Preview (stages 1-4) and the V2/V3 fifth stage: lr 1e-6, KL (k3) 0.001, entropy 0.001,
-# clip 0.2, temperature 0.6, prompt budget 1024, mini-batch 64 prompts, one PPO epoch.
+# clip 0.2, temperature 0.6, prompt budget 1024, mini-batch 64 prompts, one PPO epoch. Stage 1 is about 160
+# steps and all four about 860 in batch-128 units; how stages 2-4 split their 1,400 batch-64 steps is our
+# estimate (the paper moves on when a stage stops improving): set --steps per stage as you see fit.
 RECIPES = {
     "fastcurl-1.5b": [
         Stage("L1", 8192, batch=128, n=8, steps=160, mini_batches=2),
-        Stage("L2", 16384, batch=64, n=8, steps=200),
-        Stage("L3", 24576, batch=64, n=8, steps=200),
+        Stage("L2", 16384, batch=64, n=8, steps=400),
+        Stage("L3", 24576, batch=64, n=8, steps=400),
         Stage("L2", 16384, batch=64, n=16, steps=600),
         Stage("L2", 16384, batch=64, n=16, steps=200, kl_coef=0.0, entropy_coef=1e-6),
     ],

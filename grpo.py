@@ -512,11 +512,14 @@ def main(argv=None):
     eval_file = a.eval_data or (TOY_EVAL if a.recipe == "toy" and a.data is None else None)
 
     # everything that can be wrong with the inputs is found here, before any compute
-    tok = data.Tokenizer(src)
-    template = tok.template
-    problems = data.load_problems(data_file)
-    sets, mean_len, _ = data.split_by_length(problems, template)
-    cfg = load_config(src)
+    try:
+        tok = data.Tokenizer(src)
+        template = tok.template
+        problems = data.load_problems(data_file)
+        sets, mean_len, _ = data.split_by_length(problems, template)
+        cfg = load_config(src)
+    except (ValueError, OSError, ImportError) as e:  # each names the file (and line and field)
+        sys.exit(f"[fastcurl] {e}")
     if st.max_prompt + st.max_tokens > cfg.max_position_embeddings:
         sys.exit(f"stage {a.stage}: prompt budget {st.max_prompt} + response budget {st.max_tokens} exceeds the "
                  f"model's max_position_embeddings {cfg.max_position_embeddings}")
@@ -537,7 +540,7 @@ def main(argv=None):
         if check_checkpoint(os.path.join(stage_dir, "final")) is None:
             if rank == 0:
                 print(f"[fastcurl] stage {a.stage} is already complete: {stage_dir}/final", flush=True)
-            return
+            return close_dist()
         resume_from = latest_checkpoint(stage_dir, log=print if rank == 0 else lambda *_: None)
         if resume_from and not same_architecture(load_config(resume_from), cfg):
             sys.exit(f"{resume_from}/config.json does not match {src}/config.json: not the same model")
