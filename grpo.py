@@ -448,6 +448,8 @@ def parse_args(argv=None):
     ap.add_argument("--rollout", default="auto", choices=["auto", "torch", "vllm"])
     ap.add_argument("--steps", type=int, default=None, help="override the stage's number of steps")
     ap.add_argument("--split", default=None, choices=["L1", "L2", "L3"], help="override the stage's data split")
+    ap.add_argument("--template", default=None, choices=["r1", "qwen", "toy"],
+                    help="prompt format (default: from the checkpoint's tokenizer)")
     ap.add_argument("--save-every", type=int, default=10, help="checkpoint every K steps (0: only the final)")
     ap.add_argument("--keep", type=int, default=2, help="step checkpoints kept (0: all)")
     ap.add_argument("--max-skips", type=int, default=3, help="stop after this many non-finite updates in a row")
@@ -514,7 +516,7 @@ def main(argv=None):
     # everything that can be wrong with the inputs is found here, before any compute
     try:
         tok = data.Tokenizer(src)
-        template = tok.template
+        template = a.template or tok.template
         problems = data.load_problems(data_file)
         sets, mean_len, _ = data.split_by_length(problems, template)
         cfg = load_config(src)

@@ -27,7 +27,8 @@ def cmd(out):
 
 
 def kill_all(pid: int):
-    """SIGKILL torchrun and every process under it (its workers run in sessions of their own)."""
+    """SIGKILL torchrun and every process under it: its workers run in sessions of their own, so killing its
+    process group alone would leave them running. Returns the pids signalled."""
     out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
     kids = {}
     for c, par in zip(out[::2], out[1::2]):
@@ -42,6 +43,7 @@ def kill_all(pid: int):
             os.kill(q, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    return tree
 
 
 def metrics(out):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from bench.kill_resume import kill_all  # SIGKILL torchrun and its workers (they run in sessions of their own)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch", "4", "--n-samples", "4", "--eval-k", "0", "--save-every", "2", "--rollout", "torch"]
 VOLATILE = ("time/", "throughput/")
@@ -41,26 +43,6 @@ def metrics(out):
 def start(out, *args, nproc=2):
     return subprocess.Popen(cmd(out, *args, nproc=nproc), cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def kill_all(pid: int):
-    """SIGKILL torchrun and every process under it: its workers run in sessions of their own, so killing its
-    process group alone would leave them running."""
-    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
-    kids = {}
-    for c, par in zip(out[::2], out[1::2]):
-        kids.setdefault(int(par), []).append(int(c))
-    todo, tree = [pid], []
-    while todo:
-        q = todo.pop()
-        tree.append(q)
-        todo += kids.get(q, [])
-    for q in tree:
-        try:
-            os.kill(q, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return tree
 
 
 def wait_for_steps(out, n, proc, timeout=300):
