@@ -184,8 +184,14 @@ class VLLMEngine:
 
     def update_weights(self, named_tensors):
         self.wake_up()
-        runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
-        runner.reload_weights(weights_iterator=((n, t.detach()) for n, t in named_tensors))
+        try:
+            runner = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+            reload = runner.reload_weights
+        except AttributeError:
+            import vllm
+            raise RuntimeError(f"vllm {vllm.__version__}: no in-process model_runner.reload_weights to push weights "
+                               f"into (fastcurl targets vLLM 0.32 with the engine in this process)") from None
+        reload(weights_iterator=((n, t.detach()) for n, t in named_tensors))
         self.llm.reset_prefix_cache()
 
     def prompt_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
