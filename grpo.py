@@ -22,7 +22,6 @@ import os
 import random
 import shutil
 import sys
-import time
 
 import numpy as np
 import torch
@@ -634,10 +633,9 @@ def main(argv=None):
 
 def close_dist(engine=None):
     """Leave torch.distributed cleanly; a vLLM engine tears down its own groups (and the world) at exit."""
-    if dist.is_initialized():
-        dist.barrier()
-        if getattr(engine, "name", "") != "vllm":
-            dist.destroy_process_group()
+    _barrier()
+    if dist.is_initialized() and getattr(engine, "name", "") != "vllm":
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

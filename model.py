@@ -12,7 +12,6 @@ state_dict is a checkpoint and a checkpoint is a state_dict.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, fields
 
