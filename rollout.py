@@ -1,15 +1,18 @@
 """Rollout engines with one interface: generate(prompts, n, ...) -> completions; update_weights(named_tensors).
 
 TorchEngine samples from the policy module itself: prompts left-padded into one batch, one prefill,
-the prompt's KV cache copied to its n samples, then one decode step for all live rows per token
-(finished rows are dropped from the batch as they accumulate). Each sampled token's log-prob is
-log softmax(z / T)[token], the tempered distribution before top-p, which is what the trainer computes.
+the prompt's KV cache copied to its n samples, then one decode step for all rows per token; finished rows
+leave the batch and its cache once they are a quarter of it (one copy of the cache per quarter, not one per
+finished row). Each sampled token's log-prob is log softmax(z / T)[token], the tempered distribution before
+top-p, which is what the trainer computes.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from model import KVCache, Transformer
 
@@ -28,13 +31,17 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-    logp = torch.log_softmax(logits / temperature, -1)
+    logp = torch.log_softmax(logits / temperature if temperature != 1 else logits, -1)
     probs = logp.exp()
     if top_p < 1.0:
         sp, idx = probs.sort(-1, descending=True)
         drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter(-1, idx, sp.masked_fill(drop, 0.0))
-    tok = torch.multinomial(probs, 1, generator=gen)[:, 0]
+    # inverse CDF: one uniform per row (torch.multinomial draws an exponential per vocabulary entry: 4x slower
+    # at 152K). The running sum is float64: in float32 its rounding moves ~1e-3 of the mass of a flat distribution.
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    u = torch.rand(len(cdf), 1, generator=gen, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+    tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
@@ -44,8 +51,41 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, model: Transformer, eos_ids: list[int], pad_id: int = 0, max_rows: int = 512):
+    def __init__(self, model: Transformer, eos_ids: list[int], pad_id: int = 0, max_rows: int = 512,
+                 packed: bool | None = None):
         self.model, self.eos_ids, self.pad_id, self.max_rows = model, list(eos_ids), pad_id, max_rows
+        on_cpu = model.lm_head.weight.device.type == "cpu"
+        can_pack = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        self.packed = (on_cpu and can_pack) if packed is None else packed
+        self._packs = {}  # name -> ((data_ptr, version) of the weight it was packed from, packed weight)
+
+    # On a CPU every linear layer and the head run on oneDNN's pre-packed weights while decoding: at decode
+    # shapes 1.4-2x faster than F.linear (64 rows x 896 -> 151936: 99 vs 202 ms). A weight is packed again
+    # when its version counter moves (the optimizer's in-place update), so sampling always sees the current
+    # policy; packing all of a 0.5B model takes ~0.7 s.
+    def _linear(self, name: str, w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None = None):
+        key = (w.data_ptr(), w._version)
+        hit = self._packs.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._packs[name] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach().to(x.dtype)))
+        return torch.ops.mkldnn._linear_pointwise(x, hit[1], b, "none", [], "")
+
+    def _logits(self, hidden):
+        if not self.packed:
+            return self.model.logits(hidden)
+        return self._linear("lm_head", self.model.lm_head.weight, hidden.float())
+
+    @contextmanager
+    def _packed_layers(self):
+        mods = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+        if self.packed:
+            for n, m in mods:
+                m.forward = lambda x, n=n, m=m: self._linear(n, m.weight, x, m.bias)
+        try:
+            yield
+        finally:
+            for n, m in mods:
+                m.__dict__.pop("forward", None)
 
     def sleep(self):  # nothing to free: the engine is the policy (or a copy of its weights)
         pass
@@ -66,7 +106,8 @@ class TorchEngine:
         per_call = max(1, self.max_rows // n)
         out = []
         for s in range(0, len(prompts), per_call):
-            out += self._generate(prompts[s:s + per_call], n, max_tokens, temperature, top_p, seed + s)
+            with self._packed_layers():
+                out += self._generate(prompts[s:s + per_call], n, max_tokens, temperature, top_p, seed + s)
         return out
 
     @torch.inference_mode()
@@ -97,16 +138,16 @@ class TorchEngine:
         done = torch.zeros(B * n, dtype=torch.bool, device=dev)
         eos = torch.tensor(self.eos_ids or [-1], device=dev)
         for t in range(max_tokens):
-            tok, lp = sample(m.logits(last), temperature, top_p, gen)
-            toks[live, t], lps[live, t] = tok, lp
-            fin = torch.isin(tok, eos)
-            done[live] = fin
-            keep = ~fin
-            if t == max_tokens - 1 or not keep.any():
+            tok, lp = sample(self._logits(last), temperature, top_p, gen)
+            going = ~done[live]
+            toks[live[going], t], lps[live[going], t] = tok[going], lp[going]
+            done[live] = done[live] | torch.isin(tok, eos)
+            going = ~done[live]
+            if t == max_tokens - 1 or not going.any():
                 break
-            if not keep.all():  # drop finished rows from the batch and the cache
-                live, tok, pos, valid = live[keep], tok[keep], pos[keep], valid[keep]
-                cache.select(keep.nonzero()[:, 0])
+            if (~going).sum() * 4 >= len(live):  # a quarter of the batch has finished: drop those rows and their cache
+                live, tok, pos, valid = live[going], tok[going], pos[going], valid[going]
+                cache.select(going.nonzero()[:, 0])
             valid[:, P + t] = True
             pos = pos + 1
             last = m(tok[:, None], pos[:, None], valid[:, None, None, :P + t + 1], cache)[:, -1]

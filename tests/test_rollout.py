@@ -78,3 +78,48 @@ def test_split_calls_match_one_call():
     one = TorchEngine(m, [3], max_rows=512).generate(PROMPTS, n=2, max_tokens=10, temperature=0.0)
     many = TorchEngine(m, [3], max_rows=2).generate(PROMPTS, n=2, max_tokens=10, temperature=0.0)
     assert [c.response_ids for c in one] == [c.response_ids for c in many]
+
+
+def test_sampler_draws_from_the_tempered_top_p_distribution():
+    """Frequencies over 200K draws match softmax(z / T) (cut to top-p and renormalised) within sampling noise;
+    tokens outside the top-p set, and those of zero probability, are never drawn."""
+    from rollout import sample
+    g = torch.Generator().manual_seed(0)
+    z = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0, float("-inf"), 1.5])
+    rows = 200_000
+    for T, top_p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.8)):
+        tok, lp = sample(z.expand(rows, -1).clone(), T, top_p, g)
+        want = torch.softmax(z.double() / T, -1)
+        assert torch.allclose(lp.double(), want.log()[tok], atol=1e-5)  # log-prob of the tempered distribution
+        if top_p < 1:
+            order = want.argsort(descending=True)
+            keep = order[:int(((want[order].cumsum(0) - want[order]) <= top_p).sum())]
+            cut = torch.zeros_like(want)
+            cut[keep] = want[keep]
+            want = cut / cut.sum()
+        freq = torch.bincount(tok, minlength=len(z)).double() / rows
+        assert (freq[want == 0] == 0).all()
+        sd = (want * (1 - want) / rows).sqrt()
+        assert ((freq - want).abs() <= 5 * sd + 1e-12).all(), (T, top_p, freq, want)
+
+
+def test_packed_cpu_weights_follow_in_place_updates():
+    """The CPU engine decodes on pre-packed copies of the weights; after an in-place update of the policy
+    (an optimizer step, a copy_ from the trainer) it must sample from the new weights, not the packed old ones."""
+    m = tiny(4)
+    eng = TorchEngine(m, [3], pad_id=0)
+    assert eng.packed == torch.backends.mkldnn.is_available()
+    plain = TorchEngine(m, [3], pad_id=0, packed=False)
+    before = eng.generate(PROMPTS, n=1, max_tokens=16, temperature=0.0)
+    assert [c.response_ids for c in before] == [argmax_no_cache(m, p, 16, 3) for p in PROMPTS]
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m.logits(m(torch.tensor([PROMPTS[2]]))).pow(2).mean().backward()
+    opt.step()  # in place, like the trainer's AdamW
+    after = eng.generate(PROMPTS, n=1, max_tokens=16, temperature=0.0)
+    want = [argmax_no_cache(m, p, 16, 3) for p in PROMPTS]
+    assert [c.response_ids for c in after] == want != [c.response_ids for c in before]
+    assert [c.response_ids for c in plain.generate(PROMPTS, n=1, max_tokens=16, temperature=0.0)] == want
+    with torch.no_grad():
+        m.lm_head.weight.copy_(torch.randn_like(m.lm_head.weight))  # the head alone (tied: the embedding too)
+    assert [c.response_ids for c in eng.generate(PROMPTS, n=1, max_tokens=16, temperature=0.0)] == \
+        [argmax_no_cache(m, p, 16, 3) for p in PROMPTS]
