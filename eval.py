@@ -114,4 +114,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from grpo import finish
+    finish(main() or 0)

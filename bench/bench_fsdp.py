@@ -102,7 +102,9 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.worker:
-        return worker(a.worker, a.steps, a.tokens, a.out)
+        from grpo import finish
+        worker(a.worker, a.steps, a.tokens, a.out)
+        finish()  # under torchrun: os._exit, past the gloo teardown race
     import tempfile
 
     import torch

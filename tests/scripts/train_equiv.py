@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import fsdp  # noqa: E402
 from curriculum import Stage  # noqa: E402
-from grpo import Trainer, TrainConfig, group_advantages, setup_dist  # noqa: E402
+from grpo import Trainer, TrainConfig, finish, group_advantages, setup_dist  # noqa: E402
 from model import Config, Transformer, init_weights  # noqa: E402
 from rollout import Completion  # noqa: E402
 
@@ -51,10 +51,11 @@ def main(out, agg="token-mean", mode="dp"):
     held = fsdp.local_bytes(model, tr.opt)
     weights = {k: v.detach().clone() for k, v in tr.full_state_dict()}
     torch.save({"weights": weights, "stats": stats, "bytes": held}, os.path.join(out, f"rank{rank}.pt"))
-    if torch.distributed.is_initialized():  # leaving a gloo group to the interpreter's exit can abort the process
+    if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], *sys.argv[2:])
+    finish()  # under torchrun: os._exit, past the gloo teardown race (grpo.finish)
