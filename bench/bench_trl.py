@@ -70,7 +70,7 @@ def trl_side(steps: int, out: str) -> dict:
 
     cfg = trl.GRPOConfig(
         output_dir=out, max_steps=steps, per_device_train_batch_size=128, gradient_accumulation_steps=1,
-        num_generations=8, generation_batch_size=128, steps_per_generation=1, num_iterations=1,
+        num_generations=8, steps_per_generation=1, num_iterations=1,
         max_completion_length=40, temperature=1.0, top_p=1.0, top_k=0, learning_rate=1e-4,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.001,
         epsilon=0.2, epsilon_high=0.2, loss_type="dapo", scale_rewards="group", entropy_coef=0.001,
