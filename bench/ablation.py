@@ -1,7 +1,7 @@
 """FastCuRL's claim in miniature: curriculum with growing budgets vs flat training, same number of steps.
 
-    python bench/ablation.py                      # 3 arms x 3 seeds at --scale 0.4: about 37 minutes on 2 cores
-    python bench/ablation.py --seeds 1            # about 13 minutes (--seeds 2: about 25)
+    python bench/ablation.py                      # 3 arms x 3 seeds at --scale 0.4: about 28 minutes on 2 cores
+    python bench/ablation.py --seeds 1            # about 10 minutes (--seeds 2: about 19)
     python bench/ablation.py --scale 1.0          # the full toy recipe's 150 steps per arm
 
 Arms, all from the shipped toy checkpoint, each as four consecutive stages of the same lengths (the toy
