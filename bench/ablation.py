@@ -23,6 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.common import RESULTS, save_result  # noqa: E402
 from curriculum import RECIPES  # noqa: E402
 
 ARMS = {
@@ -107,7 +108,7 @@ def main():
             res["arms"][arm]["seeds"].append(run_arm(arm, seed, a.scale, os.path.join(a.work, f"{arm}-s{seed}"),
                                                      a.eval_k, a.nproc))
             summarize(res)
-    plot(res, os.path.join(ROOT, "bench", "results", "ablation.png"))
+    plot(res, os.path.join(RESULTS, "ablation.png"))
 
 
 def summarize(res: dict):
@@ -120,9 +121,7 @@ def summarize(res: dict):
         d["wall_s_mean"] = sum(s["wall_s"] for s in d["seeds"]) / len(accs)
         print(f"{arm:11s} final pass@1 {d['final_acc_mean']:.3f} ({', '.join(f'{x:.3f}' for x in accs)}), "
               f"tokens {d['tokens_generated_mean']:.0f}, wall {d['wall_s_mean']:.0f}s")
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "ablation.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    save_result("ablation.json", res, indent=1)
 
 
 if __name__ == "__main__":

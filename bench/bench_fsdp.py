@@ -20,6 +20,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.common import save_result  # noqa: E402
 
 CFG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
            num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True, model_type="qwen2")
@@ -128,9 +129,7 @@ def main():
                                   "peak_memory": m[k]["peak_gb_per_rank"] / m["torch"]["peak_gb_per_rank"],
                                   "state_memory": m[k]["state_gb_per_rank"] / m["torch"]["state_gb_per_rank"]}
                               for k in m}
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "fsdp.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    save_result("fsdp.json", res)
     print(json.dumps(res, indent=2))
 
 

@@ -19,6 +19,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.common import save_result  # noqa: E402
 H, V = 1536, 151936
 
 
@@ -127,10 +128,7 @@ def main():
     dev = torch.cuda.get_device_name() if gpu else f"CPU {platform.machine()} {os.cpu_count()} cores"
     res = {"device": dev, "torch": torch.__version__, "H": H, "V": V, "date": time.strftime("%Y-%m-%d"),
            "rows": rows}
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    name = "gpu" if gpu else "cpu"
-    with open(os.path.join(ROOT, "bench", "results", f"kernels-{name}.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    save_result(f"kernels-{'gpu' if gpu else 'cpu'}.json", res)
     print(f"{'impl':7s} {'N':>6s} {'time s':>8s} {'extra GB':>9s} {'x naive':>8s} {'mem/naive':>9s} {'/floor':>7s}")
     for r in rows:
         if "error" in r:

@@ -12,6 +12,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import save_result  # noqa: E402
 import reward  # noqa: E402
 
 HOSTILE = ["9^{9^{9^{9^{9}}}}", "10^{10^{10^{10}}}", "{" * 5000 + "1" + "}" * 5000, "x" * 1_000_000,
@@ -49,9 +50,7 @@ def main():
            "batch": len(texts), "batch_s": round(dt, 2), "completions_per_s": round(len(texts) / dt),
            "mean_reward": sum(scores) / len(scores), "machine": f"{platform.machine()} {os.cpu_count()} cores",
            "python": platform.python_version()}
-    os.makedirs("bench/results", exist_ok=True)
-    with open("bench/results/reward.json", "w") as f:
-        json.dump(res, f, indent=2)
+    save_result("reward.json", res)
     print(json.dumps(res, indent=2))
 
 

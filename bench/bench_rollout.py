@@ -19,6 +19,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.common import save_result  # noqa: E402
 
 HALF_B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
               num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1e6)
@@ -112,9 +113,7 @@ def main():
                     rows[k]["native_over_this"] = ok["torch"]["tokens_per_s"] / ok[k]["tokens_per_s"]
             res["shapes"][shape] = {"settings": s, "engines": rows}
     dev = "gpu" if torch.cuda.is_available() else "cpu"
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", f"rollout-{dev}.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    save_result(f"rollout-{dev}.json", res)
     print(json.dumps(res, indent=2))
 
 

@@ -14,6 +14,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.common import save_result  # noqa: E402
 import fsdp  # noqa: E402
 from curriculum import Stage  # noqa: E402
 from grpo import Trainer, TrainConfig, group_advantages  # noqa: E402
@@ -76,9 +77,7 @@ def main():
     res = {"shape": a.shape, "params": sum(p.numel() for p in gen.parameters()), "dtype": a.dtype,
            "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "prompts": a.prompts, "n": a.n,
            "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "steps": rows, "date": time.strftime("%Y-%m-%d")}
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", f"train-{'gpu' if dev == 'cuda' else 'cpu'}.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    save_result(f"train-{'gpu' if dev == 'cuda' else 'cpu'}.json", res)
 
 
 if __name__ == "__main__":

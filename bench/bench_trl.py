@@ -21,11 +21,13 @@ import platform
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from bench.common import save_result  # noqa: E402
 TRL_VERSION = "1.16.0"
 TOY = os.path.join(ROOT, "assets", "toy")
 
@@ -103,10 +105,8 @@ def trl_python(env_dir: str) -> str:
         subprocess.run([sys.executable, "-m", "venv", env_dir], check=True)
         site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               check=True, capture_output=True, text=True).stdout.strip()
-        here = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-        with open(os.path.join(site, "_fastcurl_base.pth"), "w") as f:
-            f.write(here + "\n")  # the project venv's torch and transformers, not a second copy
+        with open(os.path.join(site, "_fastcurl_base.pth"), "w") as f:  # the running venv's torch, transformers
+            f.write(sysconfig.get_paths()["purelib"] + "\n")
         subprocess.run([py, "-m", "pip", "install", "-q", f"trl=={TRL_VERSION}"], check=True)
     return py
 
@@ -140,9 +140,7 @@ def main():
            "fastcurl": mine, "trl": theirs,
            "tokens_per_s_ratio": mine["tokens_per_s"] / theirs["tokens_per_s"],
            "step_time_ratio": mine["step_s_median"] / theirs["step_s_median"]}
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "trl.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    save_result("trl.json", res)
     print(json.dumps(res, indent=2))
 
 

@@ -17,6 +17,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.common import save_result  # noqa: E402
 ARGS = ["--stage", "1", "--batch", "4", "--n-samples", "4", "--eval-k", "0", "--save-every", "2", "--rollout",
         "torch", "--steps", "12"]
 
@@ -86,9 +88,7 @@ def main():
         shutil.rmtree(out, ignore_errors=True)
     res = {"trials": trials, "exact": sum(t["exact"] for t in trials), "of": len(trials),
            "uninterrupted_run_s": round(full_s, 1), "date": time.strftime("%Y-%m-%d")}
-    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", "kill_resume.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    save_result("kill_resume.json", res, indent=1)
     print(f"{res['exact']}/{res['of']} resumed exactly")
     shutil.rmtree(tmp, ignore_errors=True)
 

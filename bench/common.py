@@ -1,0 +1,14 @@
+"""What the benchmarks share: where their results go."""
+import json
+import os
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def save_result(name: str, res: dict, indent: int = 2) -> str:
+    """Write `res` as JSON to bench/results/<name>; returns the path."""
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name)
+    with open(path, "w") as f:
+        json.dump(res, f, indent=indent)
+    return path
