@@ -17,11 +17,14 @@ import json
 import os
 import sys
 import time
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from reward import reward_errors, score_batch
+from fsdp import comm_device
+from reward import reward_errors, score_completions
+from trainer import group_advantages
 
 
 @dataclasses.dataclass
@@ -66,102 +69,69 @@ RECIPES = {
 }
 
 
-VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
-
-
-def vllm_usable(cfg) -> str | None:
-    """None when vLLM can serve this model here, else why not."""
-    try:
-        import vllm  # noqa: F401
-    except Exception as e:  # an install can fail at import in several ways
-        return f"vllm does not import ({type(e).__name__}: {e})"
-    import torch
-    if not torch.cuda.is_available() and cfg.head_dim not in VLLM_CPU_HEAD_SIZES:
-        return f"vLLM's CPU attention does not take head size {cfg.head_dim}"
-    return None
-
-
-def make_engine(kind: str, model, tok, *, model_dir: str, max_model_len: int, rank: int = 0, world: int = 1,
-                seed: int = 0, dtype: str = "float32", log: bool = True):
-    """'torch' (the policy's own weights), 'vllm' (colocated vLLM), or 'auto': vLLM when it can run, else torch."""
-    from rollout import TorchEngine, VLLMEngine
-
-    why = vllm_usable(model.config) if kind in ("auto", "vllm") else "asked for torch"
-    if kind == "vllm" and why:
-        raise SystemExit(f"--rollout vllm: {why}")
-    if why is None:
-        if log:
-            print(f"[fastcurl] rollout engine: vllm ({'asked for' if kind == 'vllm' else 'auto'})", flush=True)
-        return VLLMEngine(model_dir, max_model_len=max_model_len, rank=rank, world=world, seed=seed, dtype=dtype)
-    if log:
-        print(f"[fastcurl] rollout engine: torch ({why})", flush=True)
-    return TorchEngine(model, tok.eos_ids, tok.pad_id)
+def eval_budget(stages: list[Stage]) -> int:
+    """The held-out eval's response budget: the largest of the recipe's stages, so that the scores of the
+    stages compare like with like."""
+    return max(s.max_tokens for s in stages)
 
 
 def rollout_seed(seed: int, stage: int, step: int, rank: int) -> int:
     return ((seed * 1_000_003 + stage) * 1_000_003 + step) * 1009 + rank
 
 
-def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
-    if world == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(out, x)
-    return torch.cat(out)
+@dataclasses.dataclass
+class Loop:
+    """What a stage's loop works with besides the stage itself: the pieces, where to write, when to stop."""
+    engine: Any            # rollout engine: generate(...), sleep(), update_weights(named tensors)
+    trainer: Any           # trainer.Trainer: step(comps, adv, stage) -> stats, full_state_dict()
+    tok: Any               # data.Tokenizer: decode(ids)
+    sampler: Any           # data.Sampler: next() -> this rank's prompt indices
+    out_dir: str           # the stage's folder: metrics.jsonl and checkpoints
+    save: Callable         # save(path, step, counters): a checkpoint; every rank calls it
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    save_every: int = 0    # a checkpoint every K steps (0: only when the loop ends early)
+    max_skips: int = 3     # this many non-finite updates in a row end the stage
+    should_stop: Callable = lambda: False  # a signal came: checkpoint and leave
 
 
-def run_stage(st: Stage, stage: int, prompts, engine, trainer, tok, sampler, out_dir: str, *, start: int = 0,
-              seed: int = 0, rank: int = 0, world: int = 1, save=None, save_every: int = 0,
-              should_stop=lambda: False, max_skips: int = 3, counters: dict | None = None) -> str:
+def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0, counters: dict | None = None) -> str:
     """Train one stage from step `start` to st.steps; prompts are (ids, answer) pairs.
 
     Returns "done", "stopped" (a signal: checkpoint written) or "nan" (max_skips bad updates in a row: saved)."""
-    from grpo import group_advantages
-
-    trainer.set_lr(st.lr)
     c = counters if counters is not None else {}
     for k in ("skipped_steps", "skips_in_row", "reward_errors"):
         c.setdefault(k, 0)
-    metrics_f = open(os.path.join(out_dir, "metrics.jsonl"), "a") if rank == 0 else None
+    metrics_f = open(os.path.join(loop.out_dir, "metrics.jsonl"), "a") if loop.rank == 0 else None
     t_start = time.time()
     status = "done"
     for step in range(start, st.steps):
         # 1. a batch of prompts (this rank's share) and n samples each from the engine
         t0 = time.time()
-        batch = [prompts[i] for i in sampler.next()]
-        comps = engine.generate([ids for ids, _ in batch], n=st.n, max_tokens=st.max_tokens,
-                                temperature=st.temperature, top_p=st.top_p,
-                                seed=rollout_seed(seed, stage, step, rank))
+        batch = [prompts[i] for i in loop.sampler.next()]
+        comps = loop.engine.generate([ids for ids, _ in batch], n=st.n, max_tokens=st.max_tokens,
+                                     temperature=st.temperature, top_p=st.top_p,
+                                     seed=rollout_seed(loop.seed, stage, step, loop.rank))
         # 2. rewards: 1 for a right boxed answer; a response cut at the budget scores 0
-        scores = score_batch([tok.decode(c.response_ids) for c in comps],
-                             [batch[i // st.n][1] for i in range(len(comps))])
-        rewards = torch.tensor([0.0 if c.finish_reason == "length" else s for c, s in zip(comps, scores)])
+        rewards = score_completions(comps, [batch[i // st.n][1] for i in range(len(comps))], loop.tok.decode)
         # 3. group-normalised advantages (each prompt's n samples live on one rank)
-        adv = group_advantages(rewards, st.n)
+        adv = group_advantages(torch.tensor(rewards, device=comm_device()), st.n)
         t1 = time.time()
         # 4. the GRPO update, then 5. the new weights into the engine
-        engine.sleep()  # vLLM on a GPU hands its memory to the trainer meanwhile
-        stats = trainer.step(comps, adv, st, st.mini_batches)
-        engine.update_weights(trainer.full_state_dict())
+        loop.engine.sleep()  # vLLM on a GPU hands its memory to the trainer meanwhile
+        stats = loop.trainer.step(comps, adv, st)
+        loop.engine.update_weights(loop.trainer.full_state_dict())
         t2 = time.time()
-        # 6. metrics over all ranks
+        # 6. one metrics line over all ranks
         bad = stats.pop("skipped_updates")
         c["skipped_steps"] += bool(bad)
         c["skips_in_row"] = c["skips_in_row"] + 1 if bad else 0
-        lens = torch.tensor([float(len(x.response_ids)) for x in comps])
-        trunc = torch.tensor([float(x.finish_reason == "length") for x in comps])
-        zero = (rewards.view(-1, st.n).std(-1) == 0).float() if st.n > 1 else torch.ones(len(batch))
-        r, L, tr, z = (_gather(x, world) for x in (rewards, lens, trunc, zero))
-        counts = _gather(torch.tensor([float(sum(len(x.prompt_ids) + len(x.response_ids) for x in comps)),
-                                       float(reward_errors())]), world).view(world, 2).sum(0)
-        c["reward_errors"] += int(counts[1])
-        rec = {"step": step + 1, "stage": stage, "reward/mean": r.mean().item(), "reward/std": r.std().item(),
-               "response_len/mean": L.mean().item(), "response_len/max": L.max().item(),
-               "truncated_frac": tr.mean().item(), "zero_adv_frac": z.mean().item(), **stats,
-               "skipped_steps": c["skipped_steps"], "reward/errors": c["reward_errors"],
-               "time/rollout_s": t1 - t0, "time/train_s": t2 - t1,
-               "throughput/tokens_per_s": counts[0].item() / (t2 - t0)}
-        if rank == 0:
+        rec = {"step": step + 1, "stage": stage, **_rollout_metrics(comps, rewards, st.n, loop.world, c),
+               **stats, "skipped_steps": c["skipped_steps"], "reward/errors": c["reward_errors"],
+               "time/rollout_s": t1 - t0, "time/train_s": t2 - t1}
+        rec["throughput/tokens_per_s"] = rec.pop("tokens") / (t2 - t0)
+        if loop.rank == 0:
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
             el = time.time() - t_start
@@ -171,17 +141,46 @@ def run_stage(st: Stage, stage: int, prompts, engine, trainer, tok, sampler, out
                   f"entropy {rec['entropy/mean']:.3f} kl {rec['kl/mean']:.4f} "
                   f"elapsed {el:.0f}s eta {eta:.0f}s", flush=True)
         # 7. a checkpoint every save_every steps, and on the way out
-        if c["skips_in_row"] >= max_skips:
+        if c["skips_in_row"] >= loop.max_skips:
             status = "nan"
-        elif should_stop():
+        elif loop.should_stop():
             status = "stopped"
-        if save and (status != "done" or save_every and (step + 1) % save_every == 0 and step + 1 < st.steps):
-            save(os.path.join(out_dir, f"step{step + 1}"), step + 1, dict(c))
+        periodic = loop.save_every and (step + 1) % loop.save_every == 0 and step + 1 < st.steps
+        if status != "done" or periodic:
+            loop.save(os.path.join(loop.out_dir, f"step{step + 1}"), step + 1, dict(c))
         if status != "done":
             break
     if metrics_f:
         metrics_f.close()
     return status
+
+
+def _rollout_metrics(comps, rewards: list[float], n: int, world: int, counters: dict) -> dict:
+    """Reward, length, truncation and zero-advantage share over all ranks: every rank's values in one
+    all-gather (on the collectives' device), then one copy to the host."""
+    N = len(comps)
+    r = torch.tensor(rewards, device=comm_device())
+    zero = (r.view(-1, n).std(-1) == 0).float() if n > 1 else r.new_ones(N // n)
+    mine = torch.cat([r, r.new_tensor([float(len(x.response_ids)) for x in comps]),
+                      r.new_tensor([float(x.finish_reason == "length") for x in comps]), zero,
+                      r.new_tensor([float(sum(len(x.prompt_ids) + len(x.response_ids) for x in comps)),
+                                    float(reward_errors())])])
+    g = _all_ranks(mine, world)  # [world, 3N + N/n + 2]
+    R, L, T = (g[:, k * N:(k + 1) * N].reshape(-1) for k in range(3))
+    Z, tokens, errors = g[:, 3 * N:-2].reshape(-1), g[:, -2].sum(), g[:, -1].sum()
+    host = torch.stack([R.mean(), R.std(), L.mean(), L.max(), T.mean(), Z.mean(), tokens, errors]).tolist()
+    counters["reward_errors"] += int(host[7])
+    return dict(zip(["reward/mean", "reward/std", "response_len/mean", "response_len/max", "truncated_frac",
+                     "zero_adv_frac", "tokens"], host))
+
+
+def _all_ranks(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's x stacked: [world, *x.shape] (x on comm_device())."""
+    if world == 1:
+        return x[None]
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x)
+    return torch.stack(out)
 
 
 def truncate_metrics(path: str, last_step: int):

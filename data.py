@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOY_MODEL = os.path.join(HERE, "assets", "toy", "model")      # the embedded toy: checkpoint,
+TOY_DATA = os.path.join(HERE, "assets", "toy", "train.jsonl")  # training problems
+TOY_EVAL = os.path.join(HERE, "assets", "toy", "eval.jsonl")   # and held-out problems
 R1_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -253,8 +257,8 @@ class Sampler:
         self._perm()
 
     def _perm(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        self.perm = torch.randperm(self.n, generator=g).tolist()
+        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.perm = torch.randperm(self.n, generator=g, device="cpu").tolist()
 
     def next(self) -> list[int]:
         if self.pos + self.bs > self.n:  # drop the ragged tail, start a new epoch
@@ -282,7 +286,7 @@ def main(argv=None):
     sp.add_argument("--out", required=True)
     sp.add_argument("--template", default="r1", choices=["r1", "qwen", "toy"])
     tp = sub.add_parser("toy", help="write the toy task's train.jsonl and eval.jsonl")
-    tp.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "toy"))
+    tp.add_argument("--out", default=os.path.dirname(TOY_DATA))
     tp.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.cmd == "split":

@@ -19,7 +19,11 @@ import torch
 import torch.distributed as dist
 
 import data
-from reward import score_batch
+from curriculum import RECIPES, eval_budget
+from fsdp import close_dist, finish, setup_dist
+from model import Transformer, load_config
+from reward import score_completions
+from rollout import choose_engine, make_engine
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -43,14 +47,13 @@ def evaluate_file(engine, tok, template: str, path: str, *, k: int = 16, tempera
     t0 = time.time()
     comps = engine.generate([ids for ids, _ in enc], n=k, max_tokens=max_tokens, temperature=temperature,
                             top_p=top_p, seed=seed + rank)
-    scores = score_batch([tok.decode(c.response_ids) for c in comps], [probs[mine[j // k]].answer
-                                                                       for j in range(len(comps))])
+    rewards = score_completions(comps, [probs[mine[j // k]].answer for j in range(len(comps))], tok.decode)
     rows = []
     for j, i in enumerate(mine):
         cs = comps[j * k:(j + 1) * k]
-        rewards = [0.0 if c.finish_reason == "length" else s for c, s in zip(cs, scores[j * k:(j + 1) * k])]
         rows.append({"index": i, "problem": probs[i].problem, "answer": probs[i].answer,
-                     "correct": int(sum(rewards)), "k": k, "lengths": [len(c.response_ids) for c in cs],
+                     "correct": int(sum(rewards[j * k:(j + 1) * k])), "k": k,
+                     "lengths": [len(c.response_ids) for c in cs],
                      "truncated": sum(c.finish_reason == "length" for c in cs), "prompt_over_budget": long[j],
                      "sample": tok.decode(cs[0].response_ids)})
     if world > 1:
@@ -67,38 +70,46 @@ def evaluate_file(engine, tok, template: str, path: str, *, k: int = 16, tempera
 
 
 def main(argv=None):
-    from grpo import TOY_EVAL, TOY_MODEL, close_dist, setup_dist
-    from model import Transformer
-
+    toy = RECIPES["toy"]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=TOY_MODEL)
-    ap.add_argument("--data", default=TOY_EVAL, help="comma-separated problem files")
+    ap.add_argument("--model", default=data.TOY_MODEL)
+    ap.add_argument("--data", default=data.TOY_EVAL, help="comma-separated problem files")
     ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--temperature", type=float, default=None, help="default 0.6 (1.0 for the toy)")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help=f"default 0.6 ({toy[0].temperature} for the toy, as its recipe)")
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-tokens", type=int, default=None, help="default 32768 (120 for the toy)")
-    ap.add_argument("--max-prompt", type=int, default=1024)
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help=f"default 32768 ({eval_budget(toy)} for the toy: its recipe's largest budget)")
+    ap.add_argument("--max-prompt", type=int, default=None,
+                    help=f"default 1024 ({toy[0].max_prompt} for the toy)")
     ap.add_argument("--rollout", default="auto", choices=["auto", "torch", "vllm"])
     ap.add_argument("--template", default=None, choices=["r1", "qwen", "toy"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cuda or cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", default=None, help="write a JSON with per-problem results")
     a = ap.parse_args(argv)
-    rank, world = setup_dist()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, world, device = setup_dist(a.device)
     tok = data.Tokenizer(a.model)
     template = a.template or tok.template
-    toy = template == "toy"
-    temperature = a.temperature if a.temperature is not None else 1.0 if toy else 0.6
-    max_tokens = a.max_tokens or (120 if toy else 32768)
+    is_toy = template == "toy"
+    temperature = a.temperature if a.temperature is not None else toy[0].temperature if is_toy else 0.6
+    max_tokens = a.max_tokens or (eval_budget(toy) if is_toy else 32768)
+    max_prompt = a.max_prompt or (toy[0].max_prompt if is_toy else 1024)
+    positions = load_config(a.model).max_position_embeddings
+    if max_prompt + max_tokens > positions:
+        raise SystemExit(f"--max-prompt {max_prompt} + --max-tokens {max_tokens} exceeds {a.model}'s "
+                         f"max_position_embeddings {positions}")
     model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=device).eval()
-    import curriculum
-    engine = curriculum.make_engine(a.rollout, model, tok, model_dir=a.model, rank=rank, world=world, seed=a.seed,
-                                    dtype=a.dtype, log=rank == 0, max_model_len=a.max_prompt + max_tokens)
+    kind, why = choose_engine(a.rollout, model.config)
+    if rank == 0:
+        print(f"[fastcurl] rollout engine: {kind} ({why})", flush=True)
+    engine = make_engine(kind, model, tok, model_dir=a.model, rank=rank, world=world, seed=a.seed,
+                         dtype=a.dtype, max_model_len=max_prompt + max_tokens)
     results = []
     for path in a.data.split(","):
         results.append(evaluate_file(engine, tok, template, path, k=a.k, temperature=temperature, top_p=a.top_p,
-                                     max_tokens=max_tokens, max_prompt=a.max_prompt, seed=a.seed,
+                                     max_tokens=max_tokens, max_prompt=max_prompt, seed=a.seed,
                                      rank=rank, world=world))
     if rank == 0:
         print(f"{'file':32s} {'n':>5s} {'pass@1':>7s} {'pass@k':>7s} {'len':>8s} {'max':>6s} {'trunc':>6s}")
@@ -113,5 +124,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from grpo import finish
     finish(main() or 0)

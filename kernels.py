@@ -1,4 +1,5 @@
-"""Fused log-prob and entropy from hidden states and the LM head, without materialising [N, V] logits.
+"""Fused log-prob and entropy from hidden states and the LM head, without materialising
+[N, V] logits.
 
     z = h W^T / T                 (per token, over the vocabulary)
     lse = log sum_v exp(z_v)
@@ -10,16 +11,17 @@ Backward recomputes z block by block. With p = softmax(z) and upstream gradients
     dz = g_lp (onehot(label) - p) - g_ent p (z - (lse - entropy))
     dh = dz W / T,   dW = dz^T h / T          (accumulated in fp32)
 
-`impl="torch"` processes chunks of tokens so at most `chunk_elems` logits exist at once (the CPU path and
-the reference); `impl="triton"` runs the same algorithm as Triton kernels with an online softmax over
-vocabulary tiles; `impl="auto"` takes Triton on CUDA.
+`impl="torch"` processes chunks of tokens so at most `chunk_elems` logits exist at once (the CPU
+path and the reference); `impl="triton"` runs the same algorithm as Triton kernels with an online
+softmax over vocabulary tiles; `impl="auto"` takes Triton on CUDA.
 """
 from __future__ import annotations
 
 import torch
 
 CHUNK_ELEMS = 1 << 24  # logits held at once on a CPU: 64 MB in fp32
-CHUNK_ELEMS_CUDA = 1 << 27  # on a GPU: 512 MB in fp32, chunks of about 880 tokens at a 152K vocabulary
+CHUNK_ELEMS_CUDA = 1 << 27  # on a GPU: 512 MB in fp32, chunks of about 880 tokens at a 152K
+                            # vocabulary
 
 
 def _chunks(n: int, v: int, chunk_elems: int):
@@ -55,8 +57,10 @@ class _TorchFused(torch.autograd.Function):
         w = weight.float()
         g_lp = torch.zeros(n, device=hidden.device) if g_lp is None else g_lp.float()
         g_ent = torch.zeros(n, device=hidden.device) if g_ent is None else g_ent.float()
-        dh = torch.empty(hidden.shape, device=hidden.device, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        dh = (torch.empty(hidden.shape, device=hidden.device, dtype=torch.float32)
+              if ctx.needs_input_grad[0] else None)
+        dw = (torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+              if ctx.needs_input_grad[1] else None)
         for s, e in _chunks(n, v, ctx.chunk_elems):
             h = hidden[s:e].float()
             z = h @ w.T
@@ -73,12 +77,14 @@ class _TorchFused(torch.autograd.Function):
                 dh[s:e] = dz @ w
             if dw is not None:
                 dw.addmm_(dz.T, h)
-        return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
+        return (None if dh is None else dh.to(hidden.dtype),
+                None if dw is None else dw.to(weight.dtype),
                 None, None, None)
 
 
 def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          temperature: float = 1.0, impl: str = "auto", chunk_elems: int | None = None):
+                          temperature: float = 1.0, impl: str = "auto",
+                          chunk_elems: int | None = None):
     """-> (logprob [N], entropy [N]) in fp32, differentiable in hidden [N, H] and weight [V, H]."""
     chunk_elems = chunk_elems or (CHUNK_ELEMS_CUDA if hidden.is_cuda else CHUNK_ELEMS)
     if impl == "auto":
@@ -99,12 +105,14 @@ def _triton_ok() -> bool:
 
 
 # ---- Triton ----------------------------------------------------------------------------------
-# Forward: one program per BLOCK_N tokens walks the vocabulary in BLOCK_V tiles; each tile's logits come
-# from tl.dot over BLOCK_H slices of the hidden size and are folded into running (max, sum exp, sum exp*z)
-# in fp32 (online softmax), the label's logit picked up in the same pass. Nothing [N, V] is written.
-# Backward: token chunks; per chunk z = h W^T / T by the matmul library into a [C, V] scratch buffer, one
-# Triton pass turns it into dz in place, then dh = dz W / T and dW += dz^T h / T (two more matmuls):
-# about 8 N H V FLOPs in all with the recompute, and C x V extra memory instead of N x V.
+# Forward: one program per BLOCK_N tokens walks the vocabulary in BLOCK_V tiles; each tile's logits
+# come from tl.dot over BLOCK_H slices of the hidden size and are folded into running (max, sum exp,
+# sum exp*z) in fp32 (online softmax), the label's logit picked up in the same pass. Nothing [N, V]
+# is written.
+# Backward: token chunks; per chunk z = h W^T / T by the matmul library into a [C, V] scratch
+# buffer, one Triton pass turns it into dz in place, then dh = dz W / T and dW += dz^T h / T (two
+# more matmuls): about 8 N H V FLOPs in all with the recompute, and C x V extra memory instead of
+# N x V.
 
 _KERNELS = None
 
@@ -115,10 +123,11 @@ def _build_kernels():
 
     @triton.jit
     def fwd_kernel(h_ptr, w_ptr, y_ptr, lp_ptr, ent_ptr, lse_ptr, N, V, H, inv_t,
-                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr):
-        # UPCAST: fp32 operands (the CPU interpreter has no bf16 arithmetic); on a GPU bf16/fp16 tiles go to
-        # the tensor cores as they are, fp32 tiles in full "ieee" precision, always accumulating in fp32
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        # UPCAST: fp32 operands (the CPU interpreter has no bf16 arithmetic); on a GPU bf16/fp16
+        # tiles go to the tensor cores as they are, fp32 tiles in full "ieee" precision, always
+        # accumulating in fp32
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -134,10 +143,10 @@ def _build_kernels():
             for h0 in range(0, H, BLOCK_H):
                 hk = h0 + tl.arange(0, BLOCK_H)
                 hk_ok = hk < H
-                a = tl.load(h_ptr + rows[:, None] * H + hk[None, :], mask=row_ok[:, None] & hk_ok[None, :],
-                            other=0.0)
-                b = tl.load(w_ptr + cols[:, None] * H + hk[None, :], mask=col_ok[:, None] & hk_ok[None, :],
-                            other=0.0)
+                a = tl.load(h_ptr + rows[:, None] * H + hk[None, :],
+                            mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
+                b = tl.load(w_ptr + cols[:, None] * H + hk[None, :],
+                            mask=col_ok[:, None] & hk_ok[None, :], other=0.0)
                 if UPCAST:
                     a, b = a.to(tl.float32), b.to(tl.float32)
                 acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
@@ -155,7 +164,8 @@ def _build_kernels():
         tl.store(lse_ptr + rows, lse, mask=row_ok)
 
     @triton.jit
-    def dz_kernel(z_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, V, inv_t, BLOCK_V: tl.constexpr):
+    def dz_kernel(z_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, V, inv_t,
+                  BLOCK_V: tl.constexpr):
         """In place, one row per program: z -> dz = (g_lp (onehot - p) - g_ent p (z - E[z])) / T."""
         row = tl.program_id(0)
         label = tl.load(y_ptr + row)
@@ -189,8 +199,10 @@ class _TritonFused(torch.autograd.Function):
         lp = torch.empty(n, device=h.device, dtype=torch.float32)
         ent, lse = torch.empty_like(lp), torch.empty_like(lp)
         BLOCK_N, BLOCK_V, BLOCK_H = (64, 128, 64) if h.is_cuda else (16, 64, 32)
-        fwd[(triton.cdiv(n, BLOCK_N),)](h, w, labels.contiguous(), lp, ent, lse, n, v, hdim, 1.0 / temperature,
-                                        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H, UPCAST=not h.is_cuda,
+        fwd[(triton.cdiv(n, BLOCK_N),)](h, w, labels.contiguous(), lp, ent, lse, n, v, hdim,
+                                        1.0 / temperature,
+                                        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
+                                        UPCAST=not h.is_cuda,
                                         PRECISION="ieee" if h.dtype == torch.float32 else "tf32")
         ctx.save_for_backward(h, w, labels, lse, ent)
         ctx.temperature, ctx.chunk_elems, ctx.w_dtype = temperature, chunk_elems, weight.dtype
@@ -206,25 +218,32 @@ class _TritonFused(torch.autograd.Function):
         # the matmuls run in the input dtype (bf16 tensor cores on GPU) and accumulate in fp32
         mm_dtype = h.dtype if h.is_cuda else torch.float32
         wm = w.to(mm_dtype)
-        dh = torch.empty(h.shape, device=h.device, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        dh = (torch.empty(h.shape, device=h.device, dtype=torch.float32)
+              if ctx.needs_input_grad[0] else None)
+        dw = (torch.zeros(w.shape, device=w.device, dtype=torch.float32)
+              if ctx.needs_input_grad[1] else None)
         for s, e in _chunks(n, v, ctx.chunk_elems):
             hc = h[s:e].to(mm_dtype)
             z = _mm_f32(hc, wm.T)  # fp32 logits: bf16-rounded ones would put 10% errors into p
             z /= ctx.temperature
-            dz_kernel[(e - s,)](z, labels[s:e].contiguous(), lse[s:e].contiguous(), ent[s:e].contiguous(),
-                                g_lp[s:e].contiguous(), g_ent[s:e].contiguous(), v, 1.0 / ctx.temperature,
+            dz_kernel[(e - s,)](z, labels[s:e].contiguous(), lse[s:e].contiguous(),
+                                ent[s:e].contiguous(),
+                                g_lp[s:e].contiguous(), g_ent[s:e].contiguous(), v,
+                                1.0 / ctx.temperature,
                                 BLOCK_V=1024 if h.is_cuda else 256)
             dz = z.to(mm_dtype)
             if dh is not None:
                 dh[s:e] = (dz @ wm).float()
             if dw is not None:
                 dw += (dz.T @ hc).float()
-        return (None if dh is None else dh.to(h.dtype), None if dw is None else dw.to(ctx.w_dtype), None, None, None)
+        return (None if dh is None else dh.to(h.dtype),
+                None if dw is None else dw.to(ctx.w_dtype),
+                None, None, None)
 
 
 def _mm_f32(a, b):
-    """a @ b with an fp32 result: bf16/fp16 inputs on tensor cores with fp32 output where torch offers it."""
+    """a @ b with an fp32 result: bf16/fp16 inputs on tensor cores with fp32 output where torch
+    offers it."""
     if a.dtype != torch.float32 and a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
@@ -238,7 +257,8 @@ def _triton_logprob_entropy(hidden, weight, labels, temperature, chunk_elems):
 
 
 def reference_logprob_entropy(hidden, weight, labels, temperature=1.0):
-    """The naive version: full logits, log_softmax, autograd. The slow reference and the benchmark baseline."""
+    """The naive version: full logits, log_softmax, autograd. The slow reference and the benchmark
+    baseline."""
     z = (hidden.float() @ weight.float().T) / temperature
     logp = torch.log_softmax(z, -1)
     return logp.gather(-1, labels[:, None])[:, 0], -(logp.exp() * logp).sum(-1)

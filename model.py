@@ -1,4 +1,5 @@
-"""The policy: a Qwen2 / Llama-family decoder in plain torch, with Hugging Face checkpoints in and out.
+"""The policy: a Qwen2 / Llama-family decoder in plain torch, with Hugging Face checkpoints in
+and out.
 
     h_0 = embed(ids)
     h_l = h_{l-1} + Attn(RMSNorm(h_{l-1}));  h_l = h_l + MLP(RMSNorm(h_l))      for l = 1..L
@@ -63,8 +64,8 @@ class Config:
         kw["attention_bias"] = True if mt == "qwen2" else bool(d.get("attention_bias", False))
         kw.setdefault("num_key_value_heads", d["num_attention_heads"])
         kw["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "float32")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in kw]
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in kw]
         if missing:
             raise ValueError(f"{path}: missing field(s) {', '.join(missing)}")
         return cls(**kw)
@@ -77,7 +78,8 @@ class Config:
         d["use_cache"] = True
         if self.model_type == "qwen2":
             d.pop("attention_bias")
-            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.num_hidden_layers)
+            d.update(use_sliding_window=False, sliding_window=None,
+                     max_window_layers=self.num_hidden_layers)
         else:
             d["mlp_bias"] = False
         return d
@@ -104,8 +106,10 @@ class RMSNorm(nn.Module):
 
 
 def rope(pos: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin [B, 1, T, D] for integer positions [B, T]: angle_i = pos / theta^(2i/D), duplicated halves."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    """cos, sin [B, 1, T, D] for integer positions [B, T]: angle_i = pos / theta^(2i/D),
+    duplicated halves."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     ang = pos.float()[..., None] * inv_freq
     ang = torch.cat([ang, ang], dim=-1)[:, None]
     return ang.cos(), ang.sin()
@@ -118,7 +122,8 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Static cache [L, B, Hkv, Tmax, D]; all rows share one write column (prompts are left-padded)."""
+    """Static cache [L, B, Hkv, Tmax, D]; all rows share one write column (prompts are
+    left-padded)."""
 
     def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -133,7 +138,8 @@ class KVCache:
         return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
 
     def select(self, rows: torch.Tensor):
-        """Keep (or repeat) batch rows, e.g. expand one prompt to n samples or drop finished sequences."""
+        """Keep (or repeat) batch rows, e.g. expand one prompt to n samples or drop finished
+        sequences."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
@@ -156,7 +162,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -208,8 +215,10 @@ class Transformer(nn.Module):
     def forward(self, input_ids, position_ids=None, mask=None, cache: KVCache | None = None):
         """Final normed hidden states [B, T, H].
 
-        Training: right-padded rows, no mask, positions 0..T-1 (causality keeps pads out of real tokens).
-        Generation: left-padded rows with `position_ids`, a boolean `mask` [B, 1, T, S] and a `cache`.
+        Training: right-padded rows, no mask, positions 0..T-1 (causality keeps pads out of real
+        tokens).
+        Generation: left-padded rows with `position_ids`, a boolean `mask` [B, 1, T, S] and a
+        `cache`.
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -224,11 +233,13 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden):
-        """z = h W^T in fp32 (only for a few positions: training uses kernels.fused_logprob_entropy)."""
+        """z = h W^T in fp32 (only for a few positions: training uses
+        kernels.fused_logprob_entropy)."""
         return hidden.float() @ self.lm_head.weight.float().T
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # a tied head is one parameter, counted once
+        # a tied head is one parameter, counted once
+        return sum(p.numel() for p in self.parameters())
 
     # ---- Hugging Face checkpoints -------------------------------------------------------------
     @classmethod
@@ -243,7 +254,8 @@ class Transformer(nn.Module):
         model.to(dtype)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        params = dict(model.named_parameters())  # tied head appears once, as model.embed_tokens.weight
+        # tied head appears once, as model.embed_tokens.weight
+        params = dict(model.named_parameters())
         seen = set()
         for file in checkpoint_files(path):
             with safe_open(file, framework="pt", device="cpu") as f:
@@ -251,9 +263,11 @@ class Transformer(nn.Module):
                     if name.endswith("rotary_emb.inv_freq"):
                         continue
                     if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                        continue  # some tied checkpoints store the head too; it equals the embedding
+                        # some tied checkpoints store the head too; it equals the embedding
+                        continue
                     if name not in params:
-                        raise ValueError(f"{file}: unexpected tensor {name!r} for a {cfg.model_type} model")
+                        raise ValueError(f"{file}: unexpected tensor {name!r} "
+                                         f"for a {cfg.model_type} model")
                     t = f.get_tensor(name)
                     if t.shape != params[name].shape:
                         raise ValueError(f"{file}: {name} has shape {tuple(t.shape)}, "
@@ -263,14 +277,17 @@ class Transformer(nn.Module):
                     seen.add(name)
         missing = sorted(set(params) - seen)
         if missing:
-            raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+            raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), "
+                             f"e.g. {missing[:3]}")
         return model
 
-    def save_pretrained(self, path: str, state_dict=None, max_shard_bytes: int = 5 << 30, dtype=None):
-        """Write config.json + model.safetensors (or shards + index) that transformers and vLLM load.
+    def save_pretrained(self, path: str, state_dict=None, max_shard_bytes: int = 5 << 30,
+                        dtype=None):
+        """Write config.json + model.safetensors (or shards + index) that transformers and vLLM
+        load.
 
-        `state_dict` may be an iterator of (name, tensor), e.g. fsdp.full_state_dict, so the caller never
-        holds a second full copy; by default the module's own parameters are written.
+        `state_dict` may be an iterator of (name, tensor), e.g. fsdp.full_state_dict, so the caller
+        never holds a second full copy; by default the module's own parameters are written.
         """
         from safetensors.torch import save_file
 
@@ -279,7 +296,8 @@ class Transformer(nn.Module):
         items = state_dict if state_dict is not None else self.state_dict().items()
         dtype = dtype or next(self.parameters()).dtype
         cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-        # shards are written as they fill (never more than one shard in memory), renamed once counted
+        # shards are written as they fill (never more than one shard in memory), renamed once
+        # counted
         written, cur, size = [], {}, 0
 
         def flush():
@@ -307,7 +325,8 @@ class Transformer(nn.Module):
                     weight_map[n] = fn
                     total += b
             with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
+                          indent=2)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
 
@@ -315,7 +334,8 @@ class Transformer(nn.Module):
 def load_config(path: str) -> Config:
     fn = os.path.join(path, "config.json")
     if not os.path.exists(fn):
-        raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face checkpoint folder?)")
+        raise FileNotFoundError(f"{path}: no config.json "
+                                "(is this a Hugging Face checkpoint folder?)")
     with open(fn) as f:
         try:
             d = json.load(f)
@@ -337,8 +357,10 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def init_weights(model: Transformer, std: float = 0.02, seed: int = 0):
-    """Random init (normal(0, std) for matrices, zeros for biases, ones for norms), reproducible."""
-    g = torch.Generator().manual_seed(seed)
+    """Random init (normal(0, std) for matrices, zeros for biases, ones for norms), reproducible:
+    drawn on the CPU from one seeded generator and copied to each parameter's device, so every
+    device gets the same weights."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
@@ -346,5 +368,5 @@ def init_weights(model: Transformer, std: float = 0.02, seed: int = 0):
             elif name.endswith(".bias"):
                 p.zero_()
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                p.copy_(torch.randn(p.shape, generator=g, device="cpu") * std)
     return model

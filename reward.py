@@ -3,13 +3,14 @@
     math_reward(text, gt) = 1.0 if is_equiv(extract_answer(text), g) for some acceptable g, else 0.0
 
 is_equiv tries, in order, each cheaper than the next:
-  1. the normalised strings are equal (MATH conventions: \\dfrac -> \\frac, \\left/\\right, \\text{units},
-     degrees, \\%, \\$, thousands separators, a leading "x =", spaces);
+  1. the normalised strings are equal (MATH conventions: \\dfrac -> \\frac, \\left/\\right,
+     \\text{units}, degrees, \\%, \\$, thousands separators, a leading "x =", spaces);
   2. both are exact numbers (integers, decimals, fractions) and equal as rationals;
-  3. tuples and intervals: same brackets, same length, equal element by element; a ground truth that is
-     a bare list or a set ("1, 2" or \\{1, 2\\}) matches the same elements in any order;
-  4. both translate to sympy (\\frac, \\sqrt, \\sqrt[n], ^, \\cdot, \\times, \\pi, \\infty, implicit
-     multiplication) and sympy finds a - b = 0, in a separate worker process killed after a time limit.
+  3. tuples and intervals: same brackets, same length, equal element by element; a ground truth
+     that is a bare list or a set ("1, 2" or \\{1, 2\\}) matches the same elements in any order;
+  4. both translate to sympy (\\frac, \\sqrt, \\sqrt[n], ^, \\cdot, \\times, \\pi, \\infty,
+     implicit multiplication) and sympy finds a - b = 0, in a separate worker process killed after
+     a time limit.
 Nothing here raises or hangs: every call returns within about a second, from any thread or process.
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ MAX_SYMBOLIC_LEN = 400  # characters; longer answers are compared as strings and
 # ---- extraction ------------------------------------------------------------------------------
 
 def extract_answer(text: str) -> str | None:
-    """Content of the last \\boxed{...} / \\fbox{...} / \\boxed x; after </think> when the text has one."""
+    """Content of the last \\boxed{...} / \\fbox{...} / \\boxed x; after </think> when the text
+    has one."""
     try:
         if not isinstance(text, str):
             return None
@@ -65,8 +67,9 @@ def extract_answer(text: str) -> str | None:
 
 # ---- normalisation ---------------------------------------------------------------------------
 
-_UNIT_WORDS = (r"(?:units?|cm|centimeters?|m|meters?|km|kilometers?|mm|inches|inch|in|feet|foot|ft|miles?|"
-               r"yards?|seconds?|sec|minutes?|min|hours?|hrs?|days?|weeks?|years?|degrees?|dollars?|cents?|"
+_UNIT_WORDS = (r"(?:units?|cm|centimeters?|m|meters?|km|kilometers?|mm|inches|inch|in|feet|foot|"
+               r"ft|miles?|yards?|seconds?|sec|minutes?|min|hours?|hrs?|days?|weeks?|years?|"
+               r"degrees?|dollars?|cents?|"
                r"square|sq|cubic|mph|kg|g|grams?|pounds?|lbs?|liters?|ml|people|students|ways)")
 
 
@@ -86,8 +89,9 @@ def normalize(s: str) -> str:
     s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree", "", s)
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
-    s = re.sub(r"\\(?:text|textbf|mbox|mathrm|textrm|operatorname)\s*\{\s*" + _UNIT_WORDS + r"(?:\s+" + _UNIT_WORDS +
-               r")*(?:\s*\^?\s*\{?\d\}?)?\s*\}\s*(\^\s*\{?\d\}?)?\s*$", "", s)  # trailing units
+    s = re.sub(r"\\(?:text|textbf|mbox|mathrm|textrm|operatorname)\s*\{\s*" + _UNIT_WORDS
+               + r"(?:\s+" + _UNIT_WORDS + r")*(?:\s*\^?\s*\{?\d\}?)?\s*\}\s*(\^\s*\{?\d\}?)?\s*$",
+               "", s)  # trailing units
     s = re.sub(r"\\(?:text|textbf|mbox|mathrm|textrm|mathbf)\s*\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"(?<=\d)\s+" + _UNIT_WORDS + r"(\^\d)?\s*$", "", s)  # "5 cm"
     s = s.strip()
@@ -107,7 +111,8 @@ def normalize(s: str) -> str:
 # ---- exact numbers ---------------------------------------------------------------------------
 
 def to_number(s: str) -> Fraction | None:
-    """An exact rational from an integer, decimal, a/b or \\frac{a}{b} (signs allowed), else None."""
+    """An exact rational from an integer, decimal, a/b or \\frac{a}{b} (signs allowed), else
+    None."""
     m = re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s)
     if m:
         num, den = Fraction(m.group(2)), Fraction(m.group(3))
@@ -140,7 +145,8 @@ def _split_top(s: str) -> list[str]:
 
 
 def _bracketed(s: str):
-    """'(1,2]' -> ('(', ']', ['1', '2']); '\\{1,2\\}' -> ('{', '}', ...); None when not a bracketed list."""
+    """'(1,2]' -> ('(', ']', ['1', '2']); '\\{1,2\\}' -> ('{', '}', ...); None when not a
+    bracketed list."""
     if s.startswith("\\{") and s.endswith("\\}"):
         return "{", "}", _split_top(s[2:-2])
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
@@ -175,18 +181,21 @@ _FUNCS = {"sqrt", "pi", "oo", "log", "ln", "sin", "cos", "tan", "exp", "E", "I",
 
 
 def to_sympy_str(s: str) -> str | None:
-    """LaTeX -> a sympy expression string over a small allow-list, or None (unknown commands, odd characters)."""
+    """LaTeX -> a sympy expression string over a small allow-list, or None (unknown commands,
+    odd characters)."""
     if len(s) > MAX_SYMBOLIC_LEN or s.count("{") > 40:
         return None
     s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\div", "/")
-    s = s.replace("\\infty", "oo").replace("\\pi", "pi").replace("\\ln", "log").replace("\\log", "log")
+    s = (s.replace("\\infty", "oo").replace("\\pi", "pi").replace("\\ln", "log")
+         .replace("\\log", "log"))
     s = re.sub(r"\\(sin|cos|tan|exp)", r"\1", s)
     for _ in range(40):  # innermost-first rewrites of \frac and \sqrt; bounded
         t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
         t = re.sub(r"\\sqrt\[([^{}\[\]]*)\]\{([^{}]*)\}", r"((\2)**(1/(\1)))", t)
         t = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", t)
         t = re.sub(r"\^\{([^{}]*)\}", r"**(\1)", t)
-        t = re.sub(r"(?<![}\]a-zA-Z])\{([^{}]*)\}", r"(\1)", t)  # plain grouping, not a command's argument
+        # plain grouping, not a command's argument
+        t = re.sub(r"(?<![}\]a-zA-Z])\{([^{}]*)\}", r"(\1)", t)
         if t == s:
             break
         s = t
@@ -214,7 +223,8 @@ sys.stdout.write("ready\n"); sys.stdout.flush()
 for line in sys.stdin:
     try:
         a, b = line.rstrip("\n").split("\t")
-        x, y = parse_expr(a, local_dict=dict(NS), transformations=T), parse_expr(b, local_dict=dict(NS), transformations=T)
+        x, y = (parse_expr(a, local_dict=dict(NS), transformations=T),
+                parse_expr(b, local_dict=dict(NS), transformations=T))
         ok = x == y or sympy.simplify(x - y) == 0
     except BaseException:
         ok = False
@@ -223,16 +233,17 @@ for line in sys.stdin:
 
 
 class _Worker:
-    """A python process running sympy; a request that overruns its time is answered False and the process
-    is killed and replaced (the new one warms up in the background). Pipes and a subprocess, so it works
-    from threads and from daemonic worker processes alike."""
+    """A python process running sympy; a request that overruns its time is answered False and the
+    process is killed and replaced (the new one warms up in the background). Pipes and a
+    subprocess, so it works from threads and from daemonic worker processes alike."""
 
     def __init__(self):
         self.proc, self.ready = None, False
 
     def start(self):
         self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_CODE], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     bufsize=1)
         self.ready = False
 
     def wait_ready(self, timeout: float) -> bool:
@@ -272,7 +283,8 @@ class _Worker:
         return line.strip() == "1"
 
 
-_ERRORS = [0]  # symbolic checks that overran their time, and exceptions caught (read by reward_errors())
+# symbolic checks that overran their time, and exceptions caught (read by reward_errors())
+_ERRORS = [0]
 
 
 def _count_error():
@@ -292,7 +304,8 @@ _POOL_PID = None
 
 
 def start_workers(n: int = 2):
-    """Start n sympy workers now (the trainer does this at start-up, so no scoring call pays for it)."""
+    """Start n sympy workers now (the trainer does this at start-up, so no scoring call pays for
+    it)."""
     global _POOL, _POOL_PID
     with _POOL_LOCK:
         if _POOL is None or _POOL_PID != os.getpid():  # a forked child gets its own workers
@@ -348,7 +361,8 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
 
 
 def is_equiv(pred: str | None, gt: str) -> bool:
-    """True when a careful grader would accept pred for gt. Never raises; returns within about a second."""
+    """True when a careful grader would accept pred for gt. Never raises; returns within about a
+    second."""
     if pred is None or gt is None:
         return False
     try:
@@ -358,7 +372,8 @@ def is_equiv(pred: str | None, gt: str) -> bool:
 
 
 def math_reward(text: str, gt) -> float:
-    """1.0 when the last boxed answer of text matches gt (a string, a number or a list of acceptable answers)."""
+    """1.0 when the last boxed answer of text matches gt (a string, a number or a list of
+    acceptable answers)."""
     try:
         pred = extract_answer(text)
         if pred is None:
@@ -372,9 +387,17 @@ def math_reward(text: str, gt) -> float:
 
 
 def score_batch(texts: list[str], gts: list, threads: int = 4) -> list[float]:
-    """math_reward over a batch in threads; the symbolic checks among them run in parallel in the sympy
-    workers (started on first need, or ahead by start_workers(n))."""
+    """math_reward over a batch in threads; the symbolic checks among them run in parallel in the
+    sympy workers (started on first need, or ahead by start_workers(n))."""
     if len(texts) < 16:
         return [math_reward(t, g) for t, g in zip(texts, gts)]
     with ThreadPoolExecutor(threads) as ex:
         return list(ex.map(math_reward, texts, gts))
+
+
+def score_completions(comps, answers: list, decode) -> list[float]:
+    """Rewards of sampled completions (objects with response_ids and finish_reason), answers[i]
+    for comps[i]: math_reward of the decoded response, and 0 for a response cut at the budget (it
+    never finished)."""
+    scores = score_batch([decode(c.response_ids) for c in comps], answers)
+    return [0.0 if c.finish_reason == "length" else s for c, s in zip(comps, scores)]

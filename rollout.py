@@ -243,3 +243,36 @@ class VLLMEngine:
         outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in seqs],
                                  SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)
         return [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], s[1:])] for o, s in zip(outs, seqs)]
+
+
+# ---- the engine factory ------------------------------------------------------------------------
+
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+def vllm_usable(cfg) -> str | None:
+    """None when vLLM can serve this model here, else why not."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # an install can fail at import in several ways
+        return f"vllm does not import ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available() and cfg.head_dim not in VLLM_CPU_HEAD_SIZES:
+        return f"vLLM's CPU attention does not take head size {cfg.head_dim}"
+    return None
+
+
+def choose_engine(kind: str, cfg) -> tuple[str, str]:
+    """--rollout auto | torch | vllm -> ("vllm" | "torch", why): auto takes vLLM when it can serve the model."""
+    why = vllm_usable(cfg) if kind in ("auto", "vllm") else "asked for torch"
+    if kind == "vllm" and why:
+        raise SystemExit(f"--rollout vllm: {why}")
+    return ("torch", why) if why else ("vllm", "asked for" if kind == "vllm" else "auto")
+
+
+def make_engine(kind: str, model, tok, *, model_dir: str, max_model_len: int, rank: int = 0, world: int = 1,
+                seed: int = 0, dtype: str = "float32"):
+    """kind "torch": sample from `model` (the policy or its inference copy); "vllm": colocated vLLM on
+    model_dir, serving prompt + response up to max_model_len tokens."""
+    if kind == "vllm":
+        return VLLMEngine(model_dir, max_model_len=max_model_len, rank=rank, world=world, seed=seed, dtype=dtype)
+    return TorchEngine(model, tok.eos_ids, tok.pad_id)

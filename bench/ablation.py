@@ -26,10 +26,11 @@ sys.path.insert(0, ROOT)
 from bench.common import RESULTS, save_result  # noqa: E402
 from curriculum import RECIPES  # noqa: E402
 
+TOY = [(s.data, s.max_tokens) for s in RECIPES["toy"]]  # (split, response budget) per stage
 ARMS = {
-    "curriculum": [("L1", 40), ("L2", 80), ("L3", 120), ("L2", 80)],
-    "flat-large": [("L2", 120)] * 4,
-    "flat-small": [("L2", 40)] * 4,
+    "curriculum": TOY,
+    "flat-large": [("L2", max(b for _, b in TOY))] * len(TOY),
+    "flat-small": [("L2", min(b for _, b in TOY))] * len(TOY),
 }
 
 

@@ -40,30 +40,27 @@ def worker(mode: str, steps: int, tokens: int, out: str):
     import torch.distributed as dist
 
     import fsdp
-    from grpo import setup_dist
+    from fsdp import setup_dist
     from kernels import fused_logprob_entropy
     from model import Config, Transformer, init_weights
 
-    rank, world = setup_dist()
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cuda":
-        torch.cuda.set_device(rank)
+    rank, world, dev = setup_dist()  # GPU LOCAL_RANK under NCCL where there are GPUs, else CPU ranks
     model = init_weights(Transformer(Config(**CFG)), seed=0).to(dev)
     if mode == "hand":
         fsdp.shard(model)
     elif mode == "torch":
         fsdp.torch_fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    g = torch.Generator().manual_seed(rank)
-    ids = torch.randint(0, CFG["vocab_size"], (1, tokens + 1), generator=g).to(dev)
+    g = torch.Generator(device="cpu").manual_seed(rank)
+    ids = torch.randint(0, CFG["vocab_size"], (1, tokens + 1), generator=g, device="cpu").to(dev)
     times = []
     import gc
     gc.collect()
-    if dev == "cpu":  # measure the training steps' peak, not the start-up's: reset the high-water mark
+    if dev.type == "cpu":  # measure the training steps' peak, not the start-up's: reset the high-water mark
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     for s in range(steps + 1):  # the first step warms up
-        if dev == "cuda":
+        if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         h = model(ids[:, :-1])[0]
@@ -80,11 +77,11 @@ def worker(mode: str, steps: int, tokens: int, out: str):
         opt.step()
         held = fsdp.local_bytes(model, opt)  # parameters, gradients and optimizer state this rank holds
         opt.zero_grad(set_to_none=True)
-        if dev == "cuda":
+        if dev.type == "cuda":
             torch.cuda.synchronize()
         if s:
             times.append(time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else vm_hwm()
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else vm_hwm()
     params = sum(p.numel() for p in Transformer(Config(**CFG)).to("meta").parameters())
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump({"step_s": sorted(times)[len(times) // 2], "peak_bytes": peak, "params": params,
@@ -103,7 +100,7 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.worker:
-        from grpo import finish
+        from fsdp import finish
         worker(a.worker, a.steps, a.tokens, a.out)
         finish()  # under torchrun: os._exit, past the gloo teardown race
     import tempfile

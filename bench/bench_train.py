@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 from bench.common import save_result  # noqa: E402
 import fsdp  # noqa: E402
 from curriculum import Stage  # noqa: E402
-from grpo import Trainer, TrainConfig, group_advantages  # noqa: E402
+from trainer import Trainer, TrainConfig, group_advantages  # noqa: E402
 from model import Config, Transformer, init_weights  # noqa: E402
 from rollout import TorchEngine  # noqa: E402
 
@@ -47,7 +47,7 @@ def main():
     gen = Transformer(cfg).to(dev, dt).eval()
     gen.load_state_dict(policy.state_dict())
     fsdp.shard(policy, param_dtype=dt if dt != torch.float32 else None)
-    trainer = Trainer(policy, TrainConfig(lr=1e-6, token_budget=16384, grad_checkpointing=True))
+    trainer = Trainer(policy, TrainConfig(token_budget=16384, grad_checkpointing=True))
     engine = TorchEngine(gen, [], pad_id=0)
     st = Stage("L2", a.max_tokens, batch=a.prompts, n=a.n, steps=a.steps, temperature=0.6, kl_coef=0.0)
     g = torch.Generator().manual_seed(0)

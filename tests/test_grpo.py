@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from grpo import group_advantages, grpo_loss
+from trainer import group_advantages, grpo_loss
 
 
 def ref_advantages(rewards, g, norm, eps):

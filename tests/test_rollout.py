@@ -1,7 +1,7 @@
 """The native engine: greedy equals argmax without a cache; its log-probs equal the trainer's."""
 import torch
 
-from grpo import micro_batches, token_logprobs
+from trainer import micro_batches, token_logprobs
 from model import Config, Transformer, init_weights
 from rollout import TorchEngine
 

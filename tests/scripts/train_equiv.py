@@ -13,14 +13,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import fsdp  # noqa: E402
 from curriculum import Stage  # noqa: E402
-from grpo import Trainer, TrainConfig, finish, group_advantages, setup_dist  # noqa: E402
+from fsdp import finish, setup_dist  # noqa: E402
+from trainer import Trainer, TrainConfig, group_advantages  # noqa: E402
 from model import Config, Transformer, init_weights  # noqa: E402
 from rollout import Completion  # noqa: E402
 
 
 def main(out, agg="token-mean", mode="dp"):
     torch.set_num_threads(1)
-    rank, world = setup_dist()
+    rank, world, _ = setup_dist("cpu")  # the math on CPU ranks, whatever GPUs the machine has
     cfg = Config(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, max_position_embeddings=64, eos_token_id=1, tie_word_embeddings=True)
     model = init_weights(Transformer(cfg), std=0.1, seed=0)
@@ -43,11 +44,11 @@ def main(out, agg="token-mean", mode="dp"):
     # rank r holds prompts r, r + world, ... with all their samples
     mine = [i for p in range(rank, P, world) for i in range(p * n, (p + 1) * n)]
     st = Stage("L2", max_tokens=16, batch=P, n=n, steps=3, lr=3e-3, kl_coef=0.1, entropy_coef=0.01,
-               clip_low=0.1, clip_high=0.15, temperature=0.8, agg=agg)
-    tr = Trainer(model, TrainConfig(lr=st.lr, grad_clip=0.05, token_budget=40 + 20 * rank), ref)
+               clip_low=0.1, clip_high=0.15, temperature=0.8, agg=agg, mini_batches=2)
+    tr = Trainer(model, TrainConfig(grad_clip=0.05, token_budget=40 + 20 * rank), ref)
     stats = []
     for _ in range(st.steps):
-        stats.append(tr.step([comps[i] for i in mine], adv[mine], st, mini_batches=2))
+        stats.append(tr.step([comps[i] for i in mine], adv[mine], st))
     held = fsdp.local_bytes(model, tr.opt)
     weights = {k: v.detach().clone() for k, v in tr.full_state_dict()}
     torch.save({"weights": weights, "stats": stats, "bytes": held}, os.path.join(out, f"rank{rank}.pt"))
@@ -58,4 +59,4 @@ def main(out, agg="token-mean", mode="dp"):
 
 if __name__ == "__main__":
     main(sys.argv[1], *sys.argv[2:])
-    finish()  # under torchrun: os._exit, past the gloo teardown race (grpo.finish)
+    finish()  # under torchrun: os._exit, past the gloo teardown race (fsdp.finish)

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 from curriculum import Stage  # noqa: E402
-from grpo import Trainer, TrainConfig, group_advantages, micro_batches, token_logprobs  # noqa: E402
+from trainer import Trainer, TrainConfig, group_advantages, micro_batches, token_logprobs  # noqa: E402
 from model import Transformer  # noqa: E402
 from rollout import TorchEngine, VLLMEngine  # noqa: E402
 
@@ -60,7 +60,7 @@ def main():
     # one GRPO step with a large learning rate, so that stale weights would show
     rewards = torch.tensor([float(i % 3 == 0) for i in range(len(comps))])
     st = Stage("L2", 100, batch=8, n=4, steps=1, lr=3e-3, kl_coef=0.0, temperature=0.7)
-    tr = Trainer(model, TrainConfig(lr=st.lr))
+    tr = Trainer(model, TrainConfig())
     tr.step(comps, group_advantages(rewards, 4), st)
     res["after_stale"] = vllm_vs_trainer()
     eng.update_weights(tr.full_state_dict())

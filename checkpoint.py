@@ -1,0 +1,152 @@
+"""Checkpoints that survive crashes: atomic save, manifest and checks, fallback, random states, the stop flag.
+
+<stage dir>/step<K>/: config.json, model.safetensors, tokenizer files (a Hugging Face folder), trainer_state.pt
+(step, sampler, counters), rank<r>.pt (each rank's optimizer state, its shards under fsdp, and random
+states), manifest.json (every file and its size, written last). Written into step<K>.tmp and renamed into
+place, then the `latest` marker is replaced: a crash at any moment leaves the previous checkpoint whole and
+findable.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fsdp import barrier, comm_device
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json")
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(s: dict):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: int = 0, keep: int = 0):
+    """Write the checkpoint atomically (see above); keep the newest `keep` step folders (0: all)."""
+    tmp = path + ".tmp"
+    weights = trainer.full_state_dict()  # under fsdp: gathered unit by unit, every rank takes part
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=weights, dtype=torch.float32)
+        for fn in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(src_dir, fn)):
+                shutil.copy(os.path.join(src_dir, fn), tmp)
+        torch.save(extra, os.path.join(tmp, "trainer_state.pt"))
+    else:
+        for _ in weights:
+            pass
+    barrier()
+    torch.save({"rng": rng_state(), "trainer": trainer.state_dict()}, os.path.join(tmp, f"rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        files = sorted(os.listdir(tmp))
+        for fn in files:
+            with open(os.path.join(tmp, fn), "rb+") as f:
+                os.fsync(f.fileno())
+        manifest = {"files": {fn: os.path.getsize(os.path.join(tmp, fn)) for fn in files}, **{
+            k: v for k, v in extra.items() if isinstance(v, (int, str))}}
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        parent = os.path.dirname(path)
+        with open(os.path.join(parent, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(path) + "\n")
+        os.replace(os.path.join(parent, "latest.tmp"), os.path.join(parent, "latest"))
+        _fsync_dir(parent)
+        if keep:
+            for old in step_dirs(parent)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def same_architecture(c1, c2) -> bool:
+    """Configs equal in everything but the stored dtype."""
+    return dataclasses.replace(c1, torch_dtype="") == dataclasses.replace(c2, torch_dtype="")
+
+
+def step_dirs(stage_dir: str) -> list[str]:
+    """step<K> folders, oldest first."""
+    if not os.path.isdir(stage_dir):
+        return []
+    ds = [d for d in os.listdir(stage_dir) if d.startswith("step") and d[4:].isdigit()]
+    return [os.path.join(stage_dir, d) for d in sorted(ds, key=lambda d: int(d[4:]))]
+
+
+def check_checkpoint(path: str) -> str | None:
+    """None when complete; else what is wrong (a missing manifest, a missing file, a size that differs)."""
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        return "no readable manifest.json (the write never finished)"
+    for fn, size in files.items():
+        p = os.path.join(path, fn)
+        if not os.path.exists(p):
+            return f"{fn} is missing"
+        if os.path.getsize(p) != size:
+            return f"{fn} has {os.path.getsize(p)} bytes, the manifest says {size}"
+    return None
+
+
+def latest_checkpoint(stage_dir: str, log=print) -> str | None:
+    """The newest complete step checkpoint of a stage; a damaged newer one is skipped with a warning."""
+    for path in reversed(step_dirs(stage_dir)):
+        problem = check_checkpoint(path)
+        if problem is None:
+            return path
+        log(f"[fastcurl] warning: checkpoint {path} is damaged ({problem}); falling back to the one before")
+    return None
+
+
+class StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and exits 0 on every rank."""
+
+    def __init__(self):
+        import signal
+        self.hit = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame):
+        self.hit = True
+
+    def __call__(self) -> bool:
+        flag = torch.tensor([float(self.hit)], device=comm_device())
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank signalled: all stop at the same step
+        return bool(flag.item())
+
+
+def restore(path: str, trainer, sampler, rank: int) -> tuple[int, dict]:
+    """Load a step checkpoint into the trainer (this rank's optimizer shards), the sampler and the random
+    states -> (step, counters)."""
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    mine = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
+    trainer.load_state_dict(mine["trainer"])
+    set_rng_state(mine["rng"])
+    sampler.load_state(state["sampler"])
+    return state["step"], state.get("counters", {})
