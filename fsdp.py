@@ -1,21 +1,24 @@
 """Fully sharded data parallel, by hand, on torch.distributed.
 
-Units: one per transformer block, plus a root unit for the rest (embedding, final norm, LM head). Each
-unit's parameters are flattened into one fp32 vector, padded to a multiple of the world size W, and rank r
-keeps only slice r: `module.parameters()` then yields exactly these shards, so a stock AdamW steps sharded
-state, and every rank holds 1/W of the parameters, gradients and optimizer state.
+Units: one per transformer block, plus a root unit for the rest (embedding, final norm, LM
+head). Each unit's parameters are flattened into one fp32 vector, padded to a multiple of the
+world size W, and rank r keeps only slice r: `module.parameters()` then yields exactly these
+shards, so a stock AdamW steps sharded state, and every rank holds 1/W of the parameters,
+gradients and optimizer state.
 
-    unit       | at rest            | forward                           | backward
-    -----------+--------------------+-----------------------------------+------------------------------------------
-    block i    | shard (P/W, fp32)  | all-gather full (param_dtype),    | all-gather again, compute, reduce-scatter
-               |                    | compute, free                     | grad (mean, reduce_dtype) into shard, free
-    root       | shard              | all-gather, kept until backward   | reduce-scatter grad into shard, free
+    unit     | at rest           | forward                         | backward
+    ---------+-------------------+---------------------------------+--------------------------------
+    block i  | shard (P/W, fp32) | all-gather full (param_dtype),  | all-gather again, compute,
+             |                   | compute, free                   | reduce-scatter grad (mean,
+             |                   |                                 | reduce_dtype) into shard, free
+    root     | shard             | all-gather, kept until backward | reduce-scatter grad into shard,
+             |                   |                                 | free
 
-The module's own parameters become views into a unit's gathered buffer `full`; freeing the buffer frees
-its storage (views and autograd keep their metadata) and gathering writes it back, so the autograd graph
-of a forward stays valid through a free and re-gather. Gradients of all views land in `full.grad`; a
-post-accumulate-grad hook on `full` reduce-scatters them once per backward. Gradient accumulation over
-micro-batches adds the reduce-scattered pieces into the shard's .grad.
+The module's own parameters become views into a unit's gathered buffer `full`; freeing the buffer
+frees its storage (views and autograd keep their metadata) and gathering writes it back, so the
+autograd graph of a forward stays valid through a free and re-gather. Gradients of all views land
+in `full.grad`; a post-accumulate-grad hook on `full` reduce-scatters them once per backward.
+Gradient accumulation over micro-batches adds the reduce-scattered pieces into the shard's .grad.
 """
 from __future__ import annotations
 
@@ -29,11 +32,12 @@ import torch.nn as nn
 
 
 # ---- processes -------------------------------------------------------------------------------
-# One device per process, chosen once: CUDA (device LOCAL_RANK) under NCCL, or the CPU under gloo. Every
-# collective in this project takes tensors on comm_device(), the one place that knows which.
+# One device per process, chosen once: CUDA (device LOCAL_RANK) under NCCL, or the CPU under gloo.
+# Every collective in this project takes tensors on comm_device(), the one place that knows which.
 
 def setup_dist(device: str = "auto") -> tuple[int, int, torch.device]:
-    """Join the torchrun job (if any) -> (rank, world, compute device). device: auto | cuda | cpu."""
+    """Join the torchrun job (if any) -> (rank, world, compute device).
+    device: auto | cuda | cpu."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -42,7 +46,8 @@ def setup_dist(device: str = "auto") -> tuple[int, int, torch.device]:
         procs, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
         if procs > gpus:
             sys.exit(f"[fastcurl] {procs} processes on this machine but {gpus} GPU(s): use "
-                     f"--nproc_per_node {gpus} or less, or pass --device cpu to run {procs} CPU ranks")
+                     f"--nproc_per_node {gpus} or less, or pass --device cpu to run "
+                     f"{procs} CPU ranks")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dev = torch.device("cuda", torch.cuda.current_device())
     else:
@@ -53,7 +58,8 @@ def setup_dist(device: str = "auto") -> tuple[int, int, torch.device]:
 
 
 def comm_device() -> torch.device:
-    """Where tensors handed to a collective live: the current GPU under NCCL, else the CPU (gloo)."""
+    """Where tensors handed to a collective live: the current GPU under NCCL, else the CPU
+    (gloo)."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -65,17 +71,19 @@ def barrier():
 
 
 def close_dist(engine=None):
-    """Leave torch.distributed cleanly; a vLLM engine tears down its own groups (and the world) at exit."""
+    """Leave torch.distributed cleanly; a vLLM engine tears down its own groups (and the world)
+    at exit."""
     barrier()
     if dist.is_initialized() and getattr(engine, "name", "") != "vllm":
         dist.destroy_process_group()
 
 
 def finish(code: int = 0):
-    """End a script. Under torchrun the process ends at once (os._exit) after flushing its output: gloo's
-    worker threads free a finished collective's tensors a moment after it returns, and when that lands in the
-    interpreter's shutdown the process aborts (std::terminate, exit -6: about 1 in 7 runs of the 2-rank FSDP
-    test). Checkpoints, metrics and logs are all written and closed before this point."""
+    """End a script. Under torchrun the process ends at once (os._exit) after flushing its output:
+    gloo's worker threads free a finished collective's tensors a moment after it returns, and when
+    that lands in the interpreter's shutdown the process aborts (std::terminate, exit -6: about 1 in
+    7 runs of the 2-rank FSDP test). Checkpoints, metrics and logs are all written and closed before
+    this point."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -101,8 +109,10 @@ def _rank(pg):
 class Unit:
     """One flat-sharded group of parameters (one block, or the root's leftovers)."""
 
-    def __init__(self, owner: nn.Module, params: list, pg, param_dtype, reduce_dtype, reshard_after_forward):
-        # params: [(name_in_full_model, tensor, [(module, attr), ...])]; a tied parameter has several homes
+    def __init__(self, owner: nn.Module, params: list, pg, param_dtype, reduce_dtype,
+                 reshard_after_forward):
+        # params: [(name_in_full_model, tensor, [(module, attr), ...])]; a tied parameter has
+        # several homes
         self.pg, self.W, self.rank = pg, _world(pg), _rank(pg)
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         self.reshard_after_forward = reshard_after_forward
@@ -136,7 +146,8 @@ class Unit:
         self.full.untyped_storage().resize_(0)
 
     def gather(self):
-        """All-gather the full flat parameter into `full` (its .data: the autograd version stays as it was)."""
+        """All-gather the full flat parameter into `full` (its .data: the autograd version stays
+        as it was)."""
         if not self.gathered():
             self.full.untyped_storage().resize_(self.padded * self.full.element_size())
         src = self.shard.detach().to(self.full.dtype)
@@ -146,7 +157,8 @@ class Unit:
             _gather_flat(self.full.data, src, group=self.pg)
 
     def _set_views(self):
-        """Point each module attribute at its slice of `full` (under grad mode: views autograd can follow)."""
+        """Point each module attribute at its slice of `full` (under grad mode: views autograd can
+        follow)."""
         for name, o, shape, homes in self.entries:
             n = math.prod(shape)
             v = self.full[o:o + n].view(shape)
@@ -179,7 +191,8 @@ class Unit:
         return grad
 
     def _reduce_grad(self, full):
-        """full.grad -> mean over ranks (reduce_dtype) -> this rank's slice, added into shard.grad."""
+        """full.grad -> mean over ranks (reduce_dtype) -> this rank's slice, added into
+        shard.grad."""
         g = full.grad.to(self.reduce_dtype)
         full.grad = None
         n = self.padded // self.W
@@ -196,7 +209,8 @@ class Unit:
 
     # -- whole tensors -----------------------------------------------------------------------------
     def full_tensors(self):
-        """(name, fp32 tensor) of every parameter of the unit, gathered from all ranks (not kept)."""
+        """(name, fp32 tensor) of every parameter of the unit, gathered from all ranks (not
+        kept)."""
         buf = torch.empty(self.padded, dtype=torch.float32, device=self.shard.device)
         if self.W == 1:
             buf.copy_(self.shard.detach())
@@ -213,13 +227,15 @@ def shard(module: nn.Module, process_group=None, param_dtype=None, reduce_dtype=
     for mname, mod in module.named_modules():
         for attr, p in mod._parameters.items():
             if p is not None:
-                names.setdefault(id(p), (f"{mname}.{attr}" if mname else attr, p, []))[2].append((mod, attr))
+                names.setdefault(
+                    id(p), (f"{mname}.{attr}" if mname else attr, p, []))[2].append((mod, attr))
     blocks = list(module.model.layers)
     units = []
     for i, blk in enumerate(blocks):
         ids = {id(p) for p in blk.parameters()}
         params = [names.pop(k) for k in list(names) if k in ids]
-        units.append((blk, Unit(blk, params, process_group, param_dtype, reduce_dtype, reshard_after_forward)))
+        units.append((blk, Unit(blk, params, process_group, param_dtype, reduce_dtype,
+                                reshard_after_forward)))
     root = Unit(module, list(names.values()), process_group, param_dtype, reduce_dtype, False)
     units.append((module, root))
     for mod, u in units:
@@ -236,7 +252,8 @@ def is_sharded(module) -> bool:
 
 
 def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
-    """Scale every shard's gradient so the global L2 norm (all shards, all ranks) is at most max_norm."""
+    """Scale every shard's gradient so the global L2 norm (all shards, all ranks) is at most
+    max_norm."""
     if getattr(module, "_fsdp2", False):
         n = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
         return n.full_tensor() if hasattr(n, "full_tensor") else n
@@ -256,8 +273,9 @@ def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
 
 
 def full_state_dict(module: nn.Module):
-    """Yield (name, full fp32 tensor) unit by unit, names as in the unsharded model's state_dict (a tied head
-    under both names), so the whole model is never held twice. Every rank must iterate it (collectives)."""
+    """Yield (name, full fp32 tensor) unit by unit, names as in the unsharded model's state_dict (a
+    tied head under both names), so the whole model is never held twice. Every rank must iterate it
+    (collectives)."""
     if getattr(module, "_fsdp2", False):
         for name, t in module.state_dict().items():
             yield name, t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -265,7 +283,8 @@ def full_state_dict(module: nn.Module):
     for u in module._fsdp_units:
         for name, t in u.full_tensors():
             yield name, t
-            if name == "model.embed_tokens.weight" and getattr(module.config, "tie_word_embeddings", False):
+            if (name == "model.embed_tokens.weight"
+                    and getattr(module.config, "tie_word_embeddings", False)):
                 yield "lm_head.weight", t
 
 
@@ -274,12 +293,14 @@ def local_numel(module: nn.Module) -> int:
 
 
 def local_bytes(module: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict:
-    """Bytes this rank holds in parameters, gradients and optimizer state (DTensors count their local part)."""
+    """Bytes this rank holds in parameters, gradients and optimizer state (DTensors count their
+    local part)."""
     def nbytes(t):
         t = t.to_local() if hasattr(t, "to_local") else t
         return t.numel() * t.element_size()
     ps = list(module.parameters())
-    out = {"params": sum(nbytes(p) for p in ps), "grads": sum(nbytes(p.grad) for p in ps if p.grad is not None)}
+    out = {"params": sum(nbytes(p) for p in ps),
+           "grads": sum(nbytes(p.grad) for p in ps if p.grad is not None)}
     if opt is not None:
         out["optimizer"] = sum(nbytes(v) for st in opt.state.values() for v in st.values()
                                if isinstance(v, torch.Tensor) and v.dim() > 0)
@@ -287,7 +308,8 @@ def local_bytes(module: nn.Module, opt: torch.optim.Optimizer | None = None) -> 
 
 
 def torch_fully_shard(module: nn.Module, param_dtype=None, reduce_dtype=torch.float32):
-    """The same units with torch's FSDP2 (`fully_shard`), for comparison and for those who prefer it."""
+    """The same units with torch's FSDP2 (`fully_shard`), for comparison and for those who prefer
+    it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)

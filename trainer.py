@@ -1,15 +1,15 @@
-"""The GRPO math and the trainer step: advantages, the clipped loss, one update over a rollout batch.
+"""The GRPO math and the trainer step: advantages, the clipped loss, one update per rollout batch.
 
 GRPO, per prompt group of n samples with rewards r_1..r_n:
     A_i = (r_i - mean(r)) / (std(r) + eps)                              (group-normalised advantage)
     ratio_t = exp(logp_t - old_logp_t)
     loss_t = -min(ratio_t A, clip(ratio_t, 1 - clip_low, 1 + clip_high) A)
-             + kl_coef (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)     (k3 estimator of KL(pi || ref))
+             + kl_coef (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)   (k3 estimate of KL(pi||ref))
              - entropy_coef H_t
 aggregated over response tokens by token-mean, seq-mean or Dr.GRPO's sum / (B * T).
 
-Every tensor here is made on the trainer's device (the model's), which under NCCL is also the device of
-the collectives (fsdp.comm_device); per-step metrics reach the host once, at the end of the step.
+Every tensor here is made on the trainer's device (the model's), which under NCCL is also the device
+of the collectives (fsdp.comm_device); per-step metrics reach the host once, at the end of the step.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from model import Transformer
 # ---- the GRPO math ---------------------------------------------------------------------------
 
 def group_advantages(rewards: torch.Tensor, group_size: int, norm: str = "std", eps: float = 1e-6):
-    """A = (r - mean_group) / (std_group + eps) with the unbiased std (as verl); all-equal groups give 0."""
+    """A = (r - mean_group) / (std_group + eps) with the unbiased std (as verl); all-equal groups
+    give 0."""
     r = rewards.float().view(-1, group_size)
     a = r - r.mean(-1, keepdim=True)
     if norm == "std":
@@ -42,11 +43,13 @@ def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, ref_log
     """GRPO loss over [B, T] response tokens (formula in the module docstring); adv is [B].
 
     is_weight [B, T] (optional) multiplies the policy-gradient term: truncated importance sampling,
-    min(exp(old_logp - engine_logp), cap), against the gap between the rollout engine and the trainer.
+    min(exp(old_logp - engine_logp), cap), against the gap between the rollout engine and the
+    trainer.
 
-    agg: "token-mean" = sum / number of tokens; "seq-mean" = mean over sequences of each one's token mean;
-    "drgrpo" = sum / (B * T). `denom` replaces the denominator (tokens, sequences or B*T) with a global
-    one, so that micro-batches and data-parallel ranks add up to the loss of the whole batch.
+    agg: "token-mean" = sum / number of tokens; "seq-mean" = mean over sequences of each one's token
+    mean; "drgrpo" = sum / (B * T). `denom` replaces the denominator (tokens, sequences or B*T) with
+    a global one, so that micro-batches and data-parallel ranks add up to the loss of the whole
+    batch.
     """
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)
@@ -89,20 +92,21 @@ def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, ref_log
 class Rows:
     """A micro-batch in training layout: right-padded [prompt + response] rows."""
     ids: torch.Tensor       # [B, L]
-    resp_pos: torch.Tensor  # [B, R] position in the row whose hidden state predicts response token j
+    resp_pos: torch.Tensor  # [B, R] row position whose hidden state predicts response token j
     resp_ids: torch.Tensor  # [B, R]
     mask: torch.Tensor      # [B, R] 1 for real response tokens
     index: list[int]        # which completions these rows are
 
 
 def micro_batches(comps, token_budget: int, pad_id: int, device) -> list[Rows]:
-    """Sort completions by length and cut them into micro-batches of at most token_budget padded tokens.
-    Rows are laid out on the host, then moved to `device` in one copy per tensor."""
-    order = sorted(range(len(comps)), key=lambda i: len(comps[i].prompt_ids) + len(comps[i].response_ids))
+    """Sort completions by length and cut them into micro-batches of at most token_budget padded
+    tokens. Rows are laid out on the host, then moved to `device` in one copy per tensor."""
+    order = sorted(range(len(comps)),
+                   key=lambda i: len(comps[i].prompt_ids) + len(comps[i].response_ids))
     groups, cur = [], []
     for i in order:
         L = len(comps[i].prompt_ids) + len(comps[i].response_ids)
-        if cur and (len(cur) + 1) * L > token_budget:  # rows are sorted, so L is the new padded width
+        if cur and (len(cur) + 1) * L > token_budget:  # rows are sorted: L is the new padded width
             groups.append(cur)
             cur = []
         cur.append(i)
@@ -126,7 +130,8 @@ def micro_batches(comps, token_budget: int, pad_id: int, device) -> list[Rows]:
 
 
 def token_logprobs(model: Transformer, rows: Rows, temperature: float):
-    """Log-probs and entropies [B, R] of the response tokens at the sampling temperature (fused, no logits)."""
+    """Log-probs and entropies [B, R] of the response tokens at the sampling temperature (fused, no
+    logits)."""
     h = model(rows.ids)
     hs = h.gather(1, rows.resp_pos[..., None].expand(-1, -1, h.shape[-1]))
     sel = rows.mask.bool()
@@ -137,8 +142,9 @@ def token_logprobs(model: Transformer, rows: Rows, temperature: float):
 
 
 def stack_rows(d: dict | None, index: list[int], like: torch.Tensor, fill: float = 0.0):
-    """Per-completion 1-D tensors d[i] for i in index as a batch shaped like `like` [B, R], cut or padded
-    with `fill` (a completion missing from d, or an empty padding micro-batch, gets `fill` throughout)."""
+    """Per-completion 1-D tensors d[i] for i in index as a batch shaped like `like` [B, R], cut or
+    padded with `fill` (a completion missing from d, or an empty padding micro-batch, gets `fill`
+    throughout)."""
     if d is None:
         return None
     out = torch.full(like.shape, fill, device=like.device)
@@ -153,7 +159,8 @@ def stack_rows(d: dict | None, index: list[int], like: torch.Tensor, fill: float
 
 @dataclasses.dataclass
 class TrainConfig:
-    """What is not per stage (the stage carries lr, warmup, clip, KL, entropy, aggregation, mini-batches)."""
+    """What is not per stage (the stage carries lr, warmup, clip, KL, entropy, aggregation and
+    mini-batches)."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     token_budget: int = 16384   # padded tokens per micro-batch
@@ -162,10 +169,12 @@ class TrainConfig:
 
 
 class Trainer:
-    """One GRPO update per mini-batch: old (and reference) log-probs, then per mini-batch: micro-batch
-    forward and backward, gradients summed across ranks (all-reduce, or fsdp's reduce-scatter), clip, AdamW."""
+    """One GRPO update per mini-batch: old (and reference) log-probs, then per mini-batch:
+    micro-batch forward and backward, gradients summed across ranks (all-reduce, or fsdp's
+    reduce-scatter), clip, AdamW."""
 
-    def __init__(self, model: Transformer, cfg: TrainConfig, ref: Transformer | None = None, pad_id: int = 0):
+    def __init__(self, model: Transformer, cfg: TrainConfig, ref: Transformer | None = None,
+                 pad_id: int = 0):
         self.model, self.cfg, self.ref, self.pad_id = model, cfg, ref, pad_id
         self.sharded = fsdp.is_sharded(model)
         self.device = next(model.parameters()).device
@@ -183,7 +192,7 @@ class Trainer:
         return st.lr * (min(1.0, (update + 1) / w) if w else 1.0)
 
     def full_state_dict(self):
-        """(name, full tensor) pairs; under fsdp every rank must consume them (they are all-gathered)."""
+        """(name, full tensor) pairs; under fsdp every rank must consume them (all-gathered)."""
         return fsdp.full_state_dict(self.model) if self.sharded else self.model.state_dict().items()
 
     def _sum(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -192,8 +201,9 @@ class Trainer:
         return x
 
     def _micro(self, comps, index=None) -> list[Rows]:
-        """Micro-batches of these completions; sharded models run collectives in every forward, so all ranks
-        get the same number of micro-batches (empty ones padded in: a pad row with no loss tokens)."""
+        """Micro-batches of these completions; sharded models run collectives in every forward, so
+        all ranks get the same number of micro-batches (empty ones padded in: a pad row with no loss
+        tokens)."""
         mbs = micro_batches(comps, self.cfg.token_budget, self.pad_id, self.device)
         if index is not None:
             for mb in mbs:
@@ -216,15 +226,18 @@ class Trainer:
         return out
 
     def _denominator(self, mbs, n_seqs: int, st) -> torch.Tensor:
-        """The aggregation's denominator over the whole mini-batch on all ranks: tokens, sequences or B * T."""
+        """The aggregation's denominator over the whole mini-batch on all ranks: tokens, sequences
+        or B * T."""
         local = {"token-mean": lambda: float(sum(mb.mask.sum() for mb in mbs)),
-                 "seq-mean": lambda: float(n_seqs), "drgrpo": lambda: float(n_seqs * st.max_tokens)}[st.agg]()
+                 "seq-mean": lambda: float(n_seqs),
+                 "drgrpo": lambda: float(n_seqs * st.max_tokens)}[st.agg]()
         denom = self._sum(torch.tensor(local, device=self.device)).clamp(min=1)
         # fsdp averages gradients over ranks; the global-denominator loss wants a sum
         return denom / self.world if self.sharded else denom
 
     def _reduce_and_clip(self) -> torch.Tensor:
-        """Sum gradients over ranks (fsdp reduce-scattered them already), clip to the global norm -> norm."""
+        """Sum gradients over ranks (fsdp reduce-scattered them already), clip to the global norm;
+        -> the norm."""
         m = self.model
         if self.sharded:
             return fsdp.clip_grad_norm_(m, self.cfg.grad_clip)
@@ -238,17 +251,21 @@ class Trainer:
         return torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.grad_clip)
 
     def step(self, comps, adv: torch.Tensor, st) -> dict:
-        """comps: this rank's completions; adv [len(comps)]; st: the stage (lr, warmup, clip, kl, entropy,
-        temperature, agg, max_tokens, mini_batches: optimizer updates per step)."""
+        """comps: this rank's completions; adv [len(comps)]; st: the stage (lr, warmup, clip, kl,
+        entropy, temperature, agg, max_tokens, mini_batches: optimizer updates per step)."""
         m = self.model
         m.train()
-        # log-probs before any update: the old policy's, the reference's (for KL), and the engine's gap
+        # log-probs before any update: the old policy's, the reference's (KL), the engine's gap
         mbs_all = self._micro(comps)
         old = self._logprobs(m, mbs_all, st.temperature)
-        ref = self._logprobs(self.ref, mbs_all, st.temperature) if self.ref is not None and st.kl_coef else None
+        ref = None
+        if self.ref is not None and st.kl_coef:
+            ref = self._logprobs(self.ref, mbs_all, st.temperature)
         gap = {i: old[i][:len(c.logprobs)] - torch.tensor(c.logprobs, device=self.device)
-               for i, c in enumerate(comps) if c.logprobs}  # trainer minus engine log-prob, per token
-        tis = {i: d.exp().clamp(max=self.cfg.tis_cap) for i, d in gap.items()} if self.cfg.tis_cap > 0 else None
+               for i, c in enumerate(comps) if c.logprobs}  # trainer minus engine, per token
+        tis = None
+        if self.cfg.tis_cap > 0:
+            tis = {i: d.exp().clamp(max=self.cfg.tis_cap) for i, d in gap.items()}
         adv = adv.to(self.device)
         sums, skipped, grad_norm = {}, 0, None
         per = math.ceil(len(comps) / st.mini_batches)
@@ -262,18 +279,19 @@ class Trainer:
                 old_logp = stack_rows(old, mb.index, logp)
                 ref_logp = stack_rows(ref, mb.index, logp)
                 is_weight = stack_rows(tis, mb.index, logp, fill=1.0)
-                mb_adv = adv[mb.index] if mb.index else logp.new_zeros(len(logp))  # a padding micro-batch
+                # a padding micro-batch (no rows of this rank) has no advantages
+                mb_adv = adv[mb.index] if mb.index else logp.new_zeros(len(logp))
                 loss, s = grpo_loss(logp, old_logp, mb_adv, mb.mask, clip_low=st.clip_low,
                                     clip_high=st.clip_high, ref_logp=ref_logp, kl_coef=st.kl_coef,
-                                    entropy=ent, entropy_coef=st.entropy_coef, agg=st.agg, denom=denom,
-                                    is_weight=is_weight)
+                                    entropy=ent, entropy_coef=st.entropy_coef, agg=st.agg,
+                                    denom=denom, is_weight=is_weight)
                 loss.backward()
                 for key, v in s.items():  # token-weighted sums, divided at the end
                     sums[key] = sums.get(key, 0.0) + (v * s["tokens"] if key != "tokens" else v)
             grad_norm = self._reduce_and_clip()
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.updates, st)
-            if torch.isfinite(grad_norm):  # the global norm, identical on every rank: all skip together
+            if torch.isfinite(grad_norm):  # the global norm, same on every rank: all skip together
                 self.opt.step()
             else:
                 skipped += 1
@@ -284,12 +302,13 @@ class Trainer:
         return out
 
     def _metrics(self, sums: dict, gap: dict, mbs_all, comps) -> dict:
-        """Token-weighted means over all ranks, the trainer/engine log-prob gap and the padding share; the
-        tensors reach the host in one copy."""
+        """Token-weighted means over all ranks, the trainer/engine log-prob gap and the padding
+        share; the tensors reach the host in one copy."""
         tok = sums.pop("tokens")
         keys = sorted(sums)
         tot = self._sum(torch.stack([tok] + [sums[k] for k in keys]).float())
-        diffs = torch.cat([d.abs() for d in gap.values()]) if gap else torch.zeros(1, device=self.device)
+        diffs = torch.cat([d.abs() for d in gap.values()]) if gap else \
+            torch.zeros(1, device=self.device)
         dsum = self._sum(torch.stack([diffs.sum(), diffs.new_tensor(float(diffs.numel()))]))
         dmax = self._sum(diffs.max().clone(), dist.ReduceOp.MAX)
         host = torch.cat([tot[1:] / tot[0].clamp(min=1), (dsum[0] / dsum[1].clamp(min=1))[None],

@@ -3,7 +3,9 @@
     python bench/bench_kernels.py                    # CPU: torch path, fp32, N = 1024, 2048
     python bench/bench_kernels.py --n 1024,4096,16384 --dtype bf16   # on a GPU: torch and Triton paths
 
-At DeepSeek-R1-Distill-Qwen-1.5B's head (H=1536, V=151936). Each (impl, N) runs in a fresh process so the
+At DeepSeek-R1-Distill-Qwen-1.5B's head (H=1536, V=151936), temperature 0.6; impls: naive (fp32 matmul and
+softmax), naive-bf16 (the head matmul in bf16, softmax in fp32: the fair bar), torch (the chunked twin),
+triton. Each (impl, N) runs in a fresh process so the
 peak is its own. Extra memory = peak beyond the inputs and their gradients (CPU: max resident set; GPU: max
 allocated). On a GPU also the matmul floor: 8 N H V FLOPs (forward, recompute, dh, dW) at the card's
 measured bf16 GEMM rate. Writes bench/results/kernels-<device>.json.
@@ -20,7 +22,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.common import save_result  # noqa: E402
-H, V = 1536, 151936
+H, V, T = 1536, 151936, 0.6  # DeepSeek-R1-Distill-Qwen-1.5B's head at FastCuRL's temperature
 
 
 def rss_bytes():
@@ -45,10 +47,13 @@ def one(impl: str, n: int, dtype: str, reps: int) -> dict:
     grads = (n * H + V * H) * h.element_size()
 
     def run():
-        if impl == "naive":
-            lp, ent = reference_logprob_entropy(h, w, y)
+        if impl == "naive":  # fp32 matmul and softmax
+            lp, ent = reference_logprob_entropy(h, w, y, T)
+        elif impl == "naive-bf16":  # the head matmul in the input dtype, the softmax in fp32: what trainers write
+            logp = torch.log_softmax((h @ w.T).float() / T, -1)
+            lp, ent = logp.gather(-1, y[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
         else:
-            lp, ent = fused_logprob_entropy(h, w, y, impl=impl)
+            lp, ent = fused_logprob_entropy(h, w, y, T, impl=impl)
         (lp.sum() + 0.01 * ent.sum()).backward()
         h.grad = w.grad = None
 

@@ -2,11 +2,13 @@
 import json
 import os
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# FASTCURL_RESULTS moves them (bench/gpu_check.sh points it at the device call's $OUT)
+RESULTS = os.environ.get("FASTCURL_RESULTS") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                             "results")
 
 
 def save_result(name: str, res: dict, indent: int = 2) -> str:
-    """Write `res` as JSON to bench/results/<name>; returns the path."""
+    """Write `res` as JSON to bench/results/<name> (or $FASTCURL_RESULTS/<name>); returns the path."""
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name)
     with open(path, "w") as f:
