@@ -1,18 +1,22 @@
-"""Checkpoints that survive crashes: atomic save, manifest and checks, fallback, random states, the stop flag.
+"""Checkpoints that survive crashes: atomic save, manifest and checks, fallback, random states, the
+stop flag.
 
-<stage dir>/step<K>/: config.json, model.safetensors, tokenizer files (a Hugging Face folder), trainer_state.pt
-(step, sampler, counters), rank<r>.pt (each rank's optimizer state, its shards under fsdp, and random
-states), manifest.json (every file and its size, written last). Written into step<K>.tmp and renamed into
-place, then the `latest` marker is replaced: a crash at any moment leaves the previous checkpoint whole and
-findable.
+<stage dir>/step<K>/: config.json, model.safetensors, tokenizer files (a Hugging Face folder),
+trainer_state.pt (step, sampler, counters), rank<r>.pt (each rank's optimizer state, its shards
+under fsdp, and random states), manifest.json (every file's size and sha256, written last). Written
+into step<K>.tmp and renamed into place, then the `latest` marker is replaced: a crash at any moment
+leaves the previous checkpoint whole and findable, and a resume skips a newer one that fails its
+checks.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 
 import numpy as np
 import torch
@@ -33,7 +37,8 @@ def _fsync_dir(path):
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate()}
 
 
 def set_rng_state(s: dict):
@@ -42,7 +47,16 @@ def set_rng_state(s: dict):
     random.setstate(s["python"])
 
 
-def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: int = 0, keep: int = 0):
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: int = 0,
+                    keep: int = 0):
     """Write the checkpoint atomically (see above); keep the newest `keep` step folders (0: all)."""
     tmp = path + ".tmp"
     weights = trainer.full_state_dict()  # under fsdp: gathered unit by unit, every rank takes part
@@ -57,15 +71,19 @@ def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: 
         for _ in weights:
             pass
     barrier()
-    torch.save({"rng": rng_state(), "trainer": trainer.state_dict()}, os.path.join(tmp, f"rank{rank}.pt"))
+    torch.save({"rng": rng_state(), "trainer": trainer.state_dict()},
+               os.path.join(tmp, f"rank{rank}.pt"))
     barrier()
     if rank == 0:
         files = sorted(os.listdir(tmp))
+        mode = 0o666 & ~_umask()  # as any file the user writes (safetensors' temp files are 0600)
         for fn in files:
             with open(os.path.join(tmp, fn), "rb+") as f:
                 os.fsync(f.fileno())
-        manifest = {"files": {fn: os.path.getsize(os.path.join(tmp, fn)) for fn in files}, **{
-            k: v for k, v in extra.items() if isinstance(v, (int, str))}}
+            os.chmod(os.path.join(tmp, fn), mode)
+        manifest = {"files": {fn: {"bytes": os.path.getsize(os.path.join(tmp, fn)),
+                                   "sha256": sha256(os.path.join(tmp, fn))} for fn in files},
+                    **{k: v for k, v in extra.items() if isinstance(v, (int, str))}}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -96,54 +114,84 @@ def step_dirs(stage_dir: str) -> list[str]:
     return [os.path.join(stage_dir, d) for d in sorted(ds, key=lambda d: int(d[4:]))]
 
 
-def check_checkpoint(path: str) -> str | None:
-    """None when complete; else what is wrong (a missing manifest, a missing file, a size that differs)."""
+def _umask() -> int:
+    u = os.umask(0o022)
+    os.umask(u)
+    return u
+
+
+def check_checkpoint(path: str, content: bool = False) -> str | None:
+    """None when complete; else what is wrong: no manifest, a missing file, a size that differs, and
+    with content=True a sha256 that differs or a trainer_state.pt that does not load."""
     try:
         with open(os.path.join(path, "manifest.json")) as f:
             files = json.load(f)["files"]
     except (OSError, ValueError, KeyError):
         return "no readable manifest.json (the write never finished)"
-    for fn, size in files.items():
+    for fn, want in files.items():
         p = os.path.join(path, fn)
+        want = want if isinstance(want, dict) else {"bytes": want}  # manifests before sha256
         if not os.path.exists(p):
             return f"{fn} is missing"
-        if os.path.getsize(p) != size:
-            return f"{fn} has {os.path.getsize(p)} bytes, the manifest says {size}"
+        if os.path.getsize(p) != want["bytes"]:
+            return f"{fn} has {os.path.getsize(p)} bytes, the manifest says {want['bytes']}"
+        if content and "sha256" in want and sha256(p) != want["sha256"]:
+            return f"{fn}'s content differs from its sha256 in the manifest"
+    if content:
+        try:
+            torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        except Exception as e:  # whatever a damaged pickle raises
+            return f"trainer_state.pt does not load ({type(e).__name__}: {e})"
     return None
 
 
+def latest_marker(stage_dir: str) -> str | None:
+    """The checkpoint the `latest` marker names (the newest written), without checking it."""
+    try:
+        with open(os.path.join(stage_dir, "latest")) as f:
+            return os.path.join(stage_dir, f.read().strip())
+    except OSError:
+        return None
+
+
 def latest_checkpoint(stage_dir: str, log=print) -> str | None:
-    """The newest complete step checkpoint of a stage; a damaged newer one is skipped with a warning."""
+    """The newest step checkpoint of a stage whose files all match the manifest's sizes and sha256;
+    a damaged newer one is skipped with a warning."""
     for path in reversed(step_dirs(stage_dir)):
-        problem = check_checkpoint(path)
+        problem = check_checkpoint(path, content=True)
         if problem is None:
             return path
-        log(f"[fastcurl] warning: checkpoint {path} is damaged ({problem}); falling back to the one before")
+        log(f"[fastcurl] warning: checkpoint {path} is damaged ({problem}); falling back to the "
+            f"one before")
     return None
 
 
 class StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, checkpoints and exits 0 on every rank."""
+    """The first SIGTERM / SIGINT sets a flag: the loop finishes its step, checkpoints and exits 0
+    on every rank. A second one ends the process at once (the last checkpoint stays as it was)."""
 
     def __init__(self):
-        import signal
         self.hit = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._set)
 
     def _set(self, signum, frame):
+        if self.hit:
+            print(f"[fastcurl] second {signal.Signals(signum).name}: exiting now, without a "
+                  f"checkpoint", flush=True)
+            os._exit(128 + signum)
         self.hit = True
 
     def __call__(self) -> bool:
         flag = torch.tensor([float(self.hit)], device=comm_device())
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank signalled: all stop at the same step
+        if dist.is_initialized():  # one rank signalled: all stop at the same step
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
 def restore(path: str, trainer, sampler, rank: int) -> tuple[int, dict]:
-    """Load a step checkpoint into the trainer (this rank's optimizer shards), the sampler and the random
-    states -> (step, counters)."""
+    """Load a step checkpoint into the trainer (this rank's optimizer shards), the sampler and the
+    random states -> (step, counters)."""
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     mine = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
     trainer.load_state_dict(mine["trainer"])

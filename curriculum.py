@@ -1,13 +1,13 @@
 """FastCuRL's curriculum: stage tables and the loop that drives one stage.
 
-Each stage trains on its own slice of the problems (L1 = prompts no longer than the mean, L3 = longer,
-L2 = all) with its own response budget: short problems with a short budget first, then the budget grows
-(context scaling). One step of a stage:
+Each stage trains on its own slice of the problems (L1 = prompts no longer than the mean, L3 =
+longer, L2 = all) with its own response budget: short problems with a short budget first, then the
+budget grows (context scaling). One step of a stage:
 
     prompts -> engine.generate(n each, budget) -> rewards -> group advantages -> GRPO update
             -> push weights into the engine -> one metrics line -> (every K steps) a checkpoint
 
-    python curriculum.py plot runs/toy         # reward, length, entropy, truncation per step, by stage
+    python curriculum.py plot runs/toy     # reward, length, entropy, truncation per step, by stage
 """
 from __future__ import annotations
 
@@ -47,10 +47,11 @@ class Stage:
     mini_batches: int = 1  # optimizer updates per step (batch / mini-batch size)
 
 
-# FastCuRL-1.5B-Preview (stages 1-4) and the V2/V3 fifth stage: lr 1e-6, KL (k3) 0.001, entropy 0.001,
-# clip 0.2, temperature 0.6, prompt budget 1024, mini-batch 64 prompts, one PPO epoch. Stage 1 is about 160
-# steps and all four about 860 in batch-128 units; how stages 2-4 split their 1,400 batch-64 steps is our
-# estimate (the paper moves on when a stage stops improving): set --steps per stage as you see fit.
+# FastCuRL-1.5B-Preview (stages 1-4) and the V2/V3 fifth stage: lr 1e-6, KL (k3) 0.001, entropy
+# 0.001, clip 0.2, temperature 0.6, prompt budget 1024, mini-batch 64 prompts, one PPO epoch. Stage
+# 1 is about 160 steps and all four about 860 in batch-128 units; how stages 2-4 split their 1,400
+# batch-64 steps is our estimate (the paper moves on when a stage stops improving): set --steps per
+# stage as you see fit.
 RECIPES = {
     "fastcurl-1.5b": [
         Stage("L1", 8192, batch=128, n=8, steps=160, mini_batches=2),
@@ -70,8 +71,8 @@ RECIPES = {
 
 
 def eval_budget(stages: list[Stage]) -> int:
-    """The held-out eval's response budget: the largest of the recipe's stages, so that the scores of the
-    stages compare like with like."""
+    """The held-out eval's response budget: the largest of the recipe's stages, so that the scores
+    of the stages compare like for like."""
     return max(s.max_tokens for s in stages)
 
 
@@ -81,7 +82,8 @@ def rollout_seed(seed: int, stage: int, step: int, rank: int) -> int:
 
 @dataclasses.dataclass
 class Loop:
-    """What a stage's loop works with besides the stage itself: the pieces, where to write, when to stop."""
+    """What a stage's loop works with besides the stage itself: the pieces, where to write, when to
+    stop."""
     engine: Any            # rollout engine: generate(...), sleep(), update_weights(named tensors)
     trainer: Any           # trainer.Trainer: step(comps, adv, stage) -> stats, full_state_dict()
     tok: Any               # data.Tokenizer: decode(ids)
@@ -96,10 +98,12 @@ class Loop:
     should_stop: Callable = lambda: False  # a signal came: checkpoint and leave
 
 
-def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0, counters: dict | None = None) -> str:
+def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0,
+              counters: dict | None = None) -> str:
     """Train one stage from step `start` to st.steps; prompts are (ids, answer) pairs.
 
-    Returns "done", "stopped" (a signal: checkpoint written) or "nan" (max_skips bad updates in a row: saved)."""
+    Returns "done", "stopped" (a signal: checkpoint written) or "nan" (max_skips bad updates in a
+    row: saved)."""
     c = counters if counters is not None else {}
     for k in ("skipped_steps", "skips_in_row", "reward_errors"):
         c.setdefault(k, 0)
@@ -114,7 +118,8 @@ def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0, counte
                                      temperature=st.temperature, top_p=st.top_p,
                                      seed=rollout_seed(loop.seed, stage, step, loop.rank))
         # 2. rewards: 1 for a right boxed answer; a response cut at the budget scores 0
-        rewards = score_completions(comps, [batch[i // st.n][1] for i in range(len(comps))], loop.tok.decode)
+        answers = [batch[i // st.n][1] for i in range(len(comps))]
+        rewards = score_completions(comps, answers, loop.tok.decode)
         # 3. group-normalised advantages (each prompt's n samples live on one rank)
         adv = group_advantages(torch.tensor(rewards, device=comm_device()), st.n)
         t1 = time.time()
@@ -127,11 +132,17 @@ def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0, counte
         bad = stats.pop("skipped_updates")
         c["skipped_steps"] += bool(bad)
         c["skips_in_row"] = c["skips_in_row"] + 1 if bad else 0
-        rec = {"step": step + 1, "stage": stage, **_rollout_metrics(comps, rewards, st.n, loop.world, c),
-               **stats, "skipped_steps": c["skipped_steps"], "reward/errors": c["reward_errors"],
+        rec = {"step": step + 1, "stage": stage,
+               **_rollout_metrics(comps, rewards, st.n, loop.world, c), **stats,
+               "skipped_steps": c["skipped_steps"], "reward/errors": c["reward_errors"],
                "time/rollout_s": t1 - t0, "time/train_s": t2 - t1}
         rec["throughput/tokens_per_s"] = rec.pop("tokens") / (t2 - t0)
         if loop.rank == 0:
+            if rec["truncated_frac"] == 1.0 and not c.get("warned_all_cut"):
+                c["warned_all_cut"] = 1
+                print(f"[fastcurl] warning: every response of step {step + 1} was cut at the "
+                      f"budget ({st.max_tokens} tokens): cut responses score 0, nothing is learned",
+                      flush=True)
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
             el = time.time() - t_start
@@ -156,22 +167,23 @@ def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0, counte
 
 
 def _rollout_metrics(comps, rewards: list[float], n: int, world: int, counters: dict) -> dict:
-    """Reward, length, truncation and zero-advantage share over all ranks: every rank's values in one
-    all-gather (on the collectives' device), then one copy to the host."""
+    """Reward, length, truncation and zero-advantage share over all ranks: every rank's values in
+    one all-gather (on the collectives' device), then one copy to the host."""
     N = len(comps)
     r = torch.tensor(rewards, device=comm_device())
     zero = (r.view(-1, n).std(-1) == 0).float() if n > 1 else r.new_ones(N // n)
+    tokens = sum(len(x.prompt_ids) + len(x.response_ids) for x in comps)
     mine = torch.cat([r, r.new_tensor([float(len(x.response_ids)) for x in comps]),
                       r.new_tensor([float(x.finish_reason == "length") for x in comps]), zero,
-                      r.new_tensor([float(sum(len(x.prompt_ids) + len(x.response_ids) for x in comps)),
-                                    float(reward_errors())])])
+                      r.new_tensor([float(tokens), float(reward_errors())])])
     g = _all_ranks(mine, world)  # [world, 3N + N/n + 2]
     R, L, T = (g[:, k * N:(k + 1) * N].reshape(-1) for k in range(3))
     Z, tokens, errors = g[:, 3 * N:-2].reshape(-1), g[:, -2].sum(), g[:, -1].sum()
-    host = torch.stack([R.mean(), R.std(), L.mean(), L.max(), T.mean(), Z.mean(), tokens, errors]).tolist()
+    host = torch.stack([R.mean(), R.std(), L.mean(), L.max(), T.mean(), Z.mean(), tokens,
+                        errors]).tolist()
     counters["reward_errors"] += int(host[7])
-    return dict(zip(["reward/mean", "reward/std", "response_len/mean", "response_len/max", "truncated_frac",
-                     "zero_adv_frac", "tokens"], host))
+    return dict(zip(["reward/mean", "reward/std", "response_len/mean", "response_len/max",
+                     "truncated_frac", "zero_adv_frac", "tokens"], host))
 
 
 def _all_ranks(x: torch.Tensor, world: int) -> torch.Tensor:
@@ -205,13 +217,16 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 def plot(run_dir: str, out: str | None = None) -> str:
-    """Reward, response length, entropy and truncated fraction against global steps, stage boundaries marked."""
+    """Reward, response length, entropy and truncated fraction against global steps, stage
+    boundaries marked."""
     try:
         import matplotlib
+        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("plotting needs matplotlib: pip install matplotlib (or pip install -e .[plot])")
+        raise SystemExit("plotting needs matplotlib: pip install matplotlib (or pip install -e "
+                         ".[plot])")
     rows = read_metrics(run_dir)
     if not rows:
         raise SystemExit(f"{run_dir}: no stage*/metrics.jsonl to plot")
@@ -227,8 +242,10 @@ def plot(run_dir: str, out: str | None = None) -> str:
         ax.set_ylabel(label)
     starts = [1] + bounds
     for s in starts:
-        axes[0].text(s, axes[0].get_ylim()[1], f" stage {rows[s - 1]['stage']}", va="top", fontsize=8)
+        axes[0].text(s, axes[0].get_ylim()[1], f" stage {rows[s - 1]['stage']}", va="top",
+                     fontsize=8)
     axes[-1].set_xlabel("step (all stages)")
+    axes[-1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     out = out or os.path.join(run_dir, "curriculum.png")
     fig.savefig(out, dpi=100)
@@ -236,7 +253,10 @@ def plot(run_dir: str, out: str | None = None) -> str:
 
 
 if __name__ == "__main__":
+    usage = "usage: python curriculum.py plot RUN_DIR [OUT.png]"
     if len(sys.argv) >= 3 and sys.argv[1] == "plot":
         print(plot(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))
+    elif sys.argv[1:2] in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{__doc__}")
     else:
-        sys.exit("usage: python curriculum.py plot RUN_DIR [OUT.png]")
+        sys.exit(usage)

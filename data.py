@@ -159,6 +159,8 @@ class Tokenizer:
         vocab = self.tok.get_vocab()
         self.pad_id = next((vocab[t] for t in ("<pad>", "<|endoftext|>", "<｜end▁of▁sentence｜>") if t in vocab),
                            self.eos_ids[0] if self.eos_ids else 0)
+        unk = getattr(self.tok.model, "unk_token", None)
+        self.unk_id = self.tok.token_to_id(unk) if unk else None  # byte-level vocabularies have none
         self.template = ("r1" if "<｜Assistant｜>" in vocab else "qwen" if "<|im_start|>" in vocab
                          else "toy" if "\\boxed{" in vocab else "qwen")
 
@@ -170,10 +172,15 @@ class Tokenizer:
 
 
 def encode_problems(problems: list[Problem], tok: Tokenizer, template: str, max_prompt_len: int):
-    """-> (list of (prompt ids, answer), number dropped for exceeding max_prompt_len)."""
+    """-> (list of (prompt ids, answer), number dropped for exceeding max_prompt_len). A character
+    the vocabulary cannot write (the toy's unknown token) is an error naming the problem's line."""
     out, dropped = [], 0
     for p in problems:
         ids = tok.encode(format_prompt(p.problem, template))
+        if tok.unk_id is not None and tok.unk_id in ids:
+            bad = sorted({ch for ch in p.problem if tok.unk_id in tok.encode(ch)})
+            raise ValueError(f"{p.source or 'a problem'}: characters outside the model's vocabulary: "
+                             f"{''.join(bad)!r}")
         if len(ids) > max_prompt_len:
             dropped += 1
             continue
@@ -290,7 +297,12 @@ def main(argv=None):
     tp.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.cmd == "split":
-        probs = load_problems(a.file)
+        try:
+            probs = load_problems(a.file)
+            if os.path.exists(a.out) and not os.path.isdir(a.out):
+                raise ValueError(f"--out {a.out}: a file, not a folder")
+        except (ValueError, OSError, ImportError) as e:
+            raise SystemExit(f"[fastcurl] {e}")
         sets, mean, lens = split_by_length(probs, a.template)
         os.makedirs(a.out, exist_ok=True)
         print(f"{a.file}: {len(probs)} problems, mean user-turn length {mean:.1f} characters")

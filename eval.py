@@ -1,12 +1,16 @@
-"""Evaluate a checkpoint: pass@1 averaged over k samples per problem (the paper's metric), and pass@k.
+"""Evaluate a checkpoint: pass@1 averaged over k samples per problem (the paper's metric), and
+pass@k.
 
-    python eval.py                                    # the toy checkpoint on the toy held-out set
-    python eval.py --model CKPT --data aime24.jsonl,amc23.jsonl,math500.jsonl --k 16 --temperature 0.6 \\
-        --max-tokens 32768 [--out results.json]
-    torchrun --nproc_per_node 8 eval.py ...           # problems sharded across ranks, gathered on rank 0
+    python eval.py                                 # the toy checkpoint on the toy held-out set
+    python eval.py --model CKPT --data aime24.jsonl,amc23.jsonl,math500.jsonl --k 16 \\
+        --temperature 0.6 --max-tokens 32768 [--limit 100] [--out results.json]
+    torchrun --nproc_per_node 8 eval.py ...        # problems sharded across ranks, gathered on 0
 
-    pass@1 = mean over problems of c / k;  pass@k (unbiased, Chen et al. 2021) = 1 - C(k - c, k) / C(k, k)
-    = 1 if any of the k samples is right; c = right samples of the problem.
+    pass@1 = mean over problems of c / k;  pass@k (unbiased, Chen et al. 2021) = 1 - C(k - c, k) /
+    C(k, k) = 1 if any of the k samples is right; c = right samples of the problem.
+
+Every file and the model are checked before the model loads; with --out, the results so far are
+written after each file.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import torch.distributed as dist
 import data
 from curriculum import RECIPES, eval_budget
 from fsdp import close_dist, finish, setup_dist
-from model import Transformer, load_config
+from model import Transformer, check_weights, load_config
 from reward import score_completions
 from rollout import choose_engine, make_engine
 
@@ -36,32 +40,36 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - p
 
 
-def evaluate_file(engine, tok, template: str, path: str, *, k: int = 16, temperature: float = 0.6,
-                  top_p: float = 1.0, max_tokens: int = 32768, max_prompt: int = 1024, seed: int = 0,
-                  rank: int = 0, world: int = 1) -> dict:
-    """Score one problem file; under several ranks each takes problems rank::world and rank 0 gets all."""
-    probs = data.load_problems(path)
+def evaluate_file(engine, tok, template: str, path: str, *, k: int = 16,
+                  temperature: float = 0.6, top_p: float = 1.0, max_tokens: int = 32768,
+                  max_prompt: int = 1024, seed: int = 0, rank: int = 0, world: int = 1,
+                  problems: list | None = None, limit: int | None = None) -> dict:
+    """Score one problem file (or its problems, already loaded; the first `limit` of them); under
+    several ranks each takes problems rank::world and rank 0 gets all."""
+    probs = (problems if problems is not None else data.load_problems(path))[:limit]
     mine = list(range(rank, len(probs), world))
     enc, dropped = data.encode_problems([probs[i] for i in mine], tok, template, 10 ** 9)
     long = [len(ids) > max_prompt for ids, _ in enc]
     t0 = time.time()
-    comps = engine.generate([ids for ids, _ in enc], n=k, max_tokens=max_tokens, temperature=temperature,
-                            top_p=top_p, seed=seed + rank)
-    rewards = score_completions(comps, [probs[mine[j // k]].answer for j in range(len(comps))], tok.decode)
+    comps = engine.generate([ids for ids, _ in enc], n=k, max_tokens=max_tokens,
+                            temperature=temperature, top_p=top_p, seed=seed + rank)
+    answers = [probs[mine[j // k]].answer for j in range(len(comps))]
+    rewards = score_completions(comps, answers, tok.decode)
     rows = []
     for j, i in enumerate(mine):
         cs = comps[j * k:(j + 1) * k]
         rows.append({"index": i, "problem": probs[i].problem, "answer": probs[i].answer,
                      "correct": int(sum(rewards[j * k:(j + 1) * k])), "k": k,
                      "lengths": [len(c.response_ids) for c in cs],
-                     "truncated": sum(c.finish_reason == "length" for c in cs), "prompt_over_budget": long[j],
-                     "sample": tok.decode(cs[0].response_ids)})
+                     "truncated": sum(c.finish_reason == "length" for c in cs),
+                     "prompt_over_budget": long[j], "sample": tok.decode(cs[0].response_ids)})
     if world > 1:
         allrows = [None] * world
         dist.all_gather_object(allrows, rows)
         rows = sorted((r for part in allrows for r in part), key=lambda r: r["index"])
     lens = [n for r in rows for n in r["lengths"]]
-    return {"file": path, "problems": len(rows), "k": k, "temperature": temperature, "max_tokens": max_tokens,
+    return {"file": path, "problems": len(rows), "k": k, "temperature": temperature,
+            "max_tokens": max_tokens,
             "pass@1": sum(r["correct"] / k for r in rows) / len(rows),
             f"pass@{k}": sum(pass_at_k(k, r["correct"], k) for r in rows) / len(rows),
             "response_len/mean": sum(lens) / len(lens), "response_len/max": max(lens),
@@ -71,56 +79,93 @@ def evaluate_file(engine, tok, template: str, path: str, *, k: int = 16, tempera
 
 def main(argv=None):
     toy = RECIPES["toy"]
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=data.TOY_MODEL)
-    ap.add_argument("--data", default=data.TOY_EVAL, help="comma-separated problem files")
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--temperature", type=float, default=None,
-                    help=f"default 0.6 ({toy[0].temperature} for the toy, as its recipe)")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--max-tokens", type=int, default=None,
-                    help=f"default 32768 ({eval_budget(toy)} for the toy: its recipe's largest budget)")
-    ap.add_argument("--max-prompt", type=int, default=None,
-                    help=f"default 1024 ({toy[0].max_prompt} for the toy)")
-    ap.add_argument("--rollout", default="auto", choices=["auto", "torch", "vllm"])
-    ap.add_argument("--template", default=None, choices=["r1", "qwen", "toy"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="auto", help="auto (CUDA when there is a GPU), cuda or cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--out", default=None, help="write a JSON with per-problem results")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = ap.add_argument
+    add("--model", default=data.TOY_MODEL)
+    add("--data", default=data.TOY_EVAL, help="comma-separated problem files")
+    add("--k", type=int, default=16, help="samples per problem")
+    add("--limit", type=int, default=None, help="only the first N problems of each file")
+    add("--temperature", type=float, default=None,
+        help=f"default 0.6 ({toy[0].temperature} for the toy, as its recipe)")
+    add("--top-p", type=float, default=1.0)
+    add("--max-tokens", type=int, default=None,
+        help=f"default 32768 ({eval_budget(toy)} for the toy: its recipe's largest budget)")
+    add("--max-prompt", type=int, default=None,
+        help=f"default 1024 ({toy[0].max_prompt} for the toy)")
+    add("--rollout", default="auto", choices=["auto", "torch", "vllm"])
+    add("--template", default=None, choices=["r1", "qwen", "toy"])
+    add("--seed", type=int, default=0)
+    add("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    add("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add("--out", default=None, help="write a JSON with per-problem results (after each file)")
     a = ap.parse_args(argv)
     rank, world, device = setup_dist(a.device)
-    tok = data.Tokenizer(a.model)
-    template = a.template or tok.template
+    # every input checked before the model loads
+    try:
+        if not os.path.isdir(a.model):
+            raise ValueError(f"--model {a.model}: no such folder")
+        check_weights(a.model)
+        positions = load_config(a.model).max_position_embeddings
+        tok = data.Tokenizer(a.model)
+        template = a.template or tok.template
+        files = {path: data.load_problems(path) for path in a.data.split(",")}
+        for problems in files.values():
+            data.encode_problems(problems[:a.limit], tok, template, 10 ** 9)
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f"[fastcurl] {e}")
     is_toy = template == "toy"
-    temperature = a.temperature if a.temperature is not None else toy[0].temperature if is_toy else 0.6
+    temperature = a.temperature if a.temperature is not None else \
+        toy[0].temperature if is_toy else 0.6
     max_tokens = a.max_tokens or (eval_budget(toy) if is_toy else 32768)
     max_prompt = a.max_prompt or (toy[0].max_prompt if is_toy else 1024)
-    positions = load_config(a.model).max_position_embeddings
+    for flag, value, ok in (("--k", a.k, a.k >= 1), ("--max-tokens", max_tokens, max_tokens >= 1),
+                            ("--max-prompt", max_prompt, max_prompt >= 1),
+                            ("--limit", a.limit, a.limit is None or a.limit >= 1),
+                            ("--temperature", temperature, temperature > 0),
+                            ("--top-p", a.top_p, 0 < a.top_p <= 1)):
+        if not ok:
+            raise SystemExit(f"[fastcurl] {flag} {value}: out of range")
     if max_prompt + max_tokens > positions:
-        raise SystemExit(f"--max-prompt {max_prompt} + --max-tokens {max_tokens} exceeds {a.model}'s "
-                         f"max_position_embeddings {positions}")
-    model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=device).eval()
+        raise SystemExit(f"[fastcurl] --max-prompt {max_prompt} + --max-tokens {max_tokens} "
+                         f"exceeds {a.model}'s max_position_embeddings {positions}")
+    if a.out and rank == 0:
+        check_out_file(a.out)
+    model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=device)
+    model.eval()
     kind, why = choose_engine(a.rollout, model.config)
     if rank == 0:
         print(f"[fastcurl] rollout engine: {kind} ({why})", flush=True)
     engine = make_engine(kind, model, tok, model_dir=a.model, rank=rank, world=world, seed=a.seed,
                          dtype=a.dtype, max_model_len=max_prompt + max_tokens)
     results = []
-    for path in a.data.split(","):
-        results.append(evaluate_file(engine, tok, template, path, k=a.k, temperature=temperature, top_p=a.top_p,
-                                     max_tokens=max_tokens, max_prompt=max_prompt, seed=a.seed,
-                                     rank=rank, world=world))
-    if rank == 0:
-        print(f"{'file':32s} {'n':>5s} {'pass@1':>7s} {'pass@k':>7s} {'len':>8s} {'max':>6s} {'trunc':>6s}")
-        for r in results:
-            print(f"{os.path.basename(r['file'])[:32]:32s} {r['problems']:5d} {100 * r['pass@1']:7.1f} "
-                  f"{100 * r[f'pass@{a.k}']:7.1f} {r['response_len/mean']:8.1f} {r['response_len/max']:6d} "
-                  f"{100 * r['truncated_frac']:6.1f}")
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump({"model": a.model, "results": results}, f, indent=2)
+    for path, problems in files.items():
+        results.append(evaluate_file(engine, tok, template, path, k=a.k, temperature=temperature,
+                                     top_p=a.top_p, max_tokens=max_tokens, max_prompt=max_prompt,
+                                     seed=a.seed, rank=rank, world=world, problems=problems,
+                                     limit=a.limit))
+        if rank == 0:
+            print_row(results[-1], a.k, header=len(results) == 1)
+            if a.out:  # written as each file is done: a later failure keeps the earlier scores
+                with open(a.out + ".tmp", "w") as f:
+                    json.dump({"model": a.model, "results": results}, f, indent=2)
+                os.replace(a.out + ".tmp", a.out)
     close_dist(engine)
+
+
+def check_out_file(path: str):
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise SystemExit(f"[fastcurl] --out {path}: {d} is not a writable folder")
+
+
+def print_row(r: dict, k: int, header: bool):
+    if header:
+        print(f"{'file':32s} {'n':>5s} {'pass@1':>7s} {'pass@k':>7s} {'len':>8s} {'max':>6s} "
+              f"{'trunc':>6s}")
+    print(f"{os.path.basename(r['file'])[:32]:32s} {r['problems']:5d} {100 * r['pass@1']:7.1f} "
+          f"{100 * r[f'pass@{k}']:7.1f} {r['response_len/mean']:8.1f} {r['response_len/max']:6d} "
+          f"{100 * r['truncated_frac']:6.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -356,6 +356,29 @@ def checkpoint_files(path: str) -> list[str]:
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
 
+def check_weights(path: str):
+    """Raise ValueError naming the file when a weight file is missing, unreadable or truncated: each
+    safetensors file is an 8-byte header length, a JSON header with every tensor's byte range, then
+    the bytes; the last range must end exactly at the end of the file."""
+    for file in checkpoint_files(path):
+        if not os.path.exists(file):
+            raise ValueError(f"{file}: missing (named by model.safetensors.index.json)")
+        size = os.path.getsize(file)
+        try:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n <= size - 8:
+                    raise ValueError
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                      default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            raise ValueError(f"{file}: not a readable safetensors file") from None
+        if 8 + n + end != size:
+            raise ValueError(f"{file}: truncated or damaged: its header describes {8 + n + end} "
+                             f"bytes, the file has {size}")
+
+
 def init_weights(model: Transformer, std: float = 0.02, seed: int = 0):
     """Random init (normal(0, std) for matrices, zeros for biases, ones for norms), reproducible:
     drawn on the CPU from one seeded generator and copied to each parameter's device, so every

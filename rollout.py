@@ -1,13 +1,16 @@
-"""Rollout engines with one interface: generate(prompts, n, ...) -> completions; update_weights(named_tensors).
+"""Rollout engines with one interface: generate(prompts, n, ...) -> completions;
+update_weights(named_tensors).
 
 TorchEngine samples from the policy module itself: prompts left-padded into one batch, one prefill,
-the prompt's KV cache copied to its n samples, then one decode step for all rows per token; finished rows
-leave the batch and its cache once they are a quarter of it (one copy of the cache per quarter, not one per
-finished row). Each sampled token's log-prob is log softmax(z / T)[token], the tempered distribution before
-top-p, which is what the trainer computes.
+the prompt's KV cache copied to its n samples, then one decode step for all rows per token;
+finished rows leave the batch and its cache once they are a quarter of it (one copy of the cache
+per quarter, not one per finished row). Each sampled token's log-prob is log softmax(z / T)[token],
+the tempered distribution before top-p, which is what the trainer computes.
 """
 from __future__ import annotations
 
+import logging
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -26,8 +29,10 @@ class Completion:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
-    """-> (tokens [B], log-probs [B]) from logits [B, V]: greedy at temperature 0, else softmax(z/T) cut to top-p."""
-    logits = torch.nan_to_num(logits, nan=0.0, posinf=1e4, neginf=-1e4)  # a diverged policy still samples
+    """-> (tokens [B], log-probs [B]) from logits [B, V]: greedy at temperature 0, else softmax(z/T)
+    cut to top-p."""
+    # a diverged policy still samples
+    logits = torch.nan_to_num(logits, nan=0.0, posinf=1e4, neginf=-1e4)
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
@@ -37,8 +42,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
         sp, idx = probs.sort(-1, descending=True)
         drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter(-1, idx, sp.masked_fill(drop, 0.0))
-    # inverse CDF: one uniform per row (torch.multinomial draws an exponential per vocabulary entry: 3x slower
-    # at 152K). The running sum is float64: in float32 its rounding moves ~1e-3 of the mass of a flat distribution.
+    # inverse CDF: one uniform per row (torch.multinomial draws an exponential per vocabulary entry:
+    # 3x slower at 152K). The running sum is float64: in float32 its rounding moves ~1e-3 of the
+    # mass of a flat distribution.
     cdf = probs.cumsum(-1, dtype=torch.float64)
     u = torch.rand(len(cdf), 1, generator=gen, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
     tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
@@ -53,21 +59,26 @@ class TorchEngine:
 
     def __init__(self, model: Transformer, eos_ids: list[int], pad_id: int = 0, max_rows: int = 512,
                  packed: bool | None = None):
-        self.model, self.eos_ids, self.pad_id, self.max_rows = model, list(eos_ids), pad_id, max_rows
+        self.model, self.eos_ids, self.pad_id, self.max_rows = (model, list(eos_ids), pad_id,
+                                                                max_rows)
         on_cpu = model.lm_head.weight.device.type == "cpu"
-        can_pack = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        can_pack = (torch.backends.mkldnn.is_available()
+                    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
         self.packed = (on_cpu and can_pack) if packed is None else packed
-        self._packs = {}  # name -> ((data_ptr, version) of the weight it was packed from, packed weight)
+        # name -> ((data_ptr, version) of the weight it was packed from, packed weight)
+        self._packs = {}
 
-    # On a CPU every linear layer and the head run on oneDNN's pre-packed weights while decoding: at decode
-    # shapes 1.4-2x faster than F.linear (64 rows x 896 -> 151936: 99 vs 202 ms). A weight is packed again
-    # when its version counter moves (the optimizer's in-place update), so sampling always sees the current
-    # policy. Packing all of a 0.5B model takes ~0.7 s, and the packed copy (the size of the weights) is kept.
+    # On a CPU every linear layer and the head run on oneDNN's pre-packed weights while decoding: at
+    # decode shapes 1.4-2x faster than F.linear (64 rows x 896 -> 151936: 99 vs 202 ms). A weight is
+    # packed again when its version counter moves (the optimizer's in-place update), so sampling
+    # always sees the current policy. Packing all of a 0.5B model takes ~0.7 s, and the packed copy
+    # (the size of the weights) is kept.
     def _linear(self, name: str, w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None = None):
         key = (w.data_ptr(), w._version)
         hit = self._packs.get(name)
         if hit is None or hit[0] != key:
-            hit = self._packs[name] = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach().to(x.dtype)))
+            hit = self._packs[name] = (
+                key, torch.ops.mkldnn._reorder_linear_weight(w.detach().to(x.dtype)))
         return torch.ops.mkldnn._linear_pointwise(x, hit[1], b, "none", [], "")
 
     def _logits(self, hidden):
@@ -77,7 +88,8 @@ class TorchEngine:
 
     @contextmanager
     def _packed_layers(self):
-        mods = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+        mods = [(n, m) for n, m in self.model.named_modules()
+                if isinstance(m, nn.Linear) and n != "lm_head"]
         if self.packed:
             for n, m in mods:
                 m.forward = lambda x, n=n, m=m: self._linear(n, m.weight, x, m.bias)
@@ -100,14 +112,15 @@ class TorchEngine:
                 if name in params and params[name].data_ptr() != t.data_ptr():
                     params[name].copy_(t)
 
-    def generate(self, prompts: list[list[int]], n: int = 1, max_tokens: int = 64, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0) -> list[Completion]:
+    def generate(self, prompts: list[list[int]], n: int = 1, max_tokens: int = 64,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[Completion]:
         """n samples per prompt, prompt-major: out[i * n + j] is sample j of prompt i."""
         per_call = max(1, self.max_rows // n)
         out = []
         for s in range(0, len(prompts), per_call):
             with self._packed_layers():
-                out += self._generate(prompts[s:s + per_call], n, max_tokens, temperature, top_p, seed + s)
+                out += self._generate(prompts[s:s + per_call], n, max_tokens, temperature, top_p,
+                                      seed + s)
         return out
 
     @torch.inference_mode()
@@ -123,7 +136,8 @@ class TorchEngine:
             valid[i, P - len(p):P] = True
         pos = (valid[:, :P].cumsum(-1) - 1).clamp(min=0)
         causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        mask = (causal & valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)  # pads see themselves
+        # pads see themselves
+        mask = (causal & valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)
         cache = KVCache(m.config, B, P + max_tokens, dev, m.lm_head.weight.dtype)
         was_training = m.training
         m.eval()
@@ -145,7 +159,8 @@ class TorchEngine:
             going = ~done[live]
             if t == max_tokens - 1 or not going.any():
                 break
-            if (~going).sum() * 4 >= len(live):  # a quarter of the batch has finished: drop those rows and their cache
+            # a quarter of the batch has finished: drop those rows and their cache
+            if (~going).sum() * 4 >= len(live):
                 live, tok, pos, valid = live[going], tok[going], pos[going], valid[going]
                 cache.select(going.nonzero()[:, 0])
             valid[:, P + t] = True
@@ -157,35 +172,36 @@ class TorchEngine:
         toks, lps, done = toks.tolist(), lps.tolist(), done.tolist()
         for r in range(B * n):
             k = next((j for j, x in enumerate(toks[r]) if x < 0), max_tokens)
-            out.append(Completion(list(prompts[r // n]), toks[r][:k], lps[r][:k], "stop" if done[r] else "length"))
+            out.append(Completion(list(prompts[r // n]), toks[r][:k], lps[r][:k],
+                                  "stop" if done[r] else "length"))
         return out
 
 
 class VLLMEngine:
-    """vLLM in-process, one engine per torchrun rank (external launcher, data parallel = world size, a seed per
-    rank). Token-id prompts in, Completion records out, with vLLM's log-probs of the sampled tokens after
-    temperature (logprobs_mode="processed_logprobs"), the same quantity the trainer computes.
+    """vLLM in-process, one engine per torchrun rank (external launcher, data parallel = world size,
+    a seed per rank). Token-id prompts in, Completion records out, with vLLM's log-probs of the
+    sampled tokens after temperature (logprobs_mode="processed_logprobs"), the same quantity the
+    trainer computes.
 
-    update_weights streams Hugging Face (name, tensor) pairs into the running engine, then resets the prefix
-    cache. On a GPU the engine sleeps while the trainer works: level 1 keeps the weights in CPU memory,
-    level 2 drops them (the full weights are sent after every step either way, so both are safe).
+    update_weights streams Hugging Face (name, tensor) pairs into the running engine, then resets
+    the prefix cache. On a GPU the engine sleeps while the trainer works: level 1 keeps the weights
+    in CPU memory, level 2 drops them (the full weights are sent after every step either way, so
+    both are safe).
     """
 
     name = "vllm"
 
-    def __init__(self, model_dir: str, *, max_model_len: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 dtype: str = "auto", gpu_memory_utilization: float | None = None, enforce_eager: bool | None = None,
-                 sleep_level: int | None = None):
-        import os
-
+    def __init__(self, model_dir: str, *, max_model_len: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, dtype: str = "auto", gpu_memory_utilization: float | None = None,
+                 enforce_eager: bool | None = None, sleep_level: int | None = None):
         import torch
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: colocated
-        import vllm
+        vllm = import_vllm()
         from vllm import LLM
 
         major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
         if (major, minor) < (0, 10):
-            raise RuntimeError(f"vllm {vllm.__version__} is too old for fastcurl's colocated engine: need >= 0.10")
+            raise RuntimeError(f"vllm {vllm.__version__} is too old for fastcurl's colocated "
+                               f"engine: need >= 0.10")
         cuda = torch.cuda.is_available()
         self.sleep_level = (1 if cuda else 0) if sleep_level is None else sleep_level
         kw = dict(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed + rank,
@@ -199,18 +215,22 @@ class VLLMEngine:
         self.llm = LLM(**kw)
         self.asleep = False
 
-    def generate(self, prompts, n=1, max_tokens=64, temperature=1.0, top_p=1.0, seed=0) -> list[Completion]:
+    def generate(self, prompts, n=1, max_tokens=64, temperature=1.0, top_p=1.0,
+                 seed=0) -> list[Completion]:
         from vllm import SamplingParams
 
         self.wake_up()
-        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, logprobs=0)
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp, use_tqdm=False)
+        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                            seed=seed, logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp,
+                                 use_tqdm=False)
         comps = []
         for p, o in zip(prompts, outs):
             for c in o.outputs:
                 ids = list(c.token_ids)
                 lps = [c.logprobs[j][t].logprob for j, t in enumerate(ids)] if c.logprobs else []
-                comps.append(Completion(list(p), ids, lps, "stop" if c.finish_reason == "stop" else "length"))
+                comps.append(Completion(list(p), ids, lps,
+                                        "stop" if c.finish_reason == "stop" else "length"))
         return comps
 
     def sleep(self):
@@ -230,19 +250,23 @@ class VLLMEngine:
             reload = runner.reload_weights
         except AttributeError:
             import vllm
-            raise RuntimeError(f"vllm {vllm.__version__}: no in-process model_runner.reload_weights to push weights "
-                               f"into (fastcurl targets vLLM 0.32 with the engine in this process)") from None
+            raise RuntimeError(f"vllm {vllm.__version__}: no in-process "
+                               f"model_runner.reload_weights to push weights into (fastcurl "
+                               f"targets vLLM 0.32 with the engine in this process)") from None
         reload(weights_iterator=((n, t.detach()) for n, t in named_tensors))
         self.llm.reset_prefix_cache()
 
     def prompt_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
-        """log p(token_t | tokens_<t) for t >= 1 of each sequence, at temperature 1 (a check, not a sampler)."""
+        """log p(token_t | tokens_<t) for t >= 1 of each sequence, at temperature 1 (a check, not a
+        sampler)."""
         from vllm import SamplingParams
 
         self.wake_up()
         outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in seqs],
-                                 SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)
-        return [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], s[1:])] for o, s in zip(outs, seqs)]
+                                 SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
+                                 use_tqdm=False)
+        return [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], s[1:])]
+                for o, s in zip(outs, seqs)]
 
 
 # ---- the engine factory ------------------------------------------------------------------------
@@ -250,10 +274,28 @@ class VLLMEngine:
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
+def import_vllm():
+    """vLLM with its engine core in this process (colocated) and its own log at warnings and errors
+    (set VLLM_LOGGING_LEVEL=INFO for all of it). Pushing weights leaves the rotary embedding's
+    cos/sin cache (computed, not loaded) as it is, which vLLM warns about after every push: that
+    warning is dropped."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    import vllm
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if _not_rotary not in log.filters:
+        log.addFilter(_not_rotary)
+    return vllm
+
+
+def _not_rotary(record) -> bool:
+    return not (record.msg == "%s: Failed to load weights" and record.args == ("RotaryEmbedding",))
+
+
 def vllm_usable(cfg) -> str | None:
     """None when vLLM can serve this model here, else why not."""
     try:
-        import vllm  # noqa: F401
+        import_vllm()
     except Exception as e:  # an install can fail at import in several ways
         return f"vllm does not import ({type(e).__name__}: {e})"
     if not torch.cuda.is_available() and cfg.head_dim not in VLLM_CPU_HEAD_SIZES:
@@ -262,17 +304,19 @@ def vllm_usable(cfg) -> str | None:
 
 
 def choose_engine(kind: str, cfg) -> tuple[str, str]:
-    """--rollout auto | torch | vllm -> ("vllm" | "torch", why): auto takes vLLM when it can serve the model."""
+    """--rollout auto | torch | vllm -> ("vllm" | "torch", why): auto takes vLLM when it can serve
+    the model."""
     why = vllm_usable(cfg) if kind in ("auto", "vllm") else "asked for torch"
     if kind == "vllm" and why:
         raise SystemExit(f"--rollout vllm: {why}")
     return ("torch", why) if why else ("vllm", "asked for" if kind == "vllm" else "auto")
 
 
-def make_engine(kind: str, model, tok, *, model_dir: str, max_model_len: int, rank: int = 0, world: int = 1,
-                seed: int = 0, dtype: str = "float32"):
-    """kind "torch": sample from `model` (the policy or its inference copy); "vllm": colocated vLLM on
-    model_dir, serving prompt + response up to max_model_len tokens."""
+def make_engine(kind: str, model, tok, *, model_dir: str, max_model_len: int, rank: int = 0,
+                world: int = 1, seed: int = 0, dtype: str = "float32"):
+    """kind "torch": sample from `model` (the policy or its inference copy); "vllm": colocated vLLM
+    on model_dir, serving prompt + response up to max_model_len tokens."""
     if kind == "vllm":
-        return VLLMEngine(model_dir, max_model_len=max_model_len, rank=rank, world=world, seed=seed, dtype=dtype)
+        return VLLMEngine(model_dir, max_model_len=max_model_len, rank=rank, world=world, seed=seed,
+                          dtype=dtype)
     return TorchEngine(model, tok.eos_ids, tok.pad_id)
