@@ -1,7 +1,8 @@
-"""Problems in, token ids out: problem files, chat templates, FastCuRL's length split, the toy task, a sampler.
+"""Problems in, token ids out: problem files, chat templates, FastCuRL's length split, the toy task,
+a sampler.
 
-    python data.py split FILE --out DIR [--template r1]   # FastCuRL: L1 (short), L2 (all), L3 (long)
-    python data.py toy --out assets/toy                   # regenerate the toy task's train/eval files
+  python data.py split FILE --out DIR [--template r1]   # FastCuRL: L1 (short), L2 (all), L3 (long)
+  python data.py toy --out assets/toy                   # regenerate the toy task's train/eval files
 """
 from __future__ import annotations
 
@@ -41,13 +42,16 @@ def _answer(v, where):
         return v
     if isinstance(v, (list, tuple)) and v:
         return [_answer(x, where) for x in v]
-    raise ValueError(f"{where}: field 'answer' must be a string, a number or a non-empty list, got {v!r}")
+    raise ValueError(f"{where}: field 'answer' must be a string, a number or a non-empty list, "
+                     f"got {v!r}")
 
 
 def _row(row, where) -> Problem:
-    """One record: {problem, answer} (DeepScaleR) or {prompt: [messages], reward_model: {ground_truth}} (verl)."""
+    """One record: {problem, answer} (DeepScaleR) or {prompt: [messages], reward_model:
+    {ground_truth}} (verl)."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object with 'problem' and 'answer', got {type(row).__name__}")
+        raise ValueError(f"{where}: expected an object with 'problem' and 'answer', "
+                         f"got {type(row).__name__}")
     if "problem" in row or "answer" in row:
         for field in ("problem", "answer"):
             if field not in row:
@@ -57,8 +61,8 @@ def _row(row, where) -> Problem:
         return Problem(row["problem"], _answer(row["answer"], where), where)
     if "prompt" in row and "reward_model" in row:
         msgs = row["prompt"]
-        users = [m.get("content") for m in (msgs if hasattr(msgs, "__iter__") else []) if isinstance(m, dict)
-                 and m.get("role") == "user"]
+        users = [m.get("content") for m in (msgs if hasattr(msgs, "__iter__") else [])
+                 if isinstance(m, dict) and m.get("role") == "user"]
         if not users or not isinstance(users[-1], str):
             raise ValueError(f"{where}: field 'prompt' has no user message")
         rm = row["reward_model"]
@@ -71,14 +75,16 @@ def _row(row, where) -> Problem:
 
 
 def load_problems(path: str) -> list[Problem]:
-    """Read a JSON list, JSONL or parquet problem file; any bad record stops here with file, line and field."""
+    """Read a JSON list, JSONL or parquet problem file; any bad record stops here with file, line
+    and field."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such problem file")
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+            raise ImportError(
+                f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         rows = pq.read_table(path).to_pylist()
         out = [_row(r, f"{path}:row {i + 1}") for i, r in enumerate(rows)]
     else:
@@ -130,7 +136,8 @@ def format_prompt(problem: str, template: str) -> str:
     if template == "r1":  # DeepSeek-R1-Distill: generation opens the think block
         return f"<｜begin▁of▁sentence｜><｜User｜>{user_turn(problem, 'r1')}<｜Assistant｜><think>\n"
     if template == "qwen":
-        return (f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n<|im_start|>user\n{problem}<|im_end|>\n"
+        return (f"<|im_start|>system\n{QWEN_SYSTEM}<|im_end|>\n"
+                f"<|im_start|>user\n{problem}<|im_end|>\n"
                 f"<|im_start|>assistant\n")
     if template == "toy":
         return f"{problem}="
@@ -138,7 +145,8 @@ def format_prompt(problem: str, template: str) -> str:
 
 
 class Tokenizer:
-    """tokenizer.json through `tokenizers`; EOS ids from generation_config.json, else config.json."""
+    """tokenizer.json through `tokenizers`; EOS ids from generation_config.json, else
+    config.json."""
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer as HFTokenizer
@@ -157,10 +165,12 @@ class Tokenizer:
                     break
         self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         vocab = self.tok.get_vocab()
-        self.pad_id = next((vocab[t] for t in ("<pad>", "<|endoftext|>", "<｜end▁of▁sentence｜>") if t in vocab),
+        self.pad_id = next((vocab[t] for t in ("<pad>", "<|endoftext|>", "<｜end▁of▁sentence｜>")
+                            if t in vocab),
                            self.eos_ids[0] if self.eos_ids else 0)
         unk = getattr(self.tok.model, "unk_token", None)
-        self.unk_id = self.tok.token_to_id(unk) if unk else None  # byte-level vocabularies have none
+        # byte-level vocabularies have none
+        self.unk_id = self.tok.token_to_id(unk) if unk else None
         self.template = ("r1" if "<｜Assistant｜>" in vocab else "qwen" if "<|im_start|>" in vocab
                          else "toy" if "\\boxed{" in vocab else "qwen")
 
@@ -179,8 +189,8 @@ def encode_problems(problems: list[Problem], tok: Tokenizer, template: str, max_
         ids = tok.encode(format_prompt(p.problem, template))
         if tok.unk_id is not None and tok.unk_id in ids:
             bad = sorted({ch for ch in p.problem if tok.unk_id in tok.encode(ch)})
-            raise ValueError(f"{p.source or 'a problem'}: characters outside the model's vocabulary: "
-                             f"{''.join(bad)!r}")
+            raise ValueError(f"{p.source or 'a problem'}: characters outside the model's "
+                             f"vocabulary: {''.join(bad)!r}")
         if len(ids) > max_prompt_len:
             dropped += 1
             continue
@@ -191,7 +201,8 @@ def encode_problems(problems: list[Problem], tok: Tokenizer, template: str, max_
 # ---- FastCuRL's split ------------------------------------------------------------------------
 
 def split_by_length(problems: list[Problem], template: str = "r1"):
-    """Cut at the mean user-turn length (characters): L1 = len <= mean (short), L3 = len > mean (long), L2 = all."""
+    """Cut at the mean user-turn length (characters): L1 = len <= mean (short), L3 = len > mean
+    (long), L2 = all."""
     lens = [len(user_turn(p.problem, template)) for p in problems]
     mean = sum(lens) / len(lens)
     l1 = [p for p, n in zip(problems, lens) if n <= mean]
@@ -206,7 +217,8 @@ def histogram(lens: list[int], bins: int = 12, width: int = 40) -> str:
     for n in lens:
         counts[min((n - lo) // step, bins - 1)] += 1
     top = max(counts)
-    return "\n".join(f"{lo + i * step:6d}-{lo + (i + 1) * step - 1:<6d} {c:7d} {'#' * round(width * c / top)}"
+    return "\n".join(f"{lo + i * step:6d}-{lo + (i + 1) * step - 1:<6d} {c:7d} "
+                     f"{'#' * round(width * c / top)}"
                      for i, c in enumerate(counts) if c or i < bins)
 
 
@@ -217,8 +229,10 @@ def toy_problem(rng: random.Random, n_terms: int) -> Problem:
     return Problem("+".join(map(str, terms)), str(sum(terms)))
 
 
-def toy_trace(problem: str, rng: random.Random, slip_p: float = 0.0, repeat_p: float = 0.0) -> str:
-    """Running sums "3+5=8,8+2=10.\\boxed{10}"; each step may slip (off by 1-3, carried on) or be repeated."""
+def toy_trace(problem: str, rng: random.Random, slip_p: float = 0.0,
+              repeat_p: float = 0.0) -> str:
+    """Running sums "3+5=8,8+2=10.\\boxed{10}"; each step may slip (off by 1-3, carried on) or be
+    repeated."""
     terms = [int(t) for t in problem.split("+")]
     acc, steps = terms[0], []
     for t in terms[1:]:
@@ -234,7 +248,8 @@ def toy_trace(problem: str, rng: random.Random, slip_p: float = 0.0, repeat_p: f
 
 
 def toy_sets(seed: int = 0, n_train: int = 20000, n_eval: int = 512, terms=(2, 8)):
-    """Deterministic train / held-out sets, term counts uniform in `terms`; no held-out problem is in train."""
+    """Deterministic train / held-out sets, term counts uniform in `terms`; no held-out problem is
+    in train."""
     rng = random.Random(seed)
     ev = [toy_problem(rng, rng.randint(*terms)) for _ in range(n_eval)]
     seen = {p.problem for p in ev}
@@ -249,14 +264,17 @@ def toy_sets(seed: int = 0, n_train: int = 20000, n_eval: int = 512, terms=(2, 8
 # ---- the batch sampler -----------------------------------------------------------------------
 
 class Sampler:
-    """Global batches of prompt indices, reshuffled each epoch from (seed, epoch); rank r takes rows r::world.
+    """Global batches of prompt indices, reshuffled each epoch from (seed, epoch); rank r takes rows
+    r::world.
 
-    state() / load_state() carry (epoch, pos) through checkpoints, so a resumed run draws the same batches.
+    state() / load_state() carry (epoch, pos) through checkpoints, so a resumed run draws the same
+    batches.
     """
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
         if batch_size % world:
-            raise ValueError(f"batch size {batch_size} is not divisible by the world size {world}")
+            raise ValueError(
+                f"batch size {batch_size} is not divisible by the world size {world}")
         if n < batch_size:
             raise ValueError(f"{n} prompts cannot fill a batch of {batch_size}")
         self.n, self.bs, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
@@ -286,7 +304,8 @@ class Sampler:
 # ---- command line ----------------------------------------------------------------------------
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sp = sub.add_parser("split", help="cut a problem file at the mean prompt length into L1/L2/L3")
     sp.add_argument("file")

@@ -109,8 +109,8 @@ def main(argv=None):
         positions = load_config(a.model).max_position_embeddings
         tok = data.Tokenizer(a.model)
         template = a.template or tok.template
-        files = {path: data.load_problems(path) for path in a.data.split(",")}
-        for problems in files.values():
+        files = [(path, data.load_problems(path)) for path in a.data.split(",")]
+        for _, problems in files:
             data.encode_problems(problems[:a.limit], tok, template, 10 ** 9)
     except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"[fastcurl] {e}")
@@ -139,7 +139,7 @@ def main(argv=None):
     engine = make_engine(kind, model, tok, model_dir=a.model, rank=rank, world=world, seed=a.seed,
                          dtype=a.dtype, max_model_len=max_prompt + max_tokens)
     results = []
-    for path, problems in files.items():
+    for path, problems in files:
         results.append(evaluate_file(engine, tok, template, path, k=a.k, temperature=temperature,
                                      top_p=a.top_p, max_tokens=max_tokens, max_prompt=max_prompt,
                                      seed=a.seed, rank=rank, world=world, problems=problems,

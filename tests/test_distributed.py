@@ -27,9 +27,19 @@ def one_process(tmp_path_factory):
     return {agg: run(tmp_path_factory.mktemp(agg), 1, agg)[0] for agg in ("token-mean", "seq-mean")}
 
 
-def close(a, b, tol):
+# train_equiv.py: 3 AdamW steps at lr 3e-3. AdamW moves an element by about lr per step at most
+# (|m / sqrt(v)| <= 1 while a gradient keeps its sign), so lr x steps bounds how far any weight can go.
+# One process and two ranks sum the same gradients in a different order; in fp32 that rounding reaches
+# the weights through Adam's normalisation, most where a gradient element nearly cancels (seen: up to
+# 1.1e-5 = 0.4% of lr x steps on one machine). A wrong reduction (a rank's share missing or doubled,
+# a wrong denominator) changes the direction of whole tensors' updates: O(lr) per element. The bound
+# sits between the two, as a fraction of the largest possible move, not a number tuned to one machine.
+MAX_MOVE = 3e-3 * 3
+
+
+def close(a, b, frac=1e-2):
     for name, w in a["weights"].items():
-        assert (b["weights"][name] - w).abs().max() < tol, name
+        assert (b["weights"][name] - w).abs().max() < frac * MAX_MOVE, name
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean"])
@@ -39,7 +49,7 @@ def test_two_ranks_equal_one(tmp_path, one_process, agg, mode):
     r0, r1 = run(tmp_path, 2, agg, mode)
     for name in one["weights"]:
         assert torch.equal(r0["weights"][name], r1["weights"][name]), name
-    close(one, r0, 1e-5)
+    close(one, r0)
     # the clip binds (grad_clip 0.05); the reported norm is the global one, identical on every rank
     for s1, s0, s2 in zip(one["stats"], r0["stats"], r1["stats"]):
         assert s1["grad_norm"] > 0.05
@@ -52,8 +62,8 @@ def test_fsdp_holds_one_world_th_and_matches_fsdp2(tmp_path, one_process):
     dp = run(tmp_path / "dp", 2)[0]
     hand = run(tmp_path / "hand", 2, mode="hand")
     theirs = run(tmp_path / "torch", 2, mode="torch")
-    close(theirs[0], hand[0], 1e-5)
-    close(one_process["token-mean"], theirs[0], 1e-5)
+    close(theirs[0], hand[0])
+    close(one_process["token-mean"], theirs[0])
     for kind in ("params", "grads", "optimizer"):
         full = dp["bytes"][kind]
         for r in hand:  # flat shards are padded to a multiple of the world size: at most a few elements more
