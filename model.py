@@ -143,6 +143,13 @@ class KVCache:
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
+@dataclass
+class Packed:
+    """Sequences laid back to back in one row, spans[i] = (start, end): attention stays inside each
+    sequence (causal), and the caller's position ids restart at 0 in each. No padding anywhere."""
+    spans: list[tuple[int, int]]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
@@ -162,8 +169,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=True)
+        if isinstance(mask, Packed):  # one causal attention per sequence (on a CPU 4-8x faster
+            # than one call with a block-diagonal mask; on CUDA each call is a flash kernel)
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e],
+                                                          is_causal=True, enable_gqa=True)
+                           for s, e in mask.spans], dim=2)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -215,8 +228,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids, position_ids=None, mask=None, cache: KVCache | None = None):
         """Final normed hidden states [B, T, H].
 
-        Training: right-padded rows, no mask, positions 0..T-1 (causality keeps pads out of real
-        tokens).
+        Training: sequences packed into a row, `position_ids` restarting per sequence and `mask` a
+        Packed with their spans (or one sequence per row: no mask, positions 0..T-1).
         Generation: left-padded rows with `position_ids`, a boolean `mask` [B, 1, T, S] and a
         `cache`.
         """

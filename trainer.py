@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 import fsdp
 from kernels import fused_logprob_entropy
-from model import Transformer
+from model import Packed, Transformer
 
 
 # ---- the GRPO math ---------------------------------------------------------------------------
@@ -90,50 +90,61 @@ def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, ref_log
 
 @dataclasses.dataclass
 class Rows:
-    """A micro-batch in training layout: right-padded [prompt + response] rows."""
-    ids: torch.Tensor       # [B, L]
-    resp_pos: torch.Tensor  # [B, R] row position whose hidden state predicts response token j
+    """A micro-batch in training layout: completions (prompt + response) packed back to back in one
+    row for the model, and their response tokens as a [B, R] batch (one completion per row) for the
+    loss."""
+    ids: torch.Tensor       # [1, L] the packed tokens
+    positions: torch.Tensor | None  # [1, L] positions, restarting at 0 in each completion
+    packed: Packed | None   # the completions' spans in the row (attention stays inside each)
+    resp_pos: torch.Tensor  # [B, R] where in the row the hidden state predicting token j of b is
     resp_ids: torch.Tensor  # [B, R]
     mask: torch.Tensor      # [B, R] 1 for real response tokens
     index: list[int]        # which completions these rows are
 
 
 def micro_batches(comps, token_budget: int, pad_id: int, device) -> list[Rows]:
-    """Sort completions by length and cut them into micro-batches of at most token_budget padded
-    tokens. Rows are laid out on the host, then moved to `device` in one copy per tensor."""
-    order = sorted(range(len(comps)),
-                   key=lambda i: len(comps[i].prompt_ids) + len(comps[i].response_ids))
-    groups, cur = [], []
-    for i in order:
-        L = len(comps[i].prompt_ids) + len(comps[i].response_ids)
-        if cur and (len(cur) + 1) * L > token_budget:  # rows are sorted: L is the new padded width
+    """Pack completions, sorted by length, into micro-batches of at most token_budget tokens (one
+    longer than the budget gets one of its own): no padding tokens reach the model. Laid out on the
+    host, then moved to `device` in one copy per tensor."""
+    def length(i):
+        return len(comps[i].prompt_ids) + len(comps[i].response_ids)
+
+    groups, cur, used = [], [], 0
+    for i in sorted(range(len(comps)), key=length):
+        if cur and used + length(i) > token_budget:
             groups.append(cur)
-            cur = []
+            cur, used = [], 0
         cur.append(i)
+        used += length(i)
     groups.append(cur)
     out, host = [], torch.device("cpu")
     for g in groups:
-        L = max(len(comps[i].prompt_ids) + len(comps[i].response_ids) for i in g)
         R = max(max(len(comps[i].response_ids) for i in g), 1)
-        ids = torch.full((len(g), L), pad_id, dtype=torch.long, device=host)
-        pos = torch.zeros(len(g), R, dtype=torch.long, device=host)
+        resp_pos = torch.zeros(len(g), R, dtype=torch.long, device=host)
         rid = torch.zeros(len(g), R, dtype=torch.long, device=host)
         mask = torch.zeros(len(g), R, device=host)
+        ids, positions, spans = [], [], []
         for b, i in enumerate(g):
             p, r = comps[i].prompt_ids, comps[i].response_ids
-            ids[b, :len(p) + len(r)] = torch.tensor(p + r, device=host)
-            pos[b, :len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r), device=host)
+            start = len(ids)
+            ids += p + r
+            positions += range(len(p) + len(r))
+            spans.append((start, len(ids)))
+            resp_pos[b, :len(r)] = torch.arange(start + len(p) - 1, start + len(p) - 1 + len(r),
+                                                device=host)
             rid[b, :len(r)] = torch.tensor(r, dtype=torch.long, device=host)
             mask[b, :len(r)] = 1
-        out.append(Rows(ids.to(device), pos.to(device), rid.to(device), mask.to(device), g))
+        row = torch.tensor([ids, positions], dtype=torch.long, device=host).to(device)
+        out.append(Rows(row[:1], row[1:], Packed(spans), resp_pos.to(device), rid.to(device),
+                        mask.to(device), g))
     return out
 
 
 def token_logprobs(model: Transformer, rows: Rows, temperature: float):
     """Log-probs and entropies [B, R] of the response tokens at the sampling temperature (fused, no
     logits)."""
-    h = model(rows.ids)
-    hs = h.gather(1, rows.resp_pos[..., None].expand(-1, -1, h.shape[-1]))
+    h = model(rows.ids, rows.positions, rows.packed)
+    hs = h.reshape(-1, h.shape[-1])[rows.resp_pos]
     sel = rows.mask.bool()
     lp, ent = fused_logprob_entropy(hs[sel], model.lm_head.weight, rows.resp_ids[sel], temperature)
     logp = torch.zeros(rows.mask.shape, device=h.device).masked_scatter(sel, lp)
@@ -166,6 +177,7 @@ class TrainConfig:
     token_budget: int = 16384   # padded tokens per micro-batch
     grad_checkpointing: bool = False
     tis_cap: float = 0.0        # > 0: truncated importance sampling against the engine's log-probs
+    recompute_old: bool = False  # run the old-log-prob forward even when it is this one (a check)
 
 
 class Trainer:
@@ -212,7 +224,7 @@ class Trainer:
             count = torch.tensor([float(len(mbs))], device=self.device)
             n = int(self._sum(count, dist.ReduceOp.MAX).item())
             z = torch.zeros(1, 1, dtype=torch.long, device=self.device)
-            mbs += [Rows(torch.full((1, 2), self.pad_id, device=self.device), z, z,
+            mbs += [Rows(torch.full((1, 2), self.pad_id, device=self.device), None, None, z, z,
                          torch.zeros(1, 1, device=self.device), []) for _ in range(n - len(mbs))]
         return mbs
 
@@ -255,30 +267,29 @@ class Trainer:
         entropy, temperature, agg, max_tokens, mini_batches: optimizer updates per step)."""
         m = self.model
         m.train()
-        # log-probs before any update: the old policy's, the reference's (KL), the engine's gap
         mbs_all = self._micro(comps)
-        old = self._logprobs(m, mbs_all, st.temperature)
+        # old log-probs: with one update per rollout batch the policy being trained is the one that
+        # sampled, so each micro-batch's own log-probs, detached, are the old ones (ratio 1, the
+        # same loss and gradient) and no extra forward is needed; with several mini-batches the
+        # later ones need the log-probs from before the first update
+        reuse = st.mini_batches == 1 and not self.cfg.recompute_old
+        old = None if reuse else self._logprobs(m, mbs_all, st.temperature)
         ref = None
         if self.ref is not None and st.kl_coef:
             ref = self._logprobs(self.ref, mbs_all, st.temperature)
-        gap = {i: old[i][:len(c.logprobs)] - torch.tensor(c.logprobs, device=self.device)
-               for i, c in enumerate(comps) if c.logprobs}  # trainer minus engine, per token
-        tis = None
-        if self.cfg.tis_cap > 0:
-            tis = {i: d.exp().clamp(max=self.cfg.tis_cap) for i, d in gap.items()}
         adv = adv.to(self.device)
-        sums, skipped, grad_norm = {}, 0, None
+        sums, gap, skipped, grad_norm = {}, {}, 0, None
         per = math.ceil(len(comps) / st.mini_batches)
         for k in range(st.mini_batches):
             part = list(range(k * per, min(len(comps), (k + 1) * per)))
-            mbs = self._micro([comps[i] for i in part], part)
+            mbs = mbs_all if st.mini_batches == 1 else self._micro([comps[i] for i in part], part)
             denom = self._denominator(mbs, len(part), st)
             self.opt.zero_grad(set_to_none=True)
             for mb in mbs:
                 logp, ent = token_logprobs(m, mb, st.temperature)
-                old_logp = stack_rows(old, mb.index, logp)
+                old_logp = logp.detach() if reuse else stack_rows(old, mb.index, logp)
                 ref_logp = stack_rows(ref, mb.index, logp)
-                is_weight = stack_rows(tis, mb.index, logp, fill=1.0)
+                is_weight = self._engine_gap(comps, mb, old_logp, gap)
                 # a padding micro-batch (no rows of this rank) has no advantages
                 mb_adv = adv[mb.index] if mb.index else logp.new_zeros(len(logp))
                 loss, s = grpo_loss(logp, old_logp, mb_adv, mb.mask, clip_low=st.clip_low,
@@ -300,6 +311,19 @@ class Trainer:
         out.update({"grad_norm": float(grad_norm), "lr": self.lr_at(self.updates - 1, st),
                     "skipped_updates": skipped})
         return out
+
+    def _engine_gap(self, comps, mb: Rows, old_logp: torch.Tensor, gap: dict):
+        """Record trainer minus engine log-prob per token of this micro-batch's completions (before
+        any update) in `gap`; -> the truncated importance weights min(exp(gap), cap) [B, R], or
+        None without --tis-cap."""
+        for b, i in enumerate(mb.index):
+            if comps[i].logprobs and i not in gap:
+                n = len(comps[i].logprobs)
+                gap[i] = old_logp[b, :n] - torch.tensor(comps[i].logprobs, device=self.device)
+        if self.cfg.tis_cap <= 0:
+            return None
+        tis = {i: gap[i].exp().clamp(max=self.cfg.tis_cap) for i in mb.index if i in gap}
+        return stack_rows(tis, mb.index, old_logp, fill=1.0)
 
     def _metrics(self, sums: dict, gap: dict, mbs_all, comps) -> dict:
         """Token-weighted means over all ranks, the trainer/engine log-prob gap and the padding
