@@ -59,7 +59,7 @@ def parse_args(argv=None):
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     add("--fsdp", default="hand", choices=["hand", "torch", "none"],
         help="hand: fsdp.py (default); torch: torch's FSDP2 fully_shard; none: plain data parallel")
-    add("--token-budget", type=int, default=None, help="padded tokens per micro-batch")
+    add("--token-budget", type=int, default=None, help="tokens per packed micro-batch")
     add("--tis-cap", type=float, default=0.0,
         help="truncated importance sampling: weight the loss by min(exp(trainer - engine logp), C)")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)

@@ -95,7 +95,7 @@ class Rows:
     loss."""
     ids: torch.Tensor       # [1, L] the packed tokens
     positions: torch.Tensor | None  # [1, L] positions, restarting at 0 in each completion
-    packed: Packed | None   # the completions' spans in the row (attention stays inside each)
+    packed: Packed | None   # the completions' lengths in the row (attention stays inside each)
     resp_pos: torch.Tensor  # [B, R] where in the row the hidden state predicting token j of b is
     resp_ids: torch.Tensor  # [B, R]
     mask: torch.Tensor      # [B, R] 1 for real response tokens
@@ -123,19 +123,19 @@ def micro_batches(comps, token_budget: int, pad_id: int, device) -> list[Rows]:
         resp_pos = torch.zeros(len(g), R, dtype=torch.long, device=host)
         rid = torch.zeros(len(g), R, dtype=torch.long, device=host)
         mask = torch.zeros(len(g), R, device=host)
-        ids, positions, spans = [], [], []
+        ids, positions, lengths = [], [], []
         for b, i in enumerate(g):
             p, r = comps[i].prompt_ids, comps[i].response_ids
             start = len(ids)
             ids += p + r
             positions += range(len(p) + len(r))
-            spans.append((start, len(ids)))
+            lengths.append(len(p) + len(r))
             resp_pos[b, :len(r)] = torch.arange(start + len(p) - 1, start + len(p) - 1 + len(r),
                                                 device=host)
             rid[b, :len(r)] = torch.tensor(r, dtype=torch.long, device=host)
             mask[b, :len(r)] = 1
         row = torch.tensor([ids, positions], dtype=torch.long, device=host).to(device)
-        out.append(Rows(row[:1], row[1:], Packed(spans), resp_pos.to(device), rid.to(device),
+        out.append(Rows(row[:1], row[1:], Packed(lengths), resp_pos.to(device), rid.to(device),
                         mask.to(device), g))
     return out
 
@@ -174,7 +174,7 @@ class TrainConfig:
     mini-batches)."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    token_budget: int = 16384   # padded tokens per micro-batch
+    token_budget: int = 16384   # tokens per packed micro-batch
     grad_checkpointing: bool = False
     tis_cap: float = 0.0        # > 0: truncated importance sampling against the engine's log-probs
     recompute_old: bool = False  # run the old-log-prob forward even when it is this one (a check)

@@ -1,7 +1,12 @@
-"""A whole GRPO step on the toy, side by side with TRL's GRPOTrainer: same model, data and settings, one CPU process.
+"""A whole GRPO step side by side with TRL's GRPOTrainer: same model, data and settings, one CPU process.
 
-    python bench/bench_trl.py                 # builds .bench-trl/ (a venv with trl) on first use; ~6 min
-    python bench/bench_trl.py --steps 20      # more steps per side (the first two of each are not timed)
+    python bench/bench_trl.py                 # builds .bench-trl/ (a venv with trl) on first use
+    python bench/bench_trl.py --shape 23.6m --rounds 3 --steps 6    # the larger model
+The two sides alternate (fastcurl, TRL, fastcurl, TRL, ...: --rounds pairs), so a machine that slows down
+slows both; the result is the median of the per-round tokens/s ratios with their range. Shapes: the shipped
+toy checkpoint, and a randomly initialised 23.6M-parameter Qwen2 with the toy's tokenizer (hidden 512,
+8 layers, 8 heads, 4 KV heads, MLP 1408) written to a temporary folder. Phases: ours from metrics.jsonl
+(sampling, training), TRL's from its own profiling timers (per step, averaged over all steps).
 
 TRL is installed only in this benchmark's own environment (.bench-trl/: a venv that sees the project venv's
 torch and transformers through a .pth file, plus `pip install trl==TRL_VERSION`); it is never a dependency.
@@ -12,7 +17,7 @@ token-mean loss (TRL: "dapo"), group std-normalised advantages, grad clip 1, one
 fp32, generation by each side's own engine without vLLM (ours: the native engine; TRL: transformers' generate).
 A step is everything: sampling, rewards, old/ref log-probs, the update, the weights back into the sampler.
 Tokens are prompt + response tokens of the step (TRL's num_input_tokens_seen; ours the same count).
-Writes bench/results/trl.json.
+Writes bench/results/trl-<shape>.json.
 """
 import argparse
 import json
@@ -38,17 +43,51 @@ def summarise(step_s: list[float], tokens: list[float], lens: list[float], rewar
             "response_len_mean": statistics.mean(lens), "reward_first": rewards[0], "reward_last": rewards[-1]}
 
 
-def ours(steps: int, out: str) -> dict:
+SHAPE_23M = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=64)
+
+
+def make_model(shape: str, tmp: str) -> str:
+    """The folder of the model both sides train: the toy, or a random 23.6M Qwen2 with its tokenizer."""
+    src = os.path.join(TOY, "model")
+    if shape == "toy":
+        return src
+    import shutil
+
+    import dataclasses
+
+    from model import Transformer, init_weights, load_config
+    cfg = dataclasses.replace(load_config(src), **SHAPE_23M)
+    d = os.path.join(tmp, shape)
+    m = init_weights(Transformer(cfg), std=0.02)
+    m.save_pretrained(d)
+    for fn in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(os.path.join(src, fn), d)
+    print(f"{shape}: {m.num_params() / 1e6:.1f}M parameters", flush=True)
+    return d
+
+
+def ours(steps: int, out: str, model_dir: str) -> dict:
+    shutil_rm(out)
     cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--recipe", "toy", "--stage", "1", "--steps", str(steps),
-           "--rollout", "torch", "--fsdp", "none", "--eval-k", "0", "--save-every", "0", "--out", out]
+           "--rollout", "torch", "--fsdp", "none", "--eval-k", "0", "--save-every", "0", "--out", out,
+           "--model", model_dir]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     rows = [json.loads(line) for line in open(os.path.join(out, "stage1", "metrics.jsonl"))]
     step_s = [r["time/rollout_s"] + r["time/train_s"] for r in rows]
-    return summarise(step_s, [r["throughput/tokens_per_s"] * s for r, s in zip(rows, step_s)],
-                     [r["response_len/mean"] for r in rows], [r["reward/mean"] for r in rows])
+    res = summarise(step_s, [r["throughput/tokens_per_s"] * s for r, s in zip(rows, step_s)],
+                    [r["response_len/mean"] for r in rows], [r["reward/mean"] for r in rows])
+    res["phases_s"] = {k: statistics.median(r[f"time/{k}_s"] for r in rows[2:]) for k in ("rollout", "train")}
+    res["pad_frac"] = statistics.mean(r["pad_frac"] for r in rows)
+    return res
 
 
-def trl_side(steps: int, out: str) -> dict:
+def shutil_rm(path):
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def trl_side(steps: int, out: str, model_dir: str) -> dict:
     """Runs inside the TRL environment."""
     import torch
     import transformers
@@ -78,7 +117,7 @@ def trl_side(steps: int, out: str) -> dict:
         epsilon=0.2, epsilon_high=0.2, loss_type="dapo", scale_rewards="group", entropy_coef=0.001,
         use_cpu=True, bf16=False, fp16=False, report_to="none", logging_steps=1, save_strategy="no",
         disable_dropout=True, seed=0, dataloader_num_workers=0, use_vllm=False, log_completions=False)
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(TOY, "model"), dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     step_s, tokens = [], []
 
     class Clock(transformers.TrainerCallback):
@@ -89,11 +128,19 @@ def trl_side(steps: int, out: str) -> dict:
             step_s.append(time.perf_counter() - self.t)
             tokens.append(state.num_input_tokens_seen - self.n)
 
+    from trl.extras import profiling
+    phases = {}  # TRL's own timers (they report only to wandb/mlflow/trackio): name -> seconds, all steps
+
+    def grab(ctx, duration):
+        phases[ctx.name] = phases.get(ctx.name, 0.0) + duration
+
+    profiling.ProfilingContext._log_metrics = grab
     tr = trl.GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=ds, processing_class=tok,
                          callbacks=[Clock()])
     tr.train()
     logs = [h for h in tr.state.log_history if "reward" in h]
     res = summarise(step_s, tokens, [h["completions/mean_length"] for h in logs], [h["reward"] for h in logs])
+    res["phases_s"] = {k: v / steps for k, v in sorted(phases.items())}  # per step, warm-up included
     res["versions"] = {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
     return res
 
@@ -114,33 +161,42 @@ def trl_python(env_dir: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--shape", default="toy", choices=["toy", "23.6m"])
+    ap.add_argument("--rounds", type=int, default=3, help="alternating fastcurl/TRL pairs")
+    ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--env", default=os.path.join(ROOT, ".bench-trl"))
     ap.add_argument("--side", choices=["trl"], help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.side:
-        print(json.dumps(trl_side(a.steps, a.out)))
+        print(json.dumps(trl_side(a.steps, a.out, a.model)))
         return
     import torch
     threads = str(os.cpu_count())
     env = dict(os.environ, OMP_NUM_THREADS=threads)
     os.environ["OMP_NUM_THREADS"] = threads
     py = trl_python(a.env)
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
-        mine = ours(a.steps, os.path.join(tmp, "ours"))
-        print("fastcurl", json.dumps(mine), flush=True)
-        r = subprocess.run([py, __file__, "--side", "trl", "--steps", str(a.steps), "--out", os.path.join(tmp, "trl")],
-                           cwd=ROOT, capture_output=True, text=True, env=env)
-        if r.returncode != 0:
-            raise SystemExit(f"TRL side failed:\n{r.stderr[-3000:]}")
-        theirs = json.loads(r.stdout.strip().splitlines()[-1])
-        print("trl", json.dumps(theirs), flush=True)
+        model_dir = make_model(a.shape, tmp)
+        for k in range(a.rounds):
+            mine = ours(a.steps, os.path.join(tmp, "ours"), model_dir)
+            print("fastcurl", json.dumps(mine), flush=True)
+            r = subprocess.run([py, __file__, "--side", "trl", "--steps", str(a.steps), "--out",
+                                os.path.join(tmp, f"trl{k}"), "--model", model_dir],
+                               cwd=ROOT, capture_output=True, text=True, env=env)
+            if r.returncode != 0:
+                raise SystemExit(f"TRL side failed:\n{r.stderr[-3000:]}")
+            theirs = json.loads(r.stdout.strip().splitlines()[-1])
+            print("trl", json.dumps(theirs), flush=True)
+            rounds.append({"fastcurl": mine, "trl": theirs,
+                           "tokens_per_s_ratio": mine["tokens_per_s"] / theirs["tokens_per_s"]})
+    ratios = sorted(x["tokens_per_s_ratio"] for x in rounds)
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-           "date": time.strftime("%Y-%m-%d"), "threads": int(threads), "steps": a.steps,
-           "fastcurl": mine, "trl": theirs,
-           "tokens_per_s_ratio": mine["tokens_per_s"] / theirs["tokens_per_s"],
-           "step_time_ratio": mine["step_s_median"] / theirs["step_s_median"]}
-    save_result("trl.json", res)
+           "date": time.strftime("%Y-%m-%d"), "threads": int(threads), "steps": a.steps, "shape": a.shape,
+           "rounds": rounds, "tokens_per_s_ratio_median": statistics.median(ratios),
+           "tokens_per_s_ratio_range": [ratios[0], ratios[-1]]}
+    save_result(f"trl-{a.shape}.json", res)
     print(json.dumps(res, indent=2))
 
 

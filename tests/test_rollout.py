@@ -51,7 +51,7 @@ def test_sampled_logprobs_equal_trainer_logprobs():
         lens = {len(c.response_ids) for c in comps}
         assert len(lens) > 1 or max(lens) == 20
         with torch.no_grad():
-            for mb in micro_batches(comps, 64, 0, "cpu"):  # several micro-batches, padded rows
+            for mb in micro_batches(comps, 64, 0, "cpu"):  # several packed micro-batches
                 lp, _ = token_logprobs(m, mb, T)
                 for b, i in enumerate(mb.index):
                     got = lp[b, :len(comps[i].logprobs)]
