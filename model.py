@@ -146,7 +146,8 @@ class KVCache:
 @dataclass
 class Packed:
     """Sequences laid back to back in one row, filling it, with these lengths: attention stays
-    inside each sequence (causal), and the caller's position ids restart at 0 in each. No padding."""
+    inside each sequence (causal), and the caller's position ids restart at 0 in each. No
+    padding."""
     lengths: list[int]
 
 
