@@ -89,6 +89,7 @@ class Plan:
     prompts: list               # (prompt ids, answer) pairs of the stage's split
     eval_file: str | None
     eval_tokens: int            # the held-out eval's response budget
+    max_model_len: int          # the longest prompt + response the engine will be asked for
     engine: tuple[str, str]     # (torch | vllm, why)
     identity: dict              # what makes two runs the same run (run.json)
     rank: int
@@ -132,7 +133,8 @@ def resolve(a, rank: int, world: int, device: torch.device) -> Plan | None:
     # the longest sequence the engine will see: this stage's budget or the eval's (recipe's largest)
     eval_tokens = curriculum.eval_budget(stages[:a.stage - 1] + [st] + stages[a.stage:])
     longest = max(st.max_tokens, eval_tokens if eval_file and a.eval_k > 0 else 0)
-    if st.max_prompt + longest > cfg.max_position_embeddings:
+    max_model_len = st.max_prompt + longest
+    if max_model_len > cfg.max_position_embeddings:
         fail(f"stage {a.stage}: prompt budget {st.max_prompt} + response budget {longest} exceeds "
              f"the model's max_position_embeddings {cfg.max_position_embeddings} (--max-prompt, "
              f"--max-tokens)")
@@ -164,7 +166,7 @@ def resolve(a, rank: int, world: int, device: torch.device) -> Plan | None:
               f"world {world}, device {device}, from {src}", flush=True)
         print(f"[fastcurl] rollout engine: {engine[0]} ({engine[1]})", flush=True)
     return Plan(a, st, stage_dir, src, resume_from, cfg, tok, template, prompts, eval_file,
-                eval_tokens, engine, identity, rank, world, device)
+                eval_tokens, max_model_len, engine, identity, rank, world, device)
 
 
 def check_values(a, st, world: int, rank: int):
@@ -288,10 +290,8 @@ def build(p: Plan) -> Pieces:
     budget = a.token_budget or (16384 if a.recipe == "toy" else 32768)
     tcfg = TrainConfig(grad_clip=1.0, token_budget=budget, grad_checkpointing=gc, tis_cap=a.tis_cap)
     trainer = Trainer(model, tcfg, ref, p.tok.pad_id)
-    longest = max(st.max_tokens, p.eval_tokens if p.eval_file and a.eval_k > 0 else 0)
     engine = make_engine(p.engine[0], gen_model, p.tok, model_dir=start_from, rank=p.rank,
-                         world=p.world, seed=a.seed, dtype=a.dtype,
-                         max_model_len=st.max_prompt + longest)
+                         world=p.world, seed=a.seed, dtype=a.dtype, max_model_len=p.max_model_len)
     sampler = data.Sampler(len(p.prompts), st.batch, p.rank, p.world, seed=a.seed * 1000 + a.stage)
     start, counters = 0, {}
     if p.resume_from:
