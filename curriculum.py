@@ -172,10 +172,10 @@ def _rollout_metrics(comps, rewards: list[float], n: int, world: int, counters: 
     N = len(comps)
     r = torch.tensor(rewards, device=comm_device())
     zero = (r.view(-1, n).std(-1) == 0).float() if n > 1 else r.new_ones(N // n)
-    tokens = sum(len(x.prompt_ids) + len(x.response_ids) for x in comps)
+    n_tokens = sum(len(x.prompt_ids) + len(x.response_ids) for x in comps)
     mine = torch.cat([r, r.new_tensor([float(len(x.response_ids)) for x in comps]),
                       r.new_tensor([float(x.finish_reason == "length") for x in comps]), zero,
-                      r.new_tensor([float(tokens), float(reward_errors())])])
+                      r.new_tensor([float(n_tokens), float(reward_errors())])])
     g = _all_ranks(mine, world)  # [world, 3N + N/n + 2]
     R, L, T = (g[:, k * N:(k + 1) * N].reshape(-1) for k in range(3))
     Z, tokens, errors = g[:, 3 * N:-2].reshape(-1), g[:, -2].sum(), g[:, -1].sum()
