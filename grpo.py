@@ -155,8 +155,9 @@ def resolve(a, rank: int, world: int, device: torch.device) -> Plan | None:
                                                    log=print if rank == 0 else lambda *_: None)
         if resume_from and not checkpoint.same_architecture(load_config(resume_from), cfg):
             fail(f"{resume_from}/config.json does not match {src}/config.json: not the same model")
-    elif a.resume:
-        fail(f"--resume: {stage_dir} holds no run to resume (leave out --resume to start one)")
+    if a.resume and resume_from is None and rank == 0:  # a crash before the first checkpoint
+        print(f"[fastcurl] --resume: no checkpoint in {stage_dir} yet: the stage starts from step 0",
+              flush=True)
     engine = choose_engine(a.rollout, cfg)
     if rank == 0:
         print(f"[fastcurl] recipe {a.recipe} stage {a.stage}: {st.data} ({len(prompts)} prompts, "

@@ -99,7 +99,7 @@ def main():
     from model import Config, Transformer, init_weights
     settings = {"toy": dict(prompts=16, n=8, prompt_len=8, max_tokens=64),
                 "0.5b": dict(prompts=8, n=8, prompt_len=16, max_tokens=32),
-                "1.5b": dict(prompts=16, n=4, prompt_len=64, max_tokens=256)}
+                "1.5b": dict(prompts=16, n=4, prompt_len=64, max_tokens=128)}
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
            "date": time.strftime("%Y-%m-%d"), "shapes": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -58,7 +58,8 @@ def model_flops(cfg: Config, seq_lens: list[int]) -> float:
         s * s for s in seq_lens) / 2
 
 
-def trainer_only(cfg, dt, dev, responses: str, prompt_len: int, token_budget: int) -> list[dict]:
+def trainer_only(cfg, dt, dev, responses: str, prompt_len: int, token_budget: int,
+                 reps: int) -> list[dict]:
     """The trainer step alone on completions of fixed lengths (no EOS, every token trained)."""
     with torch.device(dev):
         policy = init_weights(Transformer(cfg), std=0.02)
@@ -76,7 +77,7 @@ def trainer_only(cfg, dt, dev, responses: str, prompt_len: int, token_budget: in
             return Completion(ids[:prompt_len], ids[prompt_len:], [], "length")
 
         times = []
-        for rep in range(3):  # the first warms up
+        for rep in range(reps + 1):  # the first warms up
             comps = [comp() for _ in range(count)]
             adv = group_advantages(torch.randn(count, generator=g, device="cpu"), count)
             if dev.type == "cuda":
@@ -145,6 +146,7 @@ def main():
     ap.add_argument("--responses", default=None,
                     help="trainer alone: comma-separated LENGTHxCOUNT, e.g. 4096x16,24576x2")
     ap.add_argument("--token-budget", type=int, default=32768, help="trainer alone: tokens per micro-batch")
+    ap.add_argument("--reps", type=int, default=2, help="trainer alone: timed steps per shape (the best)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--n", type=int, default=4)
@@ -155,7 +157,7 @@ def main():
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     cfg = Config(**SHAPES[a.shape], eos_token_id=-1)  # no EOS: every sample runs to the budget
     if a.responses:
-        rows = trainer_only(cfg, dt, dev, a.responses, a.prompt_len, a.token_budget)
+        rows = trainer_only(cfg, dt, dev, a.responses, a.prompt_len, a.token_budget, a.reps)
     else:
         rows = whole_steps(cfg, dt, dev, a)
     with torch.device("meta"):

@@ -29,7 +29,7 @@ date -u +"date %Y-%m-%d %H:%M UTC" >> "$S"
 
 # 2. the toy main command on the GPU, bf16, stage 1 then 2 (the native engine: no vLLM here)
 part "toy" >> "$OUT/toy.log"
-timeout 110 bash -c "python3 grpo.py --stage 1 --dtype bfloat16 --out $RUN/toy --eval-k 2 &&
+timeout 120 bash -c "python3 grpo.py --stage 1 --dtype bfloat16 --out $RUN/toy --eval-k 2 &&
   python3 grpo.py --stage 2 --dtype bfloat16 --out $RUN/toy --steps 8 --eval-k 0" >> "$OUT/toy.log" 2>&1
 echo "toy exit $?" >> "$OUT/toy.log"
 python3 - "$RUN/toy" >> "$S" 2>&1 <<'EOF'
@@ -54,20 +54,20 @@ EOF
 # 3. the whole test suite (xdist where it is installed)
 part "tests" >> "$OUT/tests.log"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout 170 python3 -m pytest -q -p no:cacheprovider $XDIST tests >> "$OUT/tests.log" 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider $XDIST tests >> "$OUT/tests.log" 2>&1
 echo "tests exit $?" >> "$OUT/tests.log"
 echo "tests: $(grep -E '(passed|failed)' "$OUT/tests.log" | tail -1)" >> "$S"
 
 # 4. the fused kernel, bf16, against the naive versions and the floor
 part "kernels"
-timeout 70 python3 bench/bench_kernels.py --n 4096,16384 --dtype bf16 --reps 3 \
+timeout 60 python3 bench/bench_kernels.py --n 4096,16384 --dtype bf16 --reps 3 \
   --impls naive,naive-bf16,torch,triton >> "$OUT/bench.log" 2>&1
 sed -n '/^impl/,$p' "$OUT/bench.log" >> "$S"
 
 # 5. the trainer alone on the 1.5B shape
 part "train"
 timeout 75 python3 bench/bench_train.py --shape 1.5b --dtype bf16 --prompt-len 512 \
-  --responses 4096x16,8192x8,16384x4,24576x2 >> "$OUT/bench.log" 2>&1
+  --responses 4096x16,8192x8,16384x4,24576x2 --reps 1 >> "$OUT/bench.log" 2>&1
 python3 -c "
 import json; r = json.load(open('$OUT/train-gpu.json'))
 for x in r['rows']:
@@ -76,7 +76,7 @@ for x in r['rows']:
 
 # 6. the native engine against transformers' generate, 1.5B shape, bf16
 part "rollout"
-timeout 60 python3 bench/bench_rollout.py --shapes 1.5b --engines torch,transformers --dtype bfloat16 \
+timeout 70 python3 bench/bench_rollout.py --shapes 1.5b --engines torch,transformers --dtype bfloat16 \
   >> "$OUT/bench.log" 2>&1
 python3 -c "
 import json; r = json.load(open('$OUT/rollout-gpu.json'))['shapes']['1.5b']

@@ -66,7 +66,6 @@ def test_bad_grpo_inputs_write_nothing_then_the_fixed_command_runs(tmp_path):
         (["--model", str(tmp_path / "nope")], ["--model", "no such folder"]),
         (["--model", str(empty_model)], ["neither model.safetensors nor"]),
         (["--model", str(cut_model)], ["model.safetensors: truncated or damaged"]),
-        (["--resume"], ["--resume", "holds no run to resume"]),
         (["--stage", "9"], ["--stage 9: recipe toy has stages 1..4"]),
     ]
     for args, needles in cases:
@@ -75,10 +74,12 @@ def test_bad_grpo_inputs_write_nothing_then_the_fixed_command_runs(tmp_path):
         assert not out.exists(), (args, os.listdir(out))
     r = run("grpo.py", "--out", str(a_file / "run"), *QUICK)
     one_line_error(r, "--out", "is a file, not a folder")
-    # the corrected command runs where the failed ones ran; settings that cannot learn warn
+    # the corrected command runs where the failed ones ran (--resume with nothing to resume says so:
+    # a run killed before its first checkpoint starts again); settings that cannot learn warn
     r = run("grpo.py", "--out", str(out), *QUICK[:4], "--n-samples", "1", "--max-tokens", "1",
-            *QUICK[6:])
+            *QUICK[6:], "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "--resume: no checkpoint in" in r.stdout
     assert "--n-samples 1: each prompt's group is one sample" in r.stdout
     assert "every response of step 1 was cut at the budget" in r.stdout
     assert json.loads(open(out / "stage1" / "metrics.jsonl").readline())["step"] == 1
