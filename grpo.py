@@ -87,7 +87,8 @@ class Plan:
     tok: data.Tokenizer
     template: str
     prompts: list               # (prompt ids, answer) pairs of the stage's split
-    eval_file: str | None
+    eval_file: str | None       # the held-out file scored at the end (None: no eval)
+    eval_problems: list | None  # its problems, read and checked once
     eval_tokens: int            # the held-out eval's response budget
     max_model_len: int          # the longest prompt + response the engine will be asked for
     engine: tuple[str, str]     # (torch | vllm, why)
@@ -119,6 +120,8 @@ def resolve(a, rank: int, world: int, device: torch.device) -> Plan | None:
     if data_file is None:
         fail(f"--recipe {a.recipe} needs --data (a problem file: JSON, JSONL or parquet)")
     eval_file = a.eval_data or (data.TOY_EVAL if a.recipe == "toy" and a.data is None else None)
+    eval_file = eval_file if a.eval_k > 0 else None
+    eval_problems = None
     try:  # each of these names the file (and line and field) that is wrong
         cfg = load_config(src)
         check_weights(src)
@@ -126,13 +129,14 @@ def resolve(a, rank: int, world: int, device: torch.device) -> Plan | None:
         template = a.template or tok.template
         sets, mean_len, _ = data.split_by_length(data.load_problems(data_file), template)
         prompts, dropped = data.encode_problems(sets[st.data], tok, template, st.max_prompt)
-        if eval_file and a.eval_k > 0:
-            data.encode_problems(data.load_problems(eval_file), tok, template, st.max_prompt)
+        if eval_file:
+            eval_problems = data.load_problems(eval_file)
+            data.encode_problems(eval_problems, tok, template, st.max_prompt)
     except (ValueError, OSError, ImportError) as e:
         fail(str(e))
     # the longest sequence the engine will see: this stage's budget or the eval's (recipe's largest)
     eval_tokens = curriculum.eval_budget(stages[:a.stage - 1] + [st] + stages[a.stage:])
-    longest = max(st.max_tokens, eval_tokens if eval_file and a.eval_k > 0 else 0)
+    longest = max(st.max_tokens, eval_tokens if eval_file else 0)
     max_model_len = st.max_prompt + longest
     if max_model_len > cfg.max_position_embeddings:
         fail(f"stage {a.stage}: prompt budget {st.max_prompt} + response budget {longest} exceeds "
@@ -156,8 +160,8 @@ def resolve(a, rank: int, world: int, device: torch.device) -> Plan | None:
         if resume_from and not checkpoint.same_architecture(load_config(resume_from), cfg):
             fail(f"{resume_from}/config.json does not match {src}/config.json: not the same model")
     if a.resume and resume_from is None and rank == 0:  # a crash before the first checkpoint
-        print(f"[fastcurl] --resume: no checkpoint in {stage_dir} yet: the stage starts from step 0",
-              flush=True)
+        print(f"[fastcurl] --resume: no checkpoint in {stage_dir} yet: the stage starts from "
+              f"step 0", flush=True)
     engine = choose_engine(a.rollout, cfg)
     if rank == 0:
         print(f"[fastcurl] recipe {a.recipe} stage {a.stage}: {st.data} ({len(prompts)} prompts, "
@@ -167,7 +171,7 @@ def resolve(a, rank: int, world: int, device: torch.device) -> Plan | None:
               f"world {world}, device {device}, from {src}", flush=True)
         print(f"[fastcurl] rollout engine: {engine[0]} ({engine[1]})", flush=True)
     return Plan(a, st, stage_dir, src, resume_from, cfg, tok, template, prompts, eval_file,
-                eval_tokens, max_model_len, engine, identity, rank, world, device)
+                eval_problems, eval_tokens, max_model_len, engine, identity, rank, world, device)
 
 
 def check_values(a, st, world: int, rank: int):
@@ -334,11 +338,11 @@ def run(p: Plan, x: Pieces) -> str | None:
                 f"saved {saved}. Look at the learning rate, the data of the last steps "
                 f"(metrics.jsonl) and --dtype; rerun with --resume after a change.")
     save(os.path.join(p.stage_dir, "final"), st.steps, x.counters)
-    if p.eval_file and a.eval_k > 0:  # at the recipe's largest budget: stages compare like for like
+    if p.eval_file:  # at the recipe's largest budget: stages compare like for like
         res = evaluation.evaluate_file(x.engine, p.tok, p.template, p.eval_file, k=a.eval_k,
                                        temperature=st.temperature, max_tokens=p.eval_tokens,
                                        max_prompt=st.max_prompt, seed=a.seed, rank=p.rank,
-                                       world=p.world)
+                                       world=p.world, problems=p.eval_problems)
         if p.rank == 0:
             res["stage"] = a.stage
             with open(os.path.join(p.stage_dir, "eval.json"), "w") as f:
