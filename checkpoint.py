@@ -176,9 +176,9 @@ class StopFlag:
             signal.signal(sig, self._set)
 
     def _set(self, signum, frame):
-        if self.hit:
-            print(f"[fastcurl] second {signal.Signals(signum).name}: exiting now, without a "
-                  f"checkpoint", flush=True)
+        if self.hit:  # os.write: a print could land inside another print of the main thread
+            os.write(1, f"[fastcurl] second {signal.Signals(signum).name}: exiting now, without a "
+                        f"checkpoint\n".encode())
             os._exit(128 + signum)
         self.hit = True
 
