@@ -119,9 +119,10 @@ def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0,
                                      seed=rollout_seed(loop.seed, stage, step, loop.rank))
         # 2. rewards: 1 for a right boxed answer; a response cut at the budget scores 0
         answers = [batch[i // st.n][1] for i in range(len(comps))]
-        rewards = score_completions(comps, answers, loop.tok.decode)
+        rewards = torch.tensor(score_completions(comps, answers, loop.tok.decode),
+                               device=comm_device())
         # 3. group-normalised advantages (each prompt's n samples live on one rank)
-        adv = group_advantages(torch.tensor(rewards, device=comm_device()), st.n)
+        adv = group_advantages(rewards, st.n)
         t1 = time.time()
         # 4. the GRPO update, then 5. the new weights into the engine
         loop.engine.sleep()  # vLLM on a GPU hands its memory to the trainer meanwhile
@@ -166,11 +167,10 @@ def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0,
     return status
 
 
-def _rollout_metrics(comps, rewards: list[float], n: int, world: int, counters: dict) -> dict:
+def _rollout_metrics(comps, r: torch.Tensor, n: int, world: int, counters: dict) -> dict:
     """Reward, length, truncation and zero-advantage share over all ranks: every rank's values in
     one all-gather (on the collectives' device), then one copy to the host."""
     N = len(comps)
-    r = torch.tensor(rewards, device=comm_device())
     zero = (r.view(-1, n).std(-1) == 0).float() if n > 1 else r.new_ones(N // n)
     n_tokens = sum(len(x.prompt_ids) + len(x.response_ids) for x in comps)
     mine = torch.cat([r, r.new_tensor([float(len(x.response_ids)) for x in comps]),
