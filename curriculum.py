@@ -45,27 +45,42 @@ class Stage:
     agg: str = "token-mean"
     max_prompt: int = 1024
     mini_batches: int = 1  # optimizer updates per step (batch / mini-batch size)
+    # rules that end the stage before `steps` (its cap), each off by default, checked after every
+    # step on the metrics of all ranks (see end_reason)
+    end_trunc: float | None = None  # the truncated fraction (end_window-step mean) <= this
+    end_plateau: int = 0            # steps without a new best end_window-step mean reward
+    end_epochs: float = 0.0         # passes over the stage's prompts (0: no limit)
+    end_eval: float | None = None   # held-out pass@1 (scored every --eval-every steps) >= this
+    end_window: int = 5             # steps in the moving averages
 
 
 # FastCuRL-1.5B-Preview (stages 1-4) and the V2/V3 fifth stage: lr 1e-6, KL (k3) 0.001, entropy
-# 0.001, clip 0.2, temperature 0.6, prompt budget 1024, mini-batch 64 prompts, one PPO epoch. Stage
-# 1 is about 160 steps and all four about 860 in batch-128 units; how stages 2-4 split their 1,400
-# batch-64 steps is our estimate (the paper moves on when a stage stops improving): set --steps per
-# stage as you see fit.
+# 0.001, clip 0.2, temperature 0.6, prompt budget 1024, mini-batch 64 prompts, one PPO epoch. Its
+# stages were switched by hand: stage 1 when about 10% of the responses were cut (step ~160 in
+# batch-128 units), each stage at most one epoch; those are the rules here, and `steps` is each
+# stage's cap (how stages 2-4 split their 1,400 batch-64 steps is our estimate).
 RECIPES = {
     "fastcurl-1.5b": [
-        Stage("L1", 8192, batch=128, n=8, steps=160, mini_batches=2),
-        Stage("L2", 16384, batch=64, n=8, steps=400),
-        Stage("L3", 24576, batch=64, n=8, steps=400),
-        Stage("L2", 16384, batch=64, n=16, steps=600),
-        Stage("L2", 16384, batch=64, n=16, steps=200, kl_coef=0.0, entropy_coef=1e-6),
+        Stage("L1", 8192, batch=128, n=8, steps=160, mini_batches=2, end_trunc=0.1,
+              end_epochs=1, end_window=10),
+        Stage("L2", 16384, batch=64, n=8, steps=400, end_epochs=1),
+        Stage("L3", 24576, batch=64, n=8, steps=400, end_epochs=1),
+        Stage("L2", 16384, batch=64, n=16, steps=600, end_epochs=1),
+        Stage("L2", 16384, batch=64, n=16, steps=200, kl_coef=0.0, entropy_coef=1e-6,
+              end_epochs=1),
     ],
-    # the same shape on the embedded toy: budgets 40/80/120/80 tokens = 1:2:3:2 like 8K/16K/24K/16K
+    # the same shape on the embedded toy: budgets 40/80/120/80 tokens = 1:2:3:2 like 8K/16K/24K/16K;
+    # stage 1 ends once fewer than 5% of its responses are cut over 5 steps (the toy's 10%: it
+    # starts at 20%), the others once the 4-step mean sampled reward stops rising for 6 steps
     "toy": [
-        Stage("L1", 40, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64),
-        Stage("L2", 80, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64),
-        Stage("L3", 120, batch=16, n=8, steps=30, lr=1e-4, temperature=1.0, max_prompt=64),
-        Stage("L2", 80, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64),
+        Stage("L1", 40, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64,
+              end_trunc=0.05),
+        Stage("L2", 80, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64,
+              end_plateau=6, end_window=4),
+        Stage("L3", 120, batch=16, n=8, steps=30, lr=1e-4, temperature=1.0, max_prompt=64,
+              end_plateau=6, end_window=4),
+        Stage("L2", 80, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64,
+              end_plateau=6, end_window=4),
     ],
 }
 
@@ -78,6 +93,41 @@ def eval_budget(stages: list[Stage]) -> int:
 
 def rollout_seed(seed: int, stage: int, step: int, rank: int) -> int:
     return ((seed * 1_000_003 + stage) * 1_000_003 + step) * 1009 + rank
+
+
+def end_reason(st: Stage, step: int, hist: dict, n_prompts: int) -> str | None:
+    """Why the stage ends after `step` steps, or None to go on. hist holds every step's global
+    "reward" and "trunc" so far and the held-out "eval" scores as [step, pass@1]; rules in order:
+
+      truncation  mean of the truncated fraction over the last W = end_window steps <= end_trunc
+      plateau     the W-step mean reward has not exceeded its best for end_plateau steps
+      eval        the latest held-out pass@1 >= end_eval (scored at this step)
+      epochs      one more batch would pass end_epochs x the stage's prompts
+      steps       the stage's cap
+
+    A moving average exists only once W steps have run, so no rule fires on a partial window.
+    Thresholds compare with a slack of 1e-9: a truncated fraction or a pass@1 is a multiple of
+    1/(samples), far coarser, while the rounding of a W-term mean is ~W x 1e-16."""
+    W, slack = st.end_window, 1e-9
+    trunc, reward = hist["trunc"], hist["reward"]
+    if st.end_trunc is not None and len(trunc) >= W:
+        avg = sum(trunc[-W:]) / W
+        if avg <= st.end_trunc + slack:
+            return f"truncation: {avg:.3f} (mean of {W} steps) <= {st.end_trunc}"
+    if st.end_plateau and len(reward) >= W:
+        means = [sum(reward[i - W:i]) / W for i in range(W, len(reward) + 1)]
+        best = max(range(len(means)), key=means.__getitem__)  # the first step reaching the best
+        if len(means) - 1 - best >= st.end_plateau:
+            return (f"plateau: the {W}-step mean reward's best, {means[best]:.3f} at step "
+                    f"{best + W}, not exceeded for {st.end_plateau} steps")
+    if st.end_eval is not None and hist["eval"] and hist["eval"][-1][0] == step:
+        if hist["eval"][-1][1] >= st.end_eval - slack:
+            return f"eval: held-out pass@1 {hist['eval'][-1][1]:.3f} >= {st.end_eval}"
+    if st.end_epochs and (step + 1) * st.batch > st.end_epochs * n_prompts:
+        return f"epochs: {step} x {st.batch} prompts of {n_prompts}, {st.end_epochs} epoch(s)"
+    if step >= st.steps:
+        return f"steps: the stage's cap, {st.steps}"
+    return None
 
 
 @dataclasses.dataclass
@@ -96,21 +146,25 @@ class Loop:
     save_every: int = 0    # a checkpoint every K steps (0: only when the loop ends early)
     max_skips: int = 3     # this many non-finite updates in a row end the stage
     should_stop: Callable = lambda: False  # a signal came: checkpoint and leave
+    eval_every: int = 0    # score the held-out set every K steps (0: never), with:
+    evaluate: Callable | None = None  # evaluate() -> {"pass@1": ...}; every rank calls it
 
 
 def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0,
-              counters: dict | None = None) -> str:
-    """Train one stage from step `start` to st.steps; prompts are (ids, answer) pairs.
+              counters: dict | None = None) -> tuple[str, int, str]:
+    """Train one stage from step `start` until a rule ends it (end_reason; at the latest st.steps);
+    prompts are (ids, answer) pairs.
 
-    Returns "done", "stopped" (a signal: checkpoint written) or "nan" (max_skips bad updates in a
-    row: saved)."""
+    Returns (status, last step, why): status "done" (a rule ended the stage), "stopped" (a signal:
+    checkpoint written) or "nan" (max_skips bad updates in a row: saved)."""
     c = counters if counters is not None else {}
     for k in ("skipped_steps", "skips_in_row", "reward_errors"):
         c.setdefault(k, 0)
+    hist = c.setdefault("history", {"reward": [], "trunc": [], "eval": []})
     metrics_f = open(os.path.join(loop.out_dir, "metrics.jsonl"), "a") if loop.rank == 0 else None
     t_start = time.time()
-    status = "done"
-    for step in range(start, st.steps):
+    status, step, why = "done", start, ""
+    while not why and status == "done":
         # 1. a batch of prompts (this rank's share) and n samples each from the engine
         t0 = time.time()
         batch = [prompts[i] for i in loop.sampler.next()]
@@ -129,42 +183,59 @@ def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0,
         stats = loop.trainer.step(comps, adv, st)
         loop.engine.update_weights(loop.trainer.full_state_dict())
         t2 = time.time()
-        # 6. one metrics line over all ranks
+        step += 1
+        # 6. one metrics line over all ranks (and the held-out score every eval_every steps)
         bad = stats.pop("skipped_updates")
         c["skipped_steps"] += bool(bad)
         c["skips_in_row"] = c["skips_in_row"] + 1 if bad else 0
-        rec = {"step": step + 1, "stage": stage,
+        rec = {"step": step, "stage": stage,
                **_rollout_metrics(comps, rewards, st.n, loop.world, c), **stats,
                "skipped_steps": c["skipped_steps"], "reward/errors": c["reward_errors"],
                "time/rollout_s": t1 - t0, "time/train_s": t2 - t1}
         rec["throughput/tokens_per_s"] = rec.pop("tokens") / (t2 - t0)
+        if loop.eval_every and step % loop.eval_every == 0:
+            res = loop.evaluate()
+            rec["eval/pass@1"], rec["time/eval_s"] = res["pass@1"], time.time() - t2
+            hist["eval"].append([step, res["pass@1"]])
+        hist["reward"].append(rec["reward/mean"])
+        hist["trunc"].append(rec["truncated_frac"])
+        # 7. the stage's rules: the same global metrics on every rank, so all ranks agree
+        why = end_reason(st, step, hist, len(prompts)) or ""
+        if why:
+            rec["stage_end"] = why
         if loop.rank == 0:
-            if rec["truncated_frac"] == 1.0 and not c.get("warned_all_cut"):
-                c["warned_all_cut"] = 1
-                print(f"[fastcurl] warning: every response of step {step + 1} was cut at the "
-                      f"budget ({st.max_tokens} tokens): cut responses score 0, nothing is learned",
-                      flush=True)
-            metrics_f.write(json.dumps(rec) + "\n")
-            metrics_f.flush()
-            el = time.time() - t_start
-            eta = el / (step + 1 - start) * (st.steps - step - 1)
-            print(f"stage {stage} step {step + 1}/{st.steps} reward {rec['reward/mean']:.3f} "
-                  f"len {rec['response_len/mean']:.1f} trunc {rec['truncated_frac']:.2f} "
-                  f"entropy {rec['entropy/mean']:.3f} kl {rec['kl/mean']:.4f} "
-                  f"elapsed {el:.0f}s eta {eta:.0f}s", flush=True)
-        # 7. a checkpoint every save_every steps, and on the way out
+            _log(rec, st, stage, c, metrics_f, (time.time() - t_start) / (step - start))
+        # 8. a checkpoint every save_every steps, and on the way out
         if c["skips_in_row"] >= loop.max_skips:
             status = "nan"
         elif loop.should_stop():
             status = "stopped"
-        periodic = loop.save_every and (step + 1) % loop.save_every == 0 and step + 1 < st.steps
+        periodic = loop.save_every and step % loop.save_every == 0 and not why
         if status != "done" or periodic:
-            loop.save(os.path.join(loop.out_dir, f"step{step + 1}"), step + 1, dict(c))
-        if status != "done":
-            break
+            loop.save(os.path.join(loop.out_dir, f"step{step}"), step, dict(c))
     if metrics_f:
         metrics_f.close()
-    return status
+    return status, step, why
+
+
+def _log(rec: dict, st: Stage, stage: int, c: dict, metrics_f, per_step: float):
+    """Rank 0: the metrics line, the progress line, the end of the stage (and a warning when every
+    response was cut)."""
+    step = rec["step"]
+    if rec["truncated_frac"] == 1.0 and not c.get("warned_all_cut"):
+        c["warned_all_cut"] = 1
+        print(f"[fastcurl] warning: every response of step {step} was cut at the budget "
+              f"({st.max_tokens} tokens): cut responses score 0, nothing is learned", flush=True)
+    metrics_f.write(json.dumps(rec) + "\n")
+    metrics_f.flush()
+    ev = (f" eval {rec['eval/pass@1']:.3f} ({rec['time/eval_s']:.1f}s)"
+          if "eval/pass@1" in rec else "")
+    print(f"stage {stage} step {step}/{st.steps} reward {rec['reward/mean']:.3f} "
+          f"len {rec['response_len/mean']:.1f} trunc {rec['truncated_frac']:.2f} "
+          f"entropy {rec['entropy/mean']:.3f} kl {rec['kl/mean']:.4f}{ev} "
+          f"step {per_step:.1f}s eta <= {per_step * (st.steps - step):.0f}s", flush=True)
+    if "stage_end" in rec:
+        print(f"[fastcurl] stage {stage} ends after step {step}: {rec['stage_end']}", flush=True)
 
 
 def _rollout_metrics(comps, r: torch.Tensor, n: int, world: int, counters: dict) -> dict:
@@ -218,7 +289,7 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 def plot(run_dir: str, out: str | None = None) -> str:
     """Reward, response length, entropy and truncated fraction against global steps, stage
-    boundaries marked."""
+    boundaries marked with the rule that ended each stage."""
     try:
         import matplotlib
         import matplotlib.ticker
@@ -244,6 +315,10 @@ def plot(run_dir: str, out: str | None = None) -> str:
     for s in starts:
         axes[0].text(s, axes[0].get_ylim()[1], f" stage {rows[s - 1]['stage']}", va="top",
                      fontsize=8)
+    for i, r in enumerate(rows):  # why each stage ended, at its last step
+        if r.get("stage_end"):
+            axes[-1].text(i + 1.5, axes[-1].get_ylim()[1], r["stage_end"].split(":")[0] + " ",
+                          rotation=90, va="top", ha="right", fontsize=7, color="gray")
     axes[-1].set_xlabel("step (all stages)")
     axes[-1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()

@@ -1,16 +1,19 @@
-"""FastCuRL's claim in miniature: curriculum with growing budgets vs flat training, same number of steps.
+"""FastCuRL's claim in miniature: curriculum with growing budgets vs flat training, the same step cap.
 
-    python bench/ablation.py                      # 3 arms x 3 seeds at --scale 0.4: about 28 minutes on 2 cores
-    python bench/ablation.py --seeds 1            # about 10 minutes (--seeds 2: about 19)
+    python bench/ablation.py                      # 4 arms x 3 seeds at --scale 0.4: about 35 minutes on 2 cores
+    python bench/ablation.py --seeds 1            # about 12 minutes (--seeds 2: about 24)
     python bench/ablation.py --scale 1.0          # the full toy recipe's 150 steps per arm
 
-Arms, all from the shipped toy checkpoint, each as four consecutive stages of the same lengths (the toy
-recipe's 40/40/30/40 steps times --scale), 16 prompts x 8 samples per step:
-  curriculum : L1 at 40 tokens, L2 at 80, L3 at 120, L2 at 80 (the toy recipe)
-  flat-large : L2 at 120 tokens throughout
-  flat-small : L2 at 40 tokens throughout
-Held-out pass@1 (k samples at T=1, scored at 120 tokens) after each stage, tokens generated, wall time and
-entropy are written to bench/results/ablation.json, and accuracy against tokens generated to ablation.png.
+Arms, all from the shipped toy checkpoint, each one `grpo.py --stage 1-4` run (one process, one engine) of
+four stages capped at the toy recipe's 40/40/30/40 steps times --scale, 16 prompts x 8 samples per step:
+  curriculum       : L1 at 40 tokens, L2 at 80, L3 at 120, L2 at 80 (the toy recipe), every stage to its cap
+  curriculum-rules : the same stages, each ended by the toy recipe's rules (stage 1: truncated fraction
+                     <= 5% over 5 steps; stages 2-4: the 4-step mean reward not rising for 6 steps) or its cap
+  flat-large       : L2 at 120 tokens throughout
+  flat-small       : L2 at 40 tokens throughout
+Held-out pass@1 (k samples at T=1, scored at 120 tokens) after each stage, tokens generated, where and why each
+stage ended, wall time and entropy are written to bench/results/ablation.json, and accuracy against tokens
+generated to ablation.png.
 """
 import argparse
 import json
@@ -27,38 +30,41 @@ from bench.common import RESULTS, save_result  # noqa: E402
 from curriculum import RECIPES  # noqa: E402
 
 TOY = [(s.data, s.max_tokens) for s in RECIPES["toy"]]  # (split, response budget) per stage
-ARMS = {
-    "curriculum": TOY,
-    "flat-large": [("L2", max(b for _, b in TOY))] * len(TOY),
-    "flat-small": [("L2", min(b for _, b in TOY))] * len(TOY),
+ARMS = {  # (stages, whether the recipe's stage-end rules apply)
+    "curriculum": (TOY, False),
+    "curriculum-rules": (TOY, True),
+    "flat-large": ([("L2", max(b for _, b in TOY))] * len(TOY), False),
+    "flat-small": ([("L2", min(b for _, b in TOY))] * len(TOY), False),
 }
 
 
 def run_arm(arm: str, seed: int, scale: float, out: str, eval_k: int, nproc: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    stages = RECIPES["toy"]
+    stages, (plan, rules) = RECIPES["toy"], ARMS[arm]
+    caps = [max(1, round(st.steps * scale)) for st in stages]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(ROOT, "grpo.py"), "--stage", f"1-{len(stages)}", "--out", out, "--seed", str(seed),
+           "--split", ",".join(s for s, _ in plan), "--max-tokens", ",".join(str(b) for _, b in plan),
+           "--steps", ",".join(map(str, caps)), "--eval-k", str(eval_k), "--rollout", "torch",
+           "--save-every", "0"] + ([] if rules else ["--end-trunc", "off", "--end-plateau", "0"])
     t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if r.returncode != 0:
+        raise RuntimeError(f"{arm} seed {seed} failed:\n{r.stderr[-2000:]}")
     points, tokens, entropy = [], 0.0, []
-    for i, (split, budget) in enumerate(ARMS[arm]):
-        steps = max(1, round(stages[i].steps * scale))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               os.path.join(ROOT, "grpo.py"), "--stage", str(i + 1), "--out", out, "--seed", str(seed),
-               "--split", split, "--max-tokens", str(budget), "--steps", str(steps), "--eval-k", str(eval_k),
-               "--rollout", "torch", "--save-every", "0"]
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        if r.returncode != 0:
-            raise RuntimeError(f"{arm} seed {seed} stage {i + 1} failed:\n{r.stderr[-2000:]}")
+    for i, st in enumerate(stages):
         rows = [json.loads(line) for line in open(os.path.join(out, f"stage{i + 1}", "metrics.jsonl"))]
-        st = stages[i]
         tokens += sum(x["response_len/mean"] * st.batch * st.n for x in rows)
         entropy += [x["entropy/mean"] for x in rows]
         ev = json.load(open(os.path.join(out, f"stage{i + 1}", "eval.json")))
-        points.append({"stage": i + 1, "steps": steps, "acc": ev["pass@1"], "tokens_generated": tokens,
-                       "mean_len": ev["response_len/mean"], "reward_last": rows[-1]["reward/mean"]})
-        print(f"  {arm} seed {seed} stage {i + 1}: held-out pass@1 {ev['pass@1']:.3f}, tokens {tokens:.0f}",
-              flush=True)
+        points.append({"stage": i + 1, "steps": len(rows), "cap": caps[i], "ended": ev["end_reason"],
+                       "acc": ev["pass@1"], "tokens_generated": tokens, "mean_len": ev["response_len/mean"],
+                       "reward_last": rows[-1]["reward/mean"]})
+        print(f"  {arm} seed {seed} stage {i + 1}: {len(rows)}/{caps[i]} steps ({ev['end_reason'].split(':')[0]}), "
+              f"held-out pass@1 {ev['pass@1']:.3f}, tokens {tokens:.0f}", flush=True)
     return {"seed": seed, "final_acc": points[-1]["acc"], "tokens_generated": tokens, "wall_s": time.time() - t0,
-            "final_mean_len": points[-1]["mean_len"], "points": points, "entropy": entropy}
+            "final_mean_len": points[-1]["mean_len"], "steps": sum(p["steps"] for p in points), "points": points,
+            "entropy": entropy}
 
 
 def plot(res: dict, path: str):
@@ -103,7 +109,7 @@ def main():
            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {a.nproc} ranks"}
     arms = a.arms.split(",")
     for arm in arms:
-        res["arms"][arm] = {"stages": ARMS[arm], "seeds": []}
+        res["arms"][arm] = {"stages": ARMS[arm][0], "rules": ARMS[arm][1], "seeds": []}
     for seed in range(a.seeds):  # seed by seed, all arms each time, the file rewritten after every run:
         for arm in arms:         # stopped early, it still holds a balanced comparison
             res["arms"][arm]["seeds"].append(run_arm(arm, seed, a.scale, os.path.join(a.work, f"{arm}-s{seed}"),
@@ -120,7 +126,8 @@ def summarize(res: dict):
         d["final_acc_mean"] = sum(accs) / len(accs)
         d["tokens_generated_mean"] = sum(s["tokens_generated"] for s in d["seeds"]) / len(accs)
         d["wall_s_mean"] = sum(s["wall_s"] for s in d["seeds"]) / len(accs)
-        print(f"{arm:11s} final pass@1 {d['final_acc_mean']:.3f} ({', '.join(f'{x:.3f}' for x in accs)}), "
+        d["steps_mean"] = sum(s["steps"] for s in d["seeds"]) / len(accs)
+        print(f"{arm:16s} steps {d['steps_mean']:.1f}, final pass@1 {d['final_acc_mean']:.3f} ({', '.join(f'{x:.3f}' for x in accs)}), "
               f"tokens {d['tokens_generated_mean']:.0f}, wall {d['wall_s_mean']:.0f}s")
     save_result("ablation.json", res, indent=1)
 
