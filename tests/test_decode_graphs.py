@@ -91,3 +91,12 @@ def test_cuda_graph_replay_equals_eager_static(dtype):
         kw = dict(n=2, max_tokens=40, temperature=0.0)
         assert [c.response_ids for c in run(m, "graph", **kw)] == \
             [c.response_ids for c in run(m, "dynamic", **kw)]
+
+
+def test_static_decode_names_its_devices():
+    """Every tensor the static path makes names its device (tests/device_guard.py)."""
+    from tests.device_guard import project_tensors_on_meta
+    m = tiny(0)
+    with project_tensors_on_meta() as guard:
+        run(m, "static", n=2, max_tokens=8, temperature=1.0, seed=1)
+    assert not guard.caught, guard.caught

@@ -119,3 +119,14 @@ def test_accumulating_matmul(transpose_a):
     kernels._mm_acc(a, b, c)
     bound = (K + 1) * EPS32 * (c0.abs() + a.double().abs() @ b.double().abs())
     assert ((c.double() - want).abs() <= bound).all()
+
+
+def test_triton_path_names_its_devices():
+    """Every tensor the Triton path makes, forward and backward, names its device (tests/device_guard.py)."""
+    from tests.device_guard import project_tensors_on_meta
+    h, w, y, g_lp, _ = make(9, 16, 40, 2)
+    h.requires_grad_(), w.requires_grad_()
+    with project_tensors_on_meta() as guard:
+        lp, ent = fused_logprob_entropy(h, w, y, 0.8, impl="triton", chunk_elems=100)
+        (lp * g_lp).sum().backward()
+    assert not guard.caught, guard.caught
