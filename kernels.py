@@ -17,6 +17,8 @@ softmax over vocabulary tiles; `impl="auto"` takes Triton on CUDA.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 CHUNK_ELEMS = 1 << 24  # logits held at once on a CPU: 64 MB in fp32
@@ -86,9 +88,10 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           temperature: float = 1.0, impl: str = "auto",
                           chunk_elems: int | None = None):
     """-> (logprob [N], entropy [N]) in fp32, differentiable in hidden [N, H] and weight [V, H]."""
-    chunk_elems = chunk_elems or (CHUNK_ELEMS_CUDA if hidden.is_cuda else CHUNK_ELEMS)
     if impl == "auto":
         impl = "triton" if hidden.is_cuda and _triton_ok() else "torch"
+    cuda_elems = DZ_ELEMS_CUDA if impl == "triton" else CHUNK_ELEMS_CUDA
+    chunk_elems = chunk_elems or (cuda_elems if hidden.is_cuda else CHUNK_ELEMS)
     if impl == "torch":
         return _TorchFused.apply(hidden, weight, labels, float(temperature), chunk_elems)
     if impl == "triton":
@@ -105,30 +108,80 @@ def _triton_ok() -> bool:
 
 
 # ---- Triton ----------------------------------------------------------------------------------
-# Forward: one program per BLOCK_N tokens walks the vocabulary in BLOCK_V tiles; each tile's logits
-# come from tl.dot over BLOCK_H slices of the hidden size and are folded into running (max, sum exp,
-# sum exp*z) in fp32 (online softmax), the label's logit picked up in the same pass. Nothing [N, V]
-# is written.
-# Backward: token chunks; per chunk z = h W^T / T by the matmul library into a [C, V] scratch
-# buffer, one Triton pass turns it into dz in place, then dh = dz W / T and dW += dz^T h / T (two
-# more matmuls): about 8 N H V FLOPs in all with the recompute, and C x V extra memory instead of
-# N x V.
+# Forward: a grid of (token block, vocabulary split) programs; each walks its split of the
+# vocabulary in BLOCK_V tiles, gets each tile's logits from tl.dot over BLOCK_H slices of the
+# hidden size and folds them into running (max m, sum exp s, sum exp*z, label logit) in fp32 (an
+# online softmax). The splits (more programs than token blocks when N is small) are merged after:
+#     M = max_k m_k,  S = sum_k s_k e^(m_k - M),  lse = M + log S,
+#     entropy = lse - sum_k sz_k e^(m_k - M) / S,  logprob = sum_k zy_k - lse.
+# Nothing [N, V] is written.
+# Backward, vocabulary chunks (VOCAB_CHUNK columns) outside, token chunks inside, three kernels:
+#     dz = (g_lp (onehot - p) - g_ent p (z - E[z])) / T    z recomputed by a matmul whose epilogue
+#                                                          makes dz (one write, in the matmul dtype)
+#     dh[chunk] += dz W[vc]        (fp32 [N, H] accumulator, added to inside the matmul)
+#     dW[vc]    += dz^T h[chunk]   (fp32 [VOCAB_CHUNK, H] accumulator, cast into dW per chunk)
+# 8 N H V FLOPs in all (forward, recompute, dh, dW), all on tensor cores with fp32 accumulation;
+# extra memory: dh in fp32 (4 N H bytes), one vocabulary chunk of dW in fp32, and a dz scratch of
+# `chunk_elems` entries. Tile shapes are autotuned on a GPU at first use (keyed on the shapes, token
+# counts rounded up to a power of two); the interpreter (CPU) gets one small configuration.
+
+VOCAB_CHUNK = 8192    # dW rows accumulated in fp32 at once: 48 MB at H = 1536
+DZ_ELEMS_CUDA = 1 << 25  # dz entries held at once on a GPU: 64 MB in bf16
 
 _KERNELS = None
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(names, options, one):
+    """Autotune candidates: each tuple in `options` on a GPU; `one` alone under the interpreter
+    (nothing to time on a CPU, and it keeps the tests fast)."""
+    import triton
+    rows = [one] if _interpreting() else options
+    return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1])
+            for r in rows]
+
+
+def _bucket(n: int) -> int:
+    """Autotune key for a token count: the next power of two (one tuning per size class)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def _build_kernels():
+    return _build_fwd(), _build_dz(), _build_mm_acc()
+
+
+def _mm_configs():
+    """Tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the backward's matmuls."""
+    return _configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+                    [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                     (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+                    (32, 32, 16, 4, 1))
+
+
+def _build_fwd():
     import triton
     import triton.language as tl
 
+    fwd_cfgs = _configs(("BLOCK_N", "BLOCK_V", "BLOCK_H"),
+                        [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+                         (64, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)],
+                        (16, 64, 32, 4, 1))
+
+    @triton.autotune(configs=fwd_cfgs, key=["N_KEY", "V", "H"])
     @triton.jit
-    def fwd_kernel(h_ptr, w_ptr, y_ptr, lp_ptr, ent_ptr, lse_ptr, N, V, H, inv_t,
+    def fwd_kernel(h_ptr, w_ptr, y_ptr, part_ptr, N, V, H, inv_t, N_KEY,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         # UPCAST: fp32 operands (the CPU interpreter has no bf16 arithmetic); on a GPU bf16/fp16
         # tiles go to the tensor cores as they are, fp32 tiles in full "ieee" precision, always
-        # accumulating in fp32
-        pid = tl.program_id(0)
+        # accumulating in fp32. part: [4, splits, N] = (m, s, sz, zy) of this split
+        pid, sid, n_split = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        v_per = tl.cdiv(tl.cdiv(V, n_split), BLOCK_V) * BLOCK_V
+        v_lo = sid * v_per
+        v_hi = tl.minimum(V, v_lo + v_per)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         label = tl.load(y_ptr + rows, mask=row_ok, other=0)
@@ -136,53 +189,153 @@ def _build_kernels():
         s = tl.zeros((BLOCK_N,), tl.float32)
         sz = tl.zeros((BLOCK_N,), tl.float32)
         zy = tl.zeros((BLOCK_N,), tl.float32)
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            col_ok = cols < V
+            col_ok = cols < v_hi
             acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
             for h0 in range(0, H, BLOCK_H):
                 hk = h0 + tl.arange(0, BLOCK_H)
                 hk_ok = hk < H
-                a = tl.load(h_ptr + rows[:, None] * H + hk[None, :],
+                a = tl.load(h_ptr + rows.to(tl.int64)[:, None] * H + hk[None, :],
                             mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + cols[:, None] * H + hk[None, :],
+                b = tl.load(w_ptr + cols.to(tl.int64)[:, None] * H + hk[None, :],
                             mask=col_ok[:, None] & hk_ok[None, :], other=0.0)
                 if UPCAST:
                     a, b = a.to(tl.float32), b.to(tl.float32)
                 acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
-            z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))  # columns past V add nothing
-            m_new = tl.maximum(m, tl.max(z, 1))
+            z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))  # columns past the split
+            m_new = tl.maximum(m, tl.max(z, 1))                         # add nothing
             scale = tl.exp(m - m_new)
             e = tl.exp(z - m_new[:, None])
             s = s * scale + tl.sum(e, 1)
             sz = sz * scale + tl.sum(e * tl.where(col_ok[None, :], z, 0.0), 1)  # no 0 * -inf
             zy += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), 1)
             m = m_new
-        lse = m + tl.log(s)
-        tl.store(lp_ptr + rows, zy - lse, mask=row_ok)
-        tl.store(ent_ptr + rows, lse - sz / s, mask=row_ok)
-        tl.store(lse_ptr + rows, lse, mask=row_ok)
+        out = part_ptr + sid * N + rows
+        tl.store(out, m, mask=row_ok)
+        tl.store(out + n_split * N, s, mask=row_ok)
+        tl.store(out + 2 * n_split * N, sz, mask=row_ok)
+        tl.store(out + 3 * n_split * N, zy, mask=row_ok)
 
+    return fwd_kernel
+
+
+def _build_dz():
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=_mm_configs(), key=["M_KEY", "VC", "H"])
     @triton.jit
-    def dz_kernel(z_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, V, inv_t,
-                  BLOCK_V: tl.constexpr):
-        """In place, one row per program: z -> dz = (g_lp (onehot - p) - g_ent p (z - E[z])) / T."""
-        row = tl.program_id(0)
-        label = tl.load(y_ptr + row)
-        lse = tl.load(lse_ptr + row)
-        ez = lse - tl.load(ent_ptr + row)
-        g_lp = tl.load(glp_ptr + row)
-        g_ent = tl.load(gent_ptr + row)
-        base = z_ptr + row.to(tl.int64) * V
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            ok = cols < V
-            z = tl.load(base + cols, mask=ok, other=0.0).to(tl.float32)
-            p = tl.exp(z - lse)
-            dz = -g_lp * p - g_ent * p * (z - ez) + tl.where(cols == label, g_lp, 0.0)
-            tl.store(base + cols, (dz * inv_t).to(z_ptr.dtype.element_ty), mask=ok)
+    def dz_kernel(h_ptr, w_ptr, dz_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
+                  M, VC, H, v_off, inv_t, M_KEY,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """dz[M, VC] = (g_lp (onehot - p) - g_ent p (z - E[z])) / T, z = h W^T / T, p = e^(z-lse)
+        for tokens h[M, H] and vocabulary rows W[VC, H] (columns v_off...), E[z] = lse - ent."""
+        # program -> (row block, column block), 8 row blocks at a time (L2 reuse)
+        pid, n_n = tl.program_id(0), tl.cdiv(VC, BLOCK_N)
+        first = pid // (8 * n_n) * 8
+        size = tl.minimum(tl.cdiv(M, BLOCK_M) - first, 8)
+        pm, pn = first + (pid % (8 * n_n)) % size, (pid % (8 * n_n)) // size
+        rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, col_ok = rows < M, cols < VC
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(h_ptr + rows[:, None] * H + kk[None, :],
+                        mask=row_ok[:, None] & (kk < H)[None, :], other=0.0)
+            b = tl.load(w_ptr + cols[:, None] * H + kk[None, :],
+                        mask=col_ok[:, None] & (kk < H)[None, :], other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
+        z = acc * inv_t
+        label = tl.load(y_ptr + rows, mask=row_ok, other=-1)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        ez = lse - tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
+        g_ent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+        p = tl.exp(z - lse[:, None])
+        dz = -p * (g_lp[:, None] + g_ent[:, None] * (z - ez[:, None]))
+        dz += tl.where(cols[None, :] + v_off == label[:, None], g_lp[:, None], 0.0)
+        tl.store(dz_ptr + rows[:, None] * VC + cols[None, :],
+                 (dz * inv_t).to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    return fwd_kernel, dz_kernel
+    return dz_kernel
+
+
+def _build_mm_acc():
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(configs=_mm_configs(), key=["M_KEY", "N", "K_KEY", "A_COLS"],
+                     restore_value=["c_ptr"])
+    @triton.jit
+    def mm_acc_kernel(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, M_KEY, K_KEY, A_COLS,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+        """c[M, N] += a[M, K] b[K, N] into a contiguous fp32 c, inside the matmul (no product
+        tensor); a and b by strides (a transposed view is a stride swap). A_COLS: a's layout, a
+        tuning key only."""
+        # program -> (row block, column block), 8 row blocks at a time (L2 reuse)
+        pid, n_n = tl.program_id(0), tl.cdiv(N, BLOCK_N)
+        first = pid // (8 * n_n) * 8
+        size = tl.minimum(tl.cdiv(M, BLOCK_M) - first, 8)
+        pm, pn = first + (pid % (8 * n_n)) % size, (pid % (8 * n_n)) // size
+        rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok, col_ok = rows < M, cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + rows[:, None] * s_am + kk[None, :] * s_ak,
+                        mask=row_ok[:, None] & (kk < K)[None, :], other=0.0)
+            b = tl.load(b_ptr + kk[:, None] * s_bk + cols[None, :] * s_bn,
+                        mask=(kk < K)[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc += tl.dot(a, b, input_precision=PRECISION)
+        c = c_ptr + rows[:, None] * N + cols[None, :]
+        ok = row_ok[:, None] & col_ok[None, :]
+        tl.store(c, tl.load(c, mask=ok, other=0.0) + acc, mask=ok)
+
+    return mm_acc_kernel
+
+
+def _kernels():
+    global _KERNELS
+    _KERNELS = _KERNELS or _build_kernels()
+    return _KERNELS
+
+
+def _vocab_splits(n: int, device: torch.device) -> int:
+    """Forward programs per token block: enough (token block, split) programs to fill the GPU
+    twice over at 128 tokens a block; 1 on a CPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(16, 2 * sms * 128 // max(n, 1)))
+
+
+def _mode(t: torch.Tensor) -> dict:
+    """Kernel flags: UPCAST (the interpreter computes in fp32) and PRECISION of tl.dot."""
+    return dict(UPCAST=not t.is_cuda, PRECISION="ieee" if t.dtype == torch.float32 else "tf32")
+
+
+def _grid2d(m: int, n: int):
+    """Launch grid of a tiled [m, n] output: one program per (BLOCK_M, BLOCK_N) tile."""
+    import triton
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+
+def _mm_acc(a, b, c):
+    """c += a @ b inside one kernel; c fp32 contiguous, a and b any strides."""
+    M, K = a.shape
+    N = b.shape[1]
+    _kernels()[2][_grid2d(M, N)](
+        a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        _bucket(M), _bucket(K), int(a.stride(0) == 1), **_mode(a))
 
 
 class _TritonFused(torch.autograd.Function):
@@ -190,66 +343,64 @@ class _TritonFused(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, temperature, chunk_elems):
         import triton
 
-        global _KERNELS
-        _KERNELS = _KERNELS or _build_kernels()
-        fwd, _ = _KERNELS
+        fwd = _kernels()[0]
         h, w = hidden.contiguous(), weight.to(hidden.dtype).contiguous()
+        y = labels.contiguous()
         n, hdim = h.shape
         v = w.shape[0]
-        lp = torch.empty(n, device=h.device, dtype=torch.float32)
-        ent, lse = torch.empty_like(lp), torch.empty_like(lp)
-        BLOCK_N, BLOCK_V, BLOCK_H = (64, 128, 64) if h.is_cuda else (16, 64, 32)
-        fwd[(triton.cdiv(n, BLOCK_N),)](h, w, labels.contiguous(), lp, ent, lse, n, v, hdim,
-                                        1.0 / temperature,
-                                        BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
-                                        UPCAST=not h.is_cuda,
-                                        PRECISION="ieee" if h.dtype == torch.float32 else "tf32")
-        ctx.save_for_backward(h, w, labels, lse, ent)
+        splits = _vocab_splits(n, h.device)
+        part = torch.empty(4, splits, n, device=h.device, dtype=torch.float32)
+        fwd[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](
+            h, w, y, part, n, v, hdim, 1.0 / temperature, _bucket(n), **_mode(h))
+        m, s, sz, zy = part.unbind(0)
+        big = m.amax(0)
+        scale = torch.exp(m - big)  # a split with no columns: m = -inf, weight 0
+        tot = (s * scale).sum(0)
+        lse = big + tot.log()
+        ent = lse - (sz * scale).sum(0) / tot
+        lp = zy.sum(0) - lse
+        ctx.save_for_backward(h, w, y, lse, ent)
         ctx.temperature, ctx.chunk_elems, ctx.w_dtype = temperature, chunk_elems, weight.dtype
         return lp, ent
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
-        _, dz_kernel = _KERNELS
-        h, w, labels, lse, ent = ctx.saved_tensors
+        h, w, y, lse, ent = ctx.saved_tensors
         n, v = h.shape[0], w.shape[0]
-        g_lp = torch.zeros(n, device=h.device) if g_lp is None else g_lp.float().contiguous()
-        g_ent = torch.zeros(n, device=h.device) if g_ent is None else g_ent.float().contiguous()
-        # the matmuls run in the input dtype (bf16 tensor cores on GPU) and accumulate in fp32
-        mm_dtype = h.dtype if h.is_cuda else torch.float32
-        wm = w.to(mm_dtype)
-        dh = (torch.empty(h.shape, device=h.device, dtype=torch.float32)
+        z0 = torch.zeros(n, device=h.device, dtype=torch.float32)
+        g_lp = z0 if g_lp is None else g_lp.float().contiguous()
+        g_ent = z0 if g_ent is None else g_ent.float().contiguous()
+        dh = (torch.zeros(h.shape, device=h.device, dtype=torch.float32)
               if ctx.needs_input_grad[0] else None)
-        dw = (torch.zeros(w.shape, device=w.device, dtype=torch.float32)
+        dw = (torch.empty(w.shape, device=w.device, dtype=ctx.w_dtype)
               if ctx.needs_input_grad[1] else None)
-        for s, e in _chunks(n, v, ctx.chunk_elems):
-            hc = h[s:e].to(mm_dtype)
-            z = _mm_f32(hc, wm.T)  # fp32 logits: bf16-rounded ones would put 10% errors into p
-            z /= ctx.temperature
-            dz_kernel[(e - s,)](z, labels[s:e].contiguous(), lse[s:e].contiguous(),
-                                ent[s:e].contiguous(),
-                                g_lp[s:e].contiguous(), g_ent[s:e].contiguous(), v,
-                                1.0 / ctx.temperature,
-                                BLOCK_V=1024 if h.is_cuda else 256)
-            dz = z.to(mm_dtype)
-            if dh is not None:
-                dh[s:e] = (dz @ wm).float()
+        vc = max(1, min(v, VOCAB_CHUNK, ctx.chunk_elems))
+        c = max(1, min(n, ctx.chunk_elems // vc))
+        scratch = torch.empty(c * vc, device=h.device, dtype=h.dtype)
+        for v0 in range(0, v, vc):
+            wv = w[v0:v0 + vc]
+            dwv = (torch.zeros(wv.shape, device=w.device, dtype=torch.float32)
+                   if dw is not None else None)
+            for s in range(0, n, c):
+                e = min(n, s + c)
+                dz = scratch[:(e - s) * wv.shape[0]].view(e - s, wv.shape[0])
+                _dz(h[s:e], wv, dz, v0, y[s:e], lse[s:e], ent[s:e], g_lp[s:e], g_ent[s:e],
+                    ctx.temperature)
+                if dh is not None:
+                    _mm_acc(dz, wv, dh[s:e])
+                if dwv is not None:
+                    _mm_acc(dz.T, h[s:e], dwv)
             if dw is not None:
-                dw += (dz.T @ hc).float()
-        return (None if dh is None else dh.to(h.dtype),
-                None if dw is None else dw.to(ctx.w_dtype),
-                None, None, None)
+                dw[v0:v0 + vc] = dwv
+        return (None if dh is None else dh.to(h.dtype), dw, None, None, None)
 
 
-def _mm_f32(a, b):
-    """a @ b with an fp32 result: bf16/fp16 inputs on tensor cores with fp32 output where torch
-    offers it."""
-    if a.dtype != torch.float32 and a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass
-    return a.float() @ b.float()
+def _dz(h, wv, dz, v0, y, lse, ent, g_lp, g_ent, temperature):
+    """dz [C, VC] of tokens h [C, H] against vocabulary rows wv [VC, H] (first column v0)."""
+    m, vc = dz.shape
+    _kernels()[1][_grid2d(m, vc)](
+        h, wv, dz, y, lse, ent, g_lp, g_ent, m, vc, h.shape[1], v0, 1.0 / temperature, _bucket(m),
+        **_mode(h))
 
 
 def _triton_logprob_entropy(hidden, weight, labels, temperature, chunk_elems):

@@ -1,11 +1,15 @@
 """Fused log-prob + entropy against the naive version (materialised logits, log_softmax, entropy, backward).
 
     python bench/bench_kernels.py                    # CPU: torch path, fp32, N = 1024, 2048
-    python bench/bench_kernels.py --n 1024,4096,16384 --dtype bf16   # on a GPU: torch and Triton paths
+    python bench/bench_kernels.py --n 4096,16384,32768 --dtype bf16   # on a GPU: all paths
+    python bench/bench_kernels.py --n 32768 --dtype bf16 --impls naive-bf16,triton,verl,liger
 
 At DeepSeek-R1-Distill-Qwen-1.5B's head (H=1536, V=151936), temperature 0.6; impls: naive (fp32 matmul and
 softmax), naive-bf16 (the head matmul in bf16, softmax in fp32: the fair bar), torch (the chunked twin),
-triton. Each (impl, N) runs in a fresh process so the
+triton, and where they are installed (never a dependency; shared/gpu/prepare-anchors.sh lays them out) verl's
+linear_cross_entropy (log-prob and entropy, as ours) and Liger's fused linear cross entropy (log-prob only,
+its gradient made in the forward: a 6NHV design; temperature applied as h / T). An impl that does not
+import is reported as an error row. Each (impl, N) runs in a fresh process so the
 peak is its own. Extra memory = peak beyond the inputs and their gradients (CPU: max resident set; GPU: max
 allocated). On a GPU also the matmul floor: 8 N H V FLOPs (forward, recompute, dh, dW) at the card's
 measured bf16 GEMM rate. Writes bench/results/kernels-<device>.json.
@@ -45,6 +49,11 @@ def one(impl: str, n: int, dtype: str, reps: int) -> dict:
     w = (torch.randn(V, H, device=dev, generator=g) * 0.02).to(dt).requires_grad_()
     y = torch.randint(0, V, (n,), device=dev, generator=g)
     grads = (n * H + V * H) * h.element_size()
+    if impl == "verl":
+        from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy as verl_lce
+    if impl == "liger":
+        from liger_kernel.ops.fused_linear_cross_entropy import \
+            LigerFusedLinearCrossEntropyFunction as LigerFLCE
 
     def run():
         if impl == "naive":  # fp32 matmul and softmax
@@ -52,6 +61,12 @@ def one(impl: str, n: int, dtype: str, reps: int) -> dict:
         elif impl == "naive-bf16":  # the head matmul in the input dtype, the softmax in fp32: what trainers write
             logp = torch.log_softmax((h @ w.T).float() / T, -1)
             lp, ent = logp.gather(-1, y[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+        elif impl == "verl":
+            lp, ent = verl_lce(h, w, y, T, "none")
+        elif impl == "liger":  # -sum logprob with its gradient computed in the forward; no entropy
+            (LigerFLCE.apply(h / T, w, y, None, None, -100, 0.0, 0.0, "sum")[0]).backward()
+            h.grad = w.grad = None
+            return
         else:
             lp, ent = fused_logprob_entropy(h, w, y, T, impl=impl)
         (lp.sum() + 0.01 * ent.sum()).backward()
@@ -100,6 +115,7 @@ def main():
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"])
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--impls", default=None)
+    ap.add_argument("--out", default=None, help="result file name (default kernels-<gpu|cpu>.json)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -108,9 +124,9 @@ def main():
         return
     import torch
     gpu = torch.cuda.is_available()
-    ns = [int(x) for x in (a.n or ("1024,2048,4096,8192,16384" if gpu else "1024,2048")).split(",")]
+    ns = [int(x) for x in (a.n or ("4096,16384,32768" if gpu else "1024,2048")).split(",")]
     dtype = a.dtype or ("bf16" if gpu else "fp32")
-    impls = (a.impls or ("naive,torch,triton" if gpu else "naive,torch")).split(",")
+    impls = (a.impls or ("naive,naive-bf16,torch,triton,verl,liger" if gpu else "naive,torch")).split(",")
     reps = a.reps or (5 if gpu else 1)
     rows = []
     for n in ns:
@@ -128,20 +144,25 @@ def main():
         if nv and r["impl"] != "naive" and "error" not in r:
             r["speedup_vs_naive"] = nv["time_s"] / r["time_s"]
             r["memory_fraction_of_naive"] = r["extra_gb"] / max(nv["extra_gb"], 1e-9)
+        nb = by.get(("naive-bf16", r["n"]))
+        if nb and "error" not in r:
+            r["speedup_vs_naive_bf16"] = nb["time_s"] / r["time_s"]
         if "floor_s" in r:
             r["time_over_floor"] = r["time_s"] / r["floor_s"]
     dev = torch.cuda.get_device_name() if gpu else f"CPU {platform.machine()} {os.cpu_count()} cores"
     res = {"device": dev, "torch": torch.__version__, "H": H, "V": V, "date": time.strftime("%Y-%m-%d"),
            "rows": rows}
-    save_result(f"kernels-{'gpu' if gpu else 'cpu'}.json", res)
-    print(f"{'impl':7s} {'N':>6s} {'time s':>8s} {'extra GB':>9s} {'x naive':>8s} {'mem/naive':>9s} {'/floor':>7s}")
+    save_result(a.out or f"kernels-{'gpu' if gpu else 'cpu'}.json", res)
+    print(f"{'impl':10s} {'N':>6s} {'time s':>8s} {'extra GB':>9s} {'x naive':>8s} {'x bf16':>7s} "
+          f"{'mem/naive':>9s} {'/floor':>7s}")
+    nan = float("nan")
     for r in rows:
         if "error" in r:
-            print(f"{r['impl']:7s} {r['n']:6d} error: {r['error'][:80]}")
+            print(f"{r['impl']:10s} {r['n']:6d} error: {r['error'][:80]}")
             continue
-        print(f"{r['impl']:7s} {r['n']:6d} {r['time_s']:8.3f} {r['extra_gb']:9.3f} "
-              f"{r.get('speedup_vs_naive', float('nan')):8.2f} {r.get('memory_fraction_of_naive', float('nan')):9.3f} "
-              f"{r.get('time_over_floor', float('nan')):7.2f}")
+        print(f"{r['impl']:10s} {r['n']:6d} {r['time_s']:8.4f} {r['extra_gb']:9.3f} "
+              f"{r.get('speedup_vs_naive', nan):8.2f} {r.get('speedup_vs_naive_bf16', nan):7.2f} "
+              f"{r.get('memory_fraction_of_naive', nan):9.3f} {r.get('time_over_floor', nan):7.2f}")
 
 
 if __name__ == "__main__":

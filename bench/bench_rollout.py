@@ -1,12 +1,14 @@
 """Generated tokens/s: the native engine, vLLM and transformers' generate, same prompts, n and budget.
 
     python bench/bench_rollout.py [--shapes toy,0.5b]        # writes bench/results/rollout-<device>.json
-    python bench/bench_rollout.py --shapes 1.5b --engines torch,transformers --dtype bf16   # on a GPU
+    python bench/bench_rollout.py --shapes 1.5b --engines torch,torch-dynamic,transformers --dtype bfloat16
 
 Shapes: the shipped toy checkpoint, and randomly initialised Qwen2-shaped ~0.5B (hidden 896, 24 layers) and
 DeepSeek-R1-Distill-Qwen-1.5B-shaped models (vocabulary 151936) written to a temporary folder. Every engine runs in its own process (vLLM sets the thread
 count of the process it lives in), samples at temperature 1 with no EOS so that every sequence runs to the
-budget. Also the weight push: the time to stream all weights into the running vLLM engine (update_weights),
+budget. Engines: torch (the native engine as configured by default: CUDA graphs on a GPU, the dynamic cache
+on a CPU), torch-dynamic (eager decode, attention over the filled columns: the CPU path, and the GPU path
+before graphs), torch-static (the graph's static step run eagerly), vllm, transformers. Also the weight push: the time to stream all weights into the running vLLM engine (update_weights),
 the first push (which allocates) and the median of the next three (what every training step pays).
 """
 import argparse
@@ -42,10 +44,11 @@ def worker(engine: str, model_dir: str, prompts: int, n: int, prompt_len: int, m
     ps = [torch.randint(3, cfg.vocab_size, (prompt_len,), generator=g, device="cpu").tolist()
           for _ in range(prompts)]
     res = {"engine": engine, "dtype": dtype}
-    if engine == "torch":
+    if engine.startswith("torch"):
         from rollout import TorchEngine
         m = Transformer.from_pretrained(model_dir, dtype=dt, device=dev).eval()
-        eng = TorchEngine(m, [], pad_id=0)
+        eng = TorchEngine(m, [], pad_id=0, decode=engine.partition("-")[2] or None)
+        res["decode"] = eng.decode
         run = lambda: eng.generate(ps, n=n, max_tokens=max_tokens, temperature=1.0, seed=1)  # noqa: E731
     elif engine == "vllm":
         from rollout import VLLMEngine
@@ -88,6 +91,7 @@ def main():
     ap.add_argument("--shapes", default="toy,0.5b")
     ap.add_argument("--engines", default="torch,vllm,transformers")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--max-tokens", type=int, default=None, help="override every shape's response budget")
     ap.add_argument("--worker", nargs=6, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -112,7 +116,7 @@ def main():
                 m.save_pretrained(d, dtype=getattr(torch, a.dtype))
                 res[f"{shape}_params"] = m.num_params()
                 del m
-            s = settings[shape]
+            s = dict(settings[shape], **({"max_tokens": a.max_tokens} if a.max_tokens else {}))
             rows = {}
             for e in a.engines.split(","):
                 r = subprocess.run([sys.executable, __file__, "--worker", e, d, str(s["prompts"]), str(s["n"]),
