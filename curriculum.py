@@ -45,6 +45,13 @@ class Stage:
     agg: str = "token-mean"
     max_prompt: int = 1024
     mini_batches: int = 1  # optimizer updates per step (batch / mini-batch size)
+    # the RL menu (trainer.py: policy_loss, rollout_correction, Trainer._entropy_coef)
+    loss: str = "grpo"     # policy term: grpo | gspo | cispo
+    correction: str = "none"  # vs the engine: none | tis-token | tis-seq | mask-token | mask-seq
+    correction_cap: float = 2.0  # C: the IS weight cap, or the kept ratio band [1/C, C]
+    target_entropy: float = 0.0  # > 0: adaptive entropy coefficient (Skywork-OR1); 0: fixed
+    entropy_lr: float = 0.005    # the coefficient's step per training step toward the target
+    entropy_coef_max: float = 0.1  # the adaptive coefficient's upper bound
 
 
 # FastCuRL-1.5B-Preview (stages 1-4) and the V2/V3 fifth stage: lr 1e-6, KL (k3) 0.001, entropy

@@ -293,7 +293,7 @@ def build(p: Plan) -> Pieces:
             (fsdp.shard if a.fsdp == "hand" else fsdp.torch_fully_shard)(ref)
     gc = a.grad_checkpointing if a.grad_checkpointing is not None else a.recipe != "toy"
     budget = a.token_budget or (16384 if a.recipe == "toy" else 32768)
-    tcfg = TrainConfig(grad_clip=1.0, token_budget=budget, grad_checkpointing=gc, tis_cap=a.tis_cap)
+    tcfg = TrainConfig(grad_clip=1.0, token_budget=budget, grad_checkpointing=gc)
     trainer = Trainer(model, tcfg, ref, p.tok.pad_id)
     engine = make_engine(p.engine[0], gen_model, p.tok, model_dir=start_from, rank=p.rank,
                          world=p.world, seed=a.seed, dtype=a.dtype, max_model_len=p.max_model_len)
