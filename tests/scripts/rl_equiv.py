@@ -30,16 +30,19 @@ CFG = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layer
 P, N = 8, 4
 # the clip ranges bind on the second mini-batch at this lr; GSPO's sequence ratios sit nearer 1
 CLIP = {"grpo": (0.02, 0.03), "gspo": (0.004, 0.006), "cispo": (0.02, 0.03)}
-CASES = ([(loss, agg, "none", False) for loss in ("grpo", "gspo", "cispo")
+# (loss, aggregation, correction, keep): keep "all" = no keep list, "some" = every 5th completion
+# left out, "odd" = every sample of the odd prompts left out (under 2 ranks: all of rank 1's)
+CASES = ([(loss, agg, "none", "all") for loss in ("grpo", "gspo", "cispo")
           for agg in ("token-mean", "seq-mean", "drgrpo")]
-         + [("grpo", "token-mean", c, False) for c in ("tis-token", "tis-seq", "mask-token")]
-         + [("gspo", "seq-mean", "mask-seq", False), ("grpo", "token-mean", "none", True),
-            ("gspo", "drgrpo", "tis-seq", True), ("cispo", "seq-mean", "mask-token", True)])
+         + [("grpo", "token-mean", c, "all") for c in ("tis-token", "tis-seq", "mask-token")]
+         + [("gspo", "seq-mean", "mask-seq", "all"), ("grpo", "token-mean", "none", "some"),
+            ("gspo", "drgrpo", "tis-seq", "some"), ("cispo", "seq-mean", "mask-token", "some"),
+            ("grpo", "seq-mean", "tis-token", "odd")])
 
 
-def batch(model, temperature):
+def batch(model, temperature, keep_kind="some"):
     """The global batch: completions with engine log-probs (the policy's own plus noise of 0.1 per
-    token, some tokens much further), advantages and a keep list (every 5th left out)."""
+    token, some tokens much further), advantages and a keep list (CASES: "some" or "odd")."""
     g = torch.Generator().manual_seed(0)
     comps = []
     for _ in range(P * N):
@@ -55,19 +58,19 @@ def batch(model, temperature):
                 noise[torch.rand(n, generator=g) < 0.2] *= 8  # some tokens far off: masks bind
                 comps[i].logprobs = (lp[b, :n] - noise).tolist()
     adv = group_advantages((torch.rand(P * N, generator=g) > 0.5).float(), N)
-    keep = [i % 5 != 3 for i in range(P * N)]
+    keep = [(i // N) % 2 == 0 if keep_kind == "odd" else i % 5 != 3 for i in range(P * N)]
     return comps, adv, keep
 
 
 def run_case(case, mode="dp", token_budget=40, rank=0, world=1):
     """One step of a case on this rank's share -> (the full weights' move, the step's metrics)."""
-    loss, agg, correction, use_keep = case
+    loss, agg, correction, keep_kind = case
     model = init_weights(Transformer(Config(**CFG)), std=0.1, seed=0)
     ref = init_weights(Transformer(Config(**CFG)), std=0.1, seed=1).requires_grad_(False)
     st = Stage("L2", max_tokens=16, batch=P, n=N, steps=1, lr=2.0, kl_coef=0.1, entropy_coef=0.01,
                clip_low=CLIP[loss][0], clip_high=CLIP[loss][1], temperature=0.8, agg=agg,
                mini_batches=2, loss=loss, correction=correction, correction_cap=1.2)
-    comps, adv, keep = batch(model, st.temperature)
+    comps, adv, keep = batch(model, st.temperature, keep_kind)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if mode == "hand":
         fsdp.shard(model)
@@ -76,7 +79,7 @@ def run_case(case, mode="dp", token_budget=40, rank=0, world=1):
     tr.opt = torch.optim.SGD(model.parameters(), lr=0.0)
     mine = [i for p in range(rank, P, world) for i in range(p * N, (p + 1) * N)]
     stats = tr.step([comps[i] for i in mine], adv[mine], st,
-                    keep=[keep[i] for i in mine] if use_keep else None)
+                    keep=[keep[i] for i in mine] if keep_kind != "all" else None)
     after = {k: v.detach().clone() for k, v in tr.full_state_dict()}
     return {k: after[k] - before[k] for k in before}, stats
 
