@@ -82,7 +82,7 @@ def policy_loss(logp, old_logp, adv, mask, loss="grpo", clip_low=0.2, clip_high=
         w = ratio.detach().clamp(max=1 + clip_high)
         return -w * a * logp, ratio.detach() > 1 + clip_high, ratio
     if loss == "gspo":
-        log_s = ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        log_s = ((logp.detach() - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         ratio = torch.exp(log_s.detach()[:, None] + logp - logp.detach())
     elif loss == "grpo":
         ratio = torch.exp(logp - old_logp)
