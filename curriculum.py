@@ -52,6 +52,18 @@ class Stage:
     end_epochs: float = 0.0         # passes over the stage's prompts (0: no limit)
     end_eval: float | None = None   # held-out pass@1 (scored every --eval-every steps) >= this
     end_window: int = 5             # steps in the moving averages
+    # the RL menu (trainer.py: policy_loss, rollout_correction, Trainer._entropy_coef)
+    loss: str = "grpo"     # policy term: grpo | gspo | cispo
+    correction: str = "none"  # vs the engine: none | tis-token | tis-seq | mask-token | mask-seq
+    correction_cap: float = 2.0  # C: the IS weight cap, or the kept ratio band [1/C, C]
+    target_entropy: float = 0.0  # > 0: adaptive entropy coefficient (Skywork-OR1); 0: fixed
+    entropy_lr: float = 0.005    # the coefficient's step per training step toward the target
+    entropy_coef_max: float = 0.1  # the adaptive coefficient's upper bound
+    # the loop's part of it (shape_rewards, sample_step)
+    overlong: str = "zero"  # a cut response: zero (scores 0) | mask (out of the loss) | penalty
+    overlong_window: int = 0  # penalty over the last L tokens of the budget (0: a quarter of it)
+    dynamic_sampling: int = 0  # DAPO: up to this many extra rounds to fill the batch with groups
+                               # whose rewards differ (0: off)
 
 
 # FastCuRL-1.5B-Preview (stages 1-4) and the V2/V3 fifth stage: lr 1e-6, KL (k3) 0.001, entropy
@@ -71,16 +83,16 @@ RECIPES = {
     ],
     # the same shape on the embedded toy: budgets 40/80/120/80 tokens = 1:2:3:2 like 8K/16K/24K/16K;
     # stage 1 ends once fewer than 5% of its responses are cut over 5 steps (the toy's 10%: it
-    # starts at 20%), the others once the 4-step mean sampled reward stops rising for 6 steps
+    # starts at 20%), the others once the 5-step mean sampled reward stops rising for 8 steps
     "toy": [
         Stage("L1", 40, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64,
               end_trunc=0.05),
         Stage("L2", 80, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64,
-              end_plateau=6, end_window=4),
+              end_plateau=8),
         Stage("L3", 120, batch=16, n=8, steps=30, lr=1e-4, temperature=1.0, max_prompt=64,
-              end_plateau=6, end_window=4),
+              end_plateau=8),
         Stage("L2", 80, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64,
-              end_plateau=6, end_window=4),
+              end_plateau=8),
     ],
 }
 
@@ -91,8 +103,67 @@ def eval_budget(stages: list[Stage]) -> int:
     return max(s.max_tokens for s in stages)
 
 
-def rollout_seed(seed: int, stage: int, step: int, rank: int) -> int:
-    return ((seed * 1_000_003 + stage) * 1_000_003 + step) * 1009 + rank
+def rollout_seed(seed: int, stage: int, step: int, rank: int, rnd: int = 0) -> int:
+    """The engine's seed for one rank's samples of a step (rnd: dynamic sampling's extra round)."""
+    base = ((seed * 1_000_003 + stage) * 1_000_003 + step) * 1009 + rank
+    return base if not rnd else (base * 1_000_003 + rnd) % (1 << 62)
+
+
+def shape_rewards(st: Stage, comps, rewards: torch.Tensor) -> torch.Tensor:
+    """Overlong responses (DAPO), st.overlong: "zero", a cut response keeps its 0; "mask", the
+    same, and the loop leaves cut responses out of the loss (their 0 still counts in their group's
+    mean and std: DAPO filters after the advantages); "penalty", the soft overlong punishment added
+    to every reward, with budget B and window L:
+
+        r += 0 if len <= B - L,  (B - L - len) / L if B - L < len <= B   (-1 for a cut response)"""
+    if st.overlong != "penalty":
+        return rewards
+    B = st.max_tokens
+    L = st.overlong_window or max(1, B // 4)
+    return rewards + rewards.new_tensor([min(0.0, (B - L - len(c.response_ids)) / L)
+                                         for c in comps])
+
+
+def sample_step(st: Stage, stage: int, step: int, prompts, loop) -> dict:
+    """Steps 1-2 of the loop: this rank's share of a batch of prompts, n samples each, rewards.
+
+    With dynamic sampling (DAPO) a group whose n rewards are all equal has no gradient: such groups
+    are dropped and another batch of prompts is sampled, up to st.dynamic_sampling extra rounds,
+    until all ranks together hold st.batch groups whose rewards differ; the first st.batch of them
+    (in rank order) are trained on. Fewer after the last round: what there is (none at all: the
+    first round's groups, whose advantages are 0). The sampler moves past every prompt drawn, so a
+    resume draws the same rounds.
+
+    -> {"sampled": (comps, rewards) of every round, for the metrics; "comps", "rewards": the
+    groups to train on; "rounds"; "groups": groups trained on over all ranks}"""
+    n, sampled, rewards = st.n, [], []
+    for rnd in range(st.dynamic_sampling + 1):
+        batch = [prompts[i] for i in loop.sampler.next()]
+        comps = loop.engine.generate([ids for ids, _ in batch], n=n, max_tokens=st.max_tokens,
+                                     temperature=st.temperature, top_p=st.top_p,
+                                     seed=rollout_seed(loop.seed, stage, step, loop.rank, rnd))
+        # a right boxed answer scores 1; a response cut at the budget scores 0
+        answers = [batch[i // n][1] for i in range(len(comps))]
+        r = torch.tensor(score_completions(comps, answers, loop.tok.decode),
+                         device=comm_device())
+        sampled += comps
+        rewards.append(shape_rewards(st, comps, r))
+        if not st.dynamic_sampling:
+            return {"sampled": (comps, rewards[0]), "comps": comps, "rewards": rewards[0],
+                    "rounds": 1, "groups": st.batch}
+        r = torch.cat(rewards)
+        informative = (r.view(-1, n).std(-1) > 0).nonzero().view(-1).tolist() if n > 1 else []
+        counts = _all_ranks(r.new_tensor([float(len(informative))]), loop.world).view(-1)
+        if counts.sum() >= st.batch:
+            break
+    before = int(counts[:loop.rank].sum().item())
+    mine = informative[:max(0, st.batch - before)]
+    groups = int(min(counts.sum().item(), st.batch))
+    if groups == 0:
+        mine = list(range(st.batch // loop.world))
+    pick = [g * n + j for g in mine for j in range(n)]
+    return {"sampled": (sampled, r), "comps": [sampled[i] for i in pick], "rewards": r[pick],
+            "rounds": rnd + 1, "groups": groups}
 
 
 def end_reason(st: Stage, step: int, hist: dict, n_prompts: int) -> str | None:
@@ -102,7 +173,8 @@ def end_reason(st: Stage, step: int, hist: dict, n_prompts: int) -> str | None:
       truncation  mean of the truncated fraction over the last W = end_window steps <= end_trunc
       plateau     the W-step mean reward has not exceeded its best for end_plateau steps
       eval        the latest held-out pass@1 >= end_eval (scored at this step)
-      epochs      one more batch would pass end_epochs x the stage's prompts
+      epochs      one more batch would pass end_epochs x the stage's prompts (hist["drawn"]
+                  counts the prompts drawn, dynamic sampling's extra rounds included)
       steps       the stage's cap
 
     A moving average exists only once W steps have run, so no rule fires on a partial window.
@@ -123,8 +195,9 @@ def end_reason(st: Stage, step: int, hist: dict, n_prompts: int) -> str | None:
     if st.end_eval is not None and hist["eval"] and hist["eval"][-1][0] == step:
         if hist["eval"][-1][1] >= st.end_eval - slack:
             return f"eval: held-out pass@1 {hist['eval'][-1][1]:.3f} >= {st.end_eval}"
-    if st.end_epochs and (step + 1) * st.batch > st.end_epochs * n_prompts:
-        return f"epochs: {step} x {st.batch} prompts of {n_prompts}, {st.end_epochs} epoch(s)"
+    drawn = hist.get("drawn", step * st.batch)  # more than step x batch with dynamic sampling
+    if st.end_epochs and drawn + st.batch > st.end_epochs * n_prompts:
+        return f"epochs: {drawn} prompts drawn of {n_prompts}, {st.end_epochs} epoch(s)"
     if step >= st.steps:
         return f"steps: the stage's cap, {st.steps}"
     return None
@@ -165,22 +238,17 @@ def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0,
     t_start = time.time()
     status, step, why = "done", start, ""
     while not why and status == "done":
-        # 1. a batch of prompts (this rank's share) and n samples each from the engine
+        # 1-2. a batch of prompts (this rank's share), n samples each from the engine, rewards
         t0 = time.time()
-        batch = [prompts[i] for i in loop.sampler.next()]
-        comps = loop.engine.generate([ids for ids, _ in batch], n=st.n, max_tokens=st.max_tokens,
-                                     temperature=st.temperature, top_p=st.top_p,
-                                     seed=rollout_seed(loop.seed, stage, step, loop.rank))
-        # 2. rewards: 1 for a right boxed answer; a response cut at the budget scores 0
-        answers = [batch[i // st.n][1] for i in range(len(comps))]
-        rewards = torch.tensor(score_completions(comps, answers, loop.tok.decode),
-                               device=comm_device())
+        got = sample_step(st, stage, step, prompts, loop)
+        comps = got["comps"]
         # 3. group-normalised advantages (each prompt's n samples live on one rank)
-        adv = group_advantages(rewards, st.n)
+        adv = group_advantages(got["rewards"], st.n)
+        keep = [x.finish_reason != "length" for x in comps] if st.overlong == "mask" else None
         t1 = time.time()
         # 4. the GRPO update, then 5. the new weights into the engine
         loop.engine.sleep()  # vLLM on a GPU hands its memory to the trainer meanwhile
-        stats = loop.trainer.step(comps, adv, st)
+        stats = loop.trainer.step(comps, adv, st, keep=keep)
         loop.engine.update_weights(loop.trainer.full_state_dict())
         t2 = time.time()
         step += 1
@@ -189,10 +257,13 @@ def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0,
         c["skipped_steps"] += bool(bad)
         c["skips_in_row"] = c["skips_in_row"] + 1 if bad else 0
         rec = {"step": step, "stage": stage,
-               **_rollout_metrics(comps, rewards, st.n, loop.world, c), **stats,
+               **_rollout_metrics(*got["sampled"], st.n, loop.world, c), **stats,
                "skipped_steps": c["skipped_steps"], "reward/errors": c["reward_errors"],
                "time/rollout_s": t1 - t0, "time/train_s": t2 - t1}
         rec["throughput/tokens_per_s"] = rec.pop("tokens") / (t2 - t0)
+        hist["drawn"] = hist.get("drawn", start * st.batch) + got["rounds"] * st.batch
+        if st.dynamic_sampling:
+            rec["dynamic/rounds"], rec["dynamic/groups"] = got["rounds"], got["groups"]
         if loop.eval_every and step % loop.eval_every == 0:
             res = loop.evaluate()
             rec["eval/pass@1"], rec["time/eval_s"] = res["pass@1"], time.time() - t2
@@ -234,6 +305,12 @@ def _log(rec: dict, st: Stage, stage: int, c: dict, metrics_f, per_step: float):
           f"len {rec['response_len/mean']:.1f} trunc {rec['truncated_frac']:.2f} "
           f"entropy {rec['entropy/mean']:.3f} kl {rec['kl/mean']:.4f}{ev} "
           f"step {per_step:.1f}s eta <= {per_step * (st.steps - step):.0f}s", flush=True)
+    if rec.get("dynamic/groups", st.batch) < st.batch and not c.get("warned_few_groups"):
+        c["warned_few_groups"] = 1
+        print(f"[fastcurl] step {step}: {rec['dynamic/groups']} of {st.batch} groups had rewards "
+              f"that differ after {rec['dynamic/rounds']} rounds (--dynamic-sampling "
+              f"{st.dynamic_sampling}): training on them (dynamic/groups in metrics.jsonl)",
+              flush=True)
     if "stage_end" in rec:
         print(f"[fastcurl] stage {stage} ends after step {step}: {rec['stage_end']}", flush=True)
 

@@ -30,11 +30,13 @@ import eval as evaluation
 import fsdp
 from model import Config, Transformer, check_weights, load_config
 from rollout import choose_engine, make_engine
+from trainer import AGGS, CORRECTIONS, LOSSES, Trainer, TrainConfig, check_stage
 # group_advantages and grpo_loss are also grpo.* names, as DESIGN.md's contracts spell them
-from trainer import Trainer, TrainConfig, group_advantages, grpo_loss  # noqa: F401
+from trainer import group_advantages, grpo_loss  # noqa: F401
 
 STAGE_FLAGS = dataclasses.fields(curriculum.Stage)  # each is a flag: --max-tokens, --end-trunc, ...
-CHOICES = {"data": ["L1", "L2", "L3"], "agg": ["token-mean", "seq-mean", "drgrpo"]}
+CHOICES = {"data": ["L1", "L2", "L3"], "agg": AGGS, "loss": LOSSES, "correction": CORRECTIONS,
+           "overlong": ["zero", "mask", "penalty"]}
 
 
 def flag_of(field: str) -> str:
@@ -69,8 +71,6 @@ def parse_args(argv=None):
     add("--fsdp", default="hand", choices=["hand", "torch", "none"],
         help="hand: fsdp.py (default); torch: torch's FSDP2 fully_shard; none: plain data parallel")
     add("--token-budget", type=int, default=None, help="tokens per packed micro-batch")
-    add("--tis-cap", type=float, default=0.0,
-        help="truncated importance sampling: weight the loss by min(exp(trainer - engine logp), C)")
     add("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     add("--eval-k", type=int, default=4, help="samples per held-out problem (0: no eval)")
     add("--eval-every", type=int, default=0,
@@ -295,7 +295,6 @@ def check_values(a, st, world: int, rank: int, label: str = ""):
         ("--eval-k", a.eval_k, a.eval_k >= 0, "0 (no eval) or more"),
         ("--token-budget", a.token_budget, a.token_budget is None or a.token_budget >= 1,
          "at least 1"),
-        ("--tis-cap", a.tis_cap, fin(a.tis_cap) and a.tis_cap >= 0, "0 (off) or more"),
         ("--eval-every", a.eval_every, a.eval_every >= 0, "0 (never) or more"),
         ("--eval-limit", a.eval_limit, a.eval_limit >= 0, "0 (all) or more"),
         ("--end-trunc", st.end_trunc, st.end_trunc is None or 0 <= st.end_trunc <= 1,
@@ -306,10 +305,17 @@ def check_values(a, st, world: int, rank: int, label: str = ""):
         ("--end-eval", st.end_eval, st.end_eval is None or 0 <= st.end_eval <= 1,
          "in [0, 1] or off"),
         ("--end-window", st.end_window, st.end_window >= 1, "at least 1"),
+        ("--overlong-window", st.overlong_window, 0 <= st.overlong_window <= st.max_tokens,
+         "from 0 (a quarter of the budget) to --max-tokens"),
+        ("--dynamic-sampling", st.dynamic_sampling, st.dynamic_sampling >= 0, "0 (off) or more"),
     ]
     for flag, value, ok, allowed in rules:
         if not ok:
             fail(f"{flag} {value}{label}: must be {allowed}")
+    try:
+        check_stage(st)
+    except ValueError as e:
+        fail(f"{e}{label}")
     if st.n == 1 and rank == 0:
         print("[fastcurl] warning: --n-samples 1: each prompt's group is one sample, so every "
               "advantage is 0 and nothing is learned", flush=True)
@@ -354,6 +360,10 @@ def earlier_run(stage_dir: str, identity: dict, resume: bool) -> bool:
     if os.path.exists(run_file):
         with open(run_file) as f:
             old = json.load(f)
+        if "stage_config" in old:  # written before a stage field existed: it had its default
+            defaults = {f.name: f.default for f in STAGE_FLAGS
+                        if f.default is not dataclasses.MISSING}
+            old["stage_config"] = {**defaults, **old["stage_config"]}
         diff = [k for k in identity if old.get(k) != identity[k]]
         if diff:
             fail(f"{stage_dir} holds a different run ({', '.join(diff)} differ: {run_file}); "
@@ -407,7 +417,7 @@ def begin_stage(p: Plan, sp: StagePlan, x: Pieces) -> tuple[Trainer, data.Sample
             (fsdp.shard if a.fsdp == "hand" else fsdp.torch_fully_shard)(ref)
     gc = a.grad_checkpointing if a.grad_checkpointing is not None else a.recipe != "toy"
     budget = a.token_budget or (16384 if a.recipe == "toy" else 32768)
-    tcfg = TrainConfig(grad_clip=1.0, token_budget=budget, grad_checkpointing=gc, tis_cap=a.tis_cap)
+    tcfg = TrainConfig(grad_clip=1.0, token_budget=budget, grad_checkpointing=gc)
     trainer = Trainer(x.model, tcfg, ref, p.tok.pad_id)
     sampler = data.Sampler(len(sp.prompts), st.batch, p.rank, p.world,
                            seed=a.seed * 1000 + sp.stage)

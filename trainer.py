@@ -1,12 +1,18 @@
-"""The GRPO math and the trainer step: advantages, the clipped loss, one update per rollout batch.
+"""The GRPO math and the trainer step: advantages, the policy losses, one update per rollout batch.
 
 GRPO, per prompt group of n samples with rewards r_1..r_n:
     A_i = (r_i - mean(r)) / (std(r) + eps)                              (group-normalised advantage)
     ratio_t = exp(logp_t - old_logp_t)
-    loss_t = -min(ratio_t A, clip(ratio_t, 1 - clip_low, 1 + clip_high) A)
+    loss_t = w_t pg_t                                 (w_t: rollout correction, 1 without; below)
              + kl_coef (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)   (k3 estimate of KL(pi||ref))
              - entropy_coef H_t
-aggregated over response tokens by token-mean, seq-mean or Dr.GRPO's sum / (B * T).
+aggregated over response tokens by token-mean, seq-mean or Dr.GRPO's sum / (B * T). The policy
+term pg_t is the stage's `loss`:
+    grpo   -min(ratio_t A, clip(ratio_t, 1 - clip_low, 1 + clip_high) A)          (token ratio)
+    gspo   the same with the sequence ratio s_i = exp(mean_t (logp_t - old_logp_t))  (GSPO)
+    cispo  -sg[min(ratio_t, 1 + clip_high)] A logp_t                   (MiniMax-M1's CISPO)
+(policy_loss has the details). The rollout correction w_t weighs each token's policy term against
+the gap between the trainer and the engine that sampled (rollout_correction).
 
 Every tensor here is made on the trainer's device (the model's), which under NCCL is also the device
 of the collectives (fsdp.comm_device); per-step metrics reach the host once, at the end of the step.
@@ -38,24 +44,70 @@ def group_advantages(rewards: torch.Tensor, group_size: int, norm: str = "std", 
     return a.view(-1)
 
 
-def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, ref_logp=None, kl_coef=0.0,
-              entropy=None, entropy_coef=0.0, agg="token-mean", denom=None, is_weight=None):
-    """GRPO loss over [B, T] response tokens (formula in the module docstring); adv is [B].
+LOSSES = ("grpo", "gspo", "cispo")
+CORRECTIONS = ("none", "tis-token", "tis-seq", "mask-token", "mask-seq")
+AGGS = ("token-mean", "seq-mean", "drgrpo")
+# what a step sums over micro-batches and ranks (grpo_loss's stats, the correction's left-out count)
+STAT_KEYS = ("pg_clipfrac", "ratio/mean", "kl/mean", "entropy/mean", "tokens",
+             "rollout/masked_frac")
 
-    is_weight [B, T] (optional) multiplies the policy-gradient term: truncated importance sampling,
-    min(exp(old_logp - engine_logp), cap), against the gap between the rollout engine and the
-    trainer.
+
+def policy_loss(logp, old_logp, adv, mask, loss="grpo", clip_low=0.2, clip_high=0.2):
+    """The policy-gradient term per token [B, T], the tokens it clipped [B, T] and the ratio it
+    used [B, T]; adv is [B], mask [B, T] the response tokens.
+
+    grpo: r_t = exp(logp_t - old_t),  pg_t = -min(r_t A, clip(r_t, 1 - clip_low, 1 + clip_high) A).
+
+    gspo (Zheng et al. 2025, GSPO): the sequence ratio s = exp(1/|y| sum_t (logp_t - old_t)) over
+    the response's |y| tokens, clipped at sequence level, written in the paper's GSPO-token form
+        s_t = sg[s] exp(logp_t - sg[logp_t])           (value s at every token, d s_t = s d logp_t)
+        pg_t = -min(s_t A, clip(s_t, 1 - clip_low, 1 + clip_high) A)
+    so the token aggregations apply: with seq-mean it is GSPO's sequence loss
+    mean_i -min(s_i A_i, clip(s_i) A_i) exactly (value and gradient); token-mean weighs sequence i
+    by its length (|y_i| / total tokens), Dr.GRPO by |y_i| / (B T). A per-token rollout weight
+    multiplies each token's term (its own gradient share), a per-sequence one the sequence's loss.
+    The clip range is the stage's: GSPO's ratios are length-normalised and sit near 1, and the
+    paper clips at about 3e-4 / 4e-4 (not 0.2): set clip_low / clip_high for it.
+
+    cispo (MiniMax-M1, 2025): the importance weight is clipped and detached, never the gradient:
+        pg_t = -sg[min(r_t, 1 + clip_high)] A logp_t
+    so every token keeps a gradient (-w_t A d logp_t), unlike grpo's clipped tokens. The paper's
+    lower bound 1 - eps_low is "not imposed" (eps_low set large) and only eps_high is tuned: we
+    follow it, clip_low is unused under cispo. At ratio 1 (one update per batch) its value differs
+    from grpo's but its gradient is the same (-A d logp_t).
+    """
+    a = adv[:, None]
+    if loss == "cispo":
+        ratio = torch.exp(logp - old_logp)
+        w = ratio.detach().clamp(max=1 + clip_high)
+        return -w * a * logp, ratio.detach() > 1 + clip_high, ratio
+    if loss == "gspo":
+        log_s = ((logp.detach() - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        ratio = torch.exp(log_s.detach()[:, None] + logp - logp.detach())
+    elif loss == "grpo":
+        ratio = torch.exp(logp - old_logp)
+    else:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+    pg1, pg2 = ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a
+    return -torch.minimum(pg1, pg2), pg2 < pg1, ratio
+
+
+def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, ref_logp=None, kl_coef=0.0,
+              entropy=None, entropy_coef=0.0, agg="token-mean", denom=None, is_weight=None,
+              loss="grpo"):
+    """The loss over [B, T] response tokens (formula in the module docstring); adv is [B].
+
+    loss: the policy term, "grpo", "gspo" or "cispo" (policy_loss). is_weight [B, T] (optional)
+    multiplies the policy term only (not the KL and entropy terms): the rollout correction's
+    weights, truncated importance weights or 0/1 (rollout_correction).
 
     agg: "token-mean" = sum / number of tokens; "seq-mean" = mean over sequences of each one's token
     mean; "drgrpo" = sum / (B * T). `denom` replaces the denominator (tokens, sequences or B*T) with
     a global one, so that micro-batches and data-parallel ranks add up to the loss of the whole
     batch.
     """
-    mask = mask.float()
-    ratio = torch.exp(logp - old_logp)
-    a = adv[:, None]
-    pg1, pg2 = ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a
-    per_tok = -torch.minimum(pg1, pg2)
+    mask = mask.float() if not mask.is_floating_point() else mask
+    per_tok, clipped, ratio = policy_loss(logp, old_logp, adv, mask, loss, clip_low, clip_high)
     if is_weight is not None:
         per_tok = per_tok * is_weight
     kl = None
@@ -67,23 +119,82 @@ def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, ref_log
     if entropy is not None and entropy_coef:
         per_tok = per_tok - entropy_coef * entropy
     if agg == "token-mean":
-        loss = (per_tok * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
+        out = (per_tok * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
     elif agg == "seq-mean":
         seq = (per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        loss = seq.sum() / (mask.shape[0] if denom is None else denom)
+        out = seq.sum() / (mask.shape[0] if denom is None else denom)
     elif agg == "drgrpo":
-        loss = (per_tok * mask).sum() / (mask.numel() if denom is None else denom)
+        out = (per_tok * mask).sum() / (mask.numel() if denom is None else denom)
     else:
         raise ValueError(f"agg must be token-mean, seq-mean or drgrpo, not {agg!r}")
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
         zero = logp.new_zeros(())
-        stats = {"pg_clipfrac": ((pg2 < pg1).float() * mask).sum() / n,
-                 "ratio/mean": (ratio * mask).sum() / n,
+        stats = {"pg_clipfrac": (clipped.to(mask.dtype) * mask).sum() / n,
+                 "ratio/mean": (ratio.detach() * mask).sum() / n,
                  "kl/mean": (kl * mask).sum() / n if kl is not None else zero,
                  "entropy/mean": (entropy * mask).sum() / n if entropy is not None else zero,
                  "tokens": mask.sum()}
-    return loss, stats
+    return out, stats
+
+
+def rollout_correction(gap, mask, mode: str, cap: float):
+    """Weights [B, T] for the policy term against the engine/trainer mismatch, and which tokens they
+    leave out [B, T] (bool). gap_t = old_logp_t - engine_logp_t (the trainer's log-prob before the
+    update minus the sampler's; 0 where the engine gave none); C = cap:
+
+        tis-token   w_t = min(exp(gap_t), C)                     (truncated importance sampling)
+        tis-seq     w_t = min(exp(sum_u gap_u), C) for every token of the sequence
+        mask-token  w_t = 1 if 1/C <= exp(gap_t) <= C else 0
+        mask-seq    w_t = 1 if 1/C <= exp(mean_u gap_u) <= C else 0, for the whole sequence
+
+    tis-seq uses the sum: exp(sum) is the product of the token ratios, the true sequence-level
+    ratio pi_train(y) / pi_engine(y) (verl's sequence-level IS); the mean would be a length-
+    normalised stand-in, not an importance weight. mask-seq uses the mean (the geometric-mean
+    ratio): the largest token gap grows with the length, so an any-token rule would mask long
+    responses more than short ones; the mean is length-neutral. It sits near 1, so its C wants to
+    be near 1 too (e.g. 1.01). Masked tokens keep their KL and entropy terms and stay in the
+    aggregation's denominator (Trainer._denominator, counted before the forward that measures the
+    gap), so micro-batches and ranks still add up to the whole batch's loss.
+    """
+    mask = mask.to(gap.dtype)
+    g = gap * mask
+    if mode == "tis-token":
+        return g.exp().clamp(max=cap), torch.zeros_like(g, dtype=torch.bool)
+    if mode == "tis-seq":
+        w = g.sum(-1, keepdim=True).exp().clamp(max=cap)
+        return w.expand_as(g), torch.zeros_like(g, dtype=torch.bool)
+    lim = math.log(cap)
+    if mode == "mask-token":
+        out = g.abs() > lim
+    elif mode == "mask-seq":
+        mean = g.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+        out = (mean.abs() > lim).expand_as(g)
+    else:
+        raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, not {mode!r}")
+    out = out & mask.bool()
+    return (~out).to(g.dtype), out
+
+
+def check_stage(st):
+    """The stage's RL options (loss, correction, adaptive entropy) are valid, or ValueError naming
+    the command-line flag."""
+    rules = [
+        ("--loss", st.loss, st.loss in LOSSES, " | ".join(LOSSES)),
+        ("--correction", st.correction, st.correction in CORRECTIONS, " | ".join(CORRECTIONS)),
+        ("--correction-cap", st.correction_cap, math.isfinite(st.correction_cap) and
+         (st.correction_cap >= 1 if st.correction.startswith("mask") else st.correction_cap > 0),
+         "1 or more for the mask modes, above 0 for tis"),
+        ("--target-entropy", st.target_entropy,
+         math.isfinite(st.target_entropy) and st.target_entropy >= 0, "0 (off) or more"),
+        ("--entropy-lr", st.entropy_lr, math.isfinite(st.entropy_lr) and st.entropy_lr >= 0,
+         "0 or more"),
+        ("--entropy-coef-max", st.entropy_coef_max,
+         math.isfinite(st.entropy_coef_max) and st.entropy_coef_max >= 0, "0 or more"),
+    ]
+    for flag, value, ok, allowed in rules:
+        if not ok:
+            raise ValueError(f"{flag} {value}: must be {allowed}")
 
 
 # ---- training layout -------------------------------------------------------------------------
@@ -105,10 +216,12 @@ class Rows:
 def micro_batches(comps, token_budget: int, pad_id: int, device) -> list[Rows]:
     """Pack completions, sorted by length, into micro-batches of at most token_budget tokens (one
     longer than the budget gets one of its own): no padding tokens reach the model. Laid out on the
-    host, then moved to `device` in one copy per tensor."""
+    host, then moved to `device` in one copy per tensor. No completions: no micro-batches."""
     def length(i):
         return len(comps[i].prompt_ids) + len(comps[i].response_ids)
 
+    if not comps:
+        return []
     groups, cur, used = [], [], 0
     for i in sorted(range(len(comps)), key=length):
         if cur and used + length(i) > token_budget:
@@ -170,13 +283,12 @@ def stack_rows(d: dict | None, index: list[int], like: torch.Tensor, fill: float
 
 @dataclasses.dataclass
 class TrainConfig:
-    """What is not per stage (the stage carries lr, warmup, clip, KL, entropy, aggregation and
-    mini-batches)."""
+    """What is not per stage (the stage carries lr, warmup, clip, KL, entropy, aggregation,
+    mini-batches, the policy loss and the rollout correction)."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     token_budget: int = 16384   # tokens per packed micro-batch
     grad_checkpointing: bool = False
-    tis_cap: float = 0.0        # > 0: truncated importance sampling against the engine's log-probs
     recompute_old: bool = False  # run the old-log-prob forward even when it is this one (a check)
 
 
@@ -196,6 +308,10 @@ class Trainer:
                                      weight_decay=cfg.weight_decay)
         self.updates = 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
+        # adaptive entropy control (_entropy_coef): the coefficient (None: the stage's, at the
+        # first step) and whether the last measured entropy was at or below the target
+        self.ent_coef: float | None = None
+        self.ent_active = True
 
     @staticmethod
     def lr_at(update: int, st) -> float:
@@ -237,15 +353,17 @@ class Trainer:
                 out[i] = lp[b]
         return out
 
-    def _denominator(self, mbs, n_seqs: int, st) -> torch.Tensor:
+    def _denominator(self, mbs, n_seqs: int, st):
         """The aggregation's denominator over the whole mini-batch on all ranks: tokens, sequences
-        or B * T."""
+        or B * T of the completions in mbs (left-out ones, keep False, are not there) -> (the
+        loss's denominator, the global count unclamped: 0 when no rank has anything to learn)."""
         local = {"token-mean": lambda: float(sum(mb.mask.sum() for mb in mbs)),
                  "seq-mean": lambda: float(n_seqs),
                  "drgrpo": lambda: float(n_seqs * st.max_tokens)}[st.agg]()
-        denom = self._sum(torch.tensor(local, device=self.device)).clamp(min=1)
+        total = self._sum(torch.tensor(local, device=self.device))
+        denom = total.clamp(min=1)
         # fsdp averages gradients over ranks; the global-denominator loss wants a sum
-        return denom / self.world if self.sharded else denom
+        return (denom / self.world if self.sharded else denom), total
 
     def _reduce_and_clip(self) -> torch.Tensor:
         """Sum gradients over ranks (fsdp reduce-scattered them already), clip to the global norm;
@@ -253,7 +371,11 @@ class Trainer:
         m = self.model
         if self.sharded:
             return fsdp.clip_grad_norm_(m, self.cfg.grad_clip)
-        grads = [p.grad for p in m.parameters() if p.grad is not None]
+        params = [p for p in m.parameters() if p.requires_grad]
+        if self.world > 1 and all(p.grad is None for p in params):
+            for p in params:  # this rank had nothing to learn (every completion left out)
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params if p.grad is not None]
         if self.world > 1:  # each rank's loss already carries the global denominator: sum, not mean
             flat = self._sum(torch.cat([g.flatten() for g in grads]))
             off = 0
@@ -262,12 +384,20 @@ class Trainer:
                 off += g.numel()
         return torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.grad_clip)
 
-    def step(self, comps, adv: torch.Tensor, st) -> dict:
+    def step(self, comps, adv: torch.Tensor, st, keep=None) -> dict:
         """comps: this rank's completions; adv [len(comps)]; st: the stage (lr, warmup, clip, kl,
-        entropy, temperature, agg, max_tokens, mini_batches: optimizer updates per step)."""
+        entropy, temperature, agg, max_tokens, mini_batches: optimizer updates per step, loss,
+        correction, target_entropy); keep: None, or a bool per completion: False leaves it out of
+        the step entirely (DAPO's overlong filtering): no forward, no policy/KL/entropy term, not
+        in any denominator (tokens, sequences, B * T). Mini-batches are cut by position in comps
+        before the left-out completions are dropped, so keep moves nothing into another update."""
+        check_stage(st)
         m = self.model
         m.train()
-        mbs_all = self._micro(comps)
+        kept = [i for i in range(len(comps)) if keep is None or keep[i]]
+        per = math.ceil(len(comps) / st.mini_batches)
+        parts = [[i for i in kept if k * per <= i < (k + 1) * per] for k in range(st.mini_batches)]
+        mbs_all = self._micro([comps[i] for i in kept], kept)
         # old log-probs: with one update per rollout batch the policy being trained is the one that
         # sampled, so each micro-batch's own log-probs, detached, are the old ones (ratio 1, the
         # same loss and gradient) and no extra forward is needed; with several mini-batches the
@@ -278,27 +408,18 @@ class Trainer:
         if self.ref is not None and st.kl_coef:
             ref = self._logprobs(self.ref, mbs_all, st.temperature)
         adv = adv.to(self.device)
-        sums, gap, skipped, grad_norm = {}, {}, 0, None
-        per = math.ceil(len(comps) / st.mini_batches)
-        for k in range(st.mini_batches):
-            part = list(range(k * per, min(len(comps), (k + 1) * per)))
+        ent_coef = self._entropy_coef(st)
+        sums = {k: torch.zeros((), device=self.device) for k in STAT_KEYS}
+        gap, skipped, ran, grad_norm = {}, 0, 0, torch.zeros((), device=self.device)
+        for part in parts:
             mbs = mbs_all if st.mini_batches == 1 else self._micro([comps[i] for i in part], part)
-            denom = self._denominator(mbs, len(part), st)
+            denom, total = self._denominator(mbs, len(part), st)
             self.opt.zero_grad(set_to_none=True)
+            if not bool(total > 0):  # no rank has a completion in this mini-batch: no update
+                continue
+            ran += 1
             for mb in mbs:
-                logp, ent = token_logprobs(m, mb, st.temperature)
-                old_logp = logp.detach() if reuse else stack_rows(old, mb.index, logp)
-                ref_logp = stack_rows(ref, mb.index, logp)
-                is_weight = self._engine_gap(comps, mb, old_logp, gap)
-                # a padding micro-batch (no rows of this rank) has no advantages
-                mb_adv = adv[mb.index] if mb.index else logp.new_zeros(len(logp))
-                loss, s = grpo_loss(logp, old_logp, mb_adv, mb.mask, clip_low=st.clip_low,
-                                    clip_high=st.clip_high, ref_logp=ref_logp, kl_coef=st.kl_coef,
-                                    entropy=ent, entropy_coef=st.entropy_coef, agg=st.agg,
-                                    denom=denom, is_weight=is_weight)
-                loss.backward()
-                for key, v in s.items():  # token-weighted sums, divided at the end
-                    sums[key] = sums.get(key, 0.0) + (v * s["tokens"] if key != "tokens" else v)
+                self._micro_step(mb, comps, adv, st, old, ref, denom, ent_coef, gap, sums)
             grad_norm = self._reduce_and_clip()
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.updates, st)
@@ -307,27 +428,50 @@ class Trainer:
             else:
                 skipped += 1
             self.updates += 1
-        out = self._metrics(sums, gap, mbs_all, comps)
-        out.update({"grad_norm": float(grad_norm), "lr": self.lr_at(self.updates - 1, st),
-                    "skipped_updates": skipped})
+        out = self._metrics(sums, gap, mbs_all, [comps[i] for i in kept])
+        out.update({"grad_norm": float(grad_norm), "lr": self.lr_at(max(self.updates - 1, 0), st),
+                    "skipped_updates": skipped, "entropy/coef": ent_coef})
+        if ran:
+            self._entropy_update(st, out["entropy/mean"])
         return out
 
-    def _engine_gap(self, comps, mb: Rows, old_logp: torch.Tensor, gap: dict):
+    def _micro_step(self, mb: Rows, comps, adv, st, old, ref, denom, ent_coef, gap, sums):
+        """Forward, loss and backward of one micro-batch; its stats added into `sums` (token-
+        weighted sums, divided at the end)."""
+        logp, ent = token_logprobs(self.model, mb, st.temperature)
+        old_logp = logp.detach() if old is None else stack_rows(old, mb.index, logp)
+        ref_logp = stack_rows(ref, mb.index, logp)
+        weight, masked = self._correction(comps, mb, old_logp, gap, st)
+        # a padding micro-batch (no rows of this rank) has no advantages
+        mb_adv = adv[mb.index] if mb.index else logp.new_zeros(len(logp))
+        loss, s = grpo_loss(logp, old_logp, mb_adv, mb.mask, clip_low=st.clip_low,
+                            clip_high=st.clip_high, ref_logp=ref_logp, kl_coef=st.kl_coef,
+                            entropy=ent, entropy_coef=ent_coef, agg=st.agg, denom=denom,
+                            is_weight=weight, loss=st.loss)
+        loss.backward()
+        for key, v in s.items():
+            sums[key] = sums[key] + (v * s["tokens"] if key != "tokens" else v)
+        if masked is not None:
+            sums["rollout/masked_frac"] = sums["rollout/masked_frac"] + masked.sum()
+
+    def _correction(self, comps, mb: Rows, old_logp: torch.Tensor, gap: dict, st):
         """Record trainer minus engine log-prob per token of this micro-batch's completions (before
-        any update) in `gap`; -> the truncated importance weights min(exp(gap), cap) [B, R], or
-        None without --tis-cap."""
+        any update) in `gap`; -> the stage's correction (rollout_correction): weights [B, R] for
+        the policy term and the tokens it leaves out [B, R], or (None, None) without one. A
+        completion without engine log-probs gets gap 0: weight 1, kept."""
         for b, i in enumerate(mb.index):
             if comps[i].logprobs and i not in gap:
                 n = len(comps[i].logprobs)
                 gap[i] = old_logp[b, :n] - torch.tensor(comps[i].logprobs, device=self.device)
-        if self.cfg.tis_cap <= 0:
-            return None
-        tis = {i: gap[i].exp().clamp(max=self.cfg.tis_cap) for i in mb.index if i in gap}
-        return stack_rows(tis, mb.index, old_logp, fill=1.0)
+        if st.correction == "none":
+            return None, None
+        g = stack_rows(gap, mb.index, old_logp)
+        return rollout_correction(g, mb.mask, st.correction, st.correction_cap)
 
     def _metrics(self, sums: dict, gap: dict, mbs_all, comps) -> dict:
-        """Token-weighted means over all ranks, the trainer/engine log-prob gap and the padding
-        share; the tensors reach the host in one copy."""
+        """Token-weighted means over all ranks (rollout/masked_frac: the share of response tokens
+        the correction left out), the trainer/engine log-prob gap and the padding share; the
+        tensors reach the host in one copy."""
         tok = sums.pop("tokens")
         keys = sorted(sums)
         tot = self._sum(torch.stack([tok] + [sums[k] for k in keys]).float())
@@ -341,13 +485,46 @@ class Trainer:
         out["rollout/logprob_absdiff"], out["rollout/logprob_maxdiff"] = host[-2], host[-1]
         pad_tok = sum(mb.ids.numel() for mb in mbs_all if mb.index)
         real = sum(len(c.prompt_ids) + len(c.response_ids) for c in comps)
-        out["pad_frac"] = 1 - real / max(pad_tok, 1)
+        out["pad_frac"] = 1 - real / pad_tok if pad_tok else 0.0
         return out
 
+    def _entropy_coef(self, st) -> float:
+        """This step's entropy coefficient: st.entropy_coef, unless st.target_entropy > 0: then
+        Skywork-OR1's adaptive entropy control. The trainer keeps a coefficient alpha (starting at
+        st.entropy_coef) and, after each step whose measured entropy is e (the token mean over all
+        ranks, at the sampling temperature: set the target for that temperature),
+            alpha <- clamp(alpha + entropy_lr * sign(target - e), 0, entropy_coef_max)
+        and the entropy term is on only while the entropy is at or below the target:
+            coef = alpha if e <= target else 0.
+        Skywork measures e on the step's batch before its update; here e comes from the step's own
+        forward, the one the loss needs, so the rule runs one step later: a step uses the alpha and
+        the e <= target of the step before (the first step: alpha = st.entropy_coef, on). Skywork's
+        step is 0.005 (entropy_lr's default) and it only floors alpha at 0; entropy_coef_max is our
+        guard against a coefficient that climbs while the entropy cannot reach the target."""
+        if not st.target_entropy:
+            return st.entropy_coef
+        if self.ent_coef is None:
+            self.ent_coef = st.entropy_coef
+        return self.ent_coef if self.ent_active else 0.0
+
+    def _entropy_update(self, st, entropy: float):
+        """The adaptive coefficient's move after a step (_entropy_coef); nothing when it is off."""
+        if not st.target_entropy:
+            return
+        d = st.entropy_lr if entropy < st.target_entropy else \
+            -st.entropy_lr if entropy > st.target_entropy else 0.0
+        self.ent_coef = min(max(self.ent_coef + d, 0.0), st.entropy_coef_max)
+        self.ent_active = entropy <= st.target_entropy
+
     def state_dict(self) -> dict:
-        """This rank's optimizer state (its shards under fsdp) and the update count."""
-        return {"opt": self.opt.state_dict(), "updates": self.updates}
+        """This rank's optimizer state (its shards under fsdp), the update count and the adaptive
+        entropy coefficient (the same on every rank)."""
+        return {"opt": self.opt.state_dict(), "updates": self.updates,
+                "entropy_coef": self.ent_coef, "entropy_active": self.ent_active}
 
     def load_state_dict(self, s: dict):
+        """A checkpoint from before adaptive entropy control has no coefficient: the stage's."""
         self.opt.load_state_dict(s["opt"])
         self.updates = s["updates"]
+        self.ent_coef = s.get("entropy_coef")
+        self.ent_active = s.get("entropy_active", True)

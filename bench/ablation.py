@@ -8,7 +8,8 @@ Arms, all from the shipped toy checkpoint, each one `grpo.py --stage 1-4` run (o
 four stages capped at the toy recipe's 40/40/30/40 steps times --scale, 16 prompts x 8 samples per step:
   curriculum       : L1 at 40 tokens, L2 at 80, L3 at 120, L2 at 80 (the toy recipe), every stage to its cap
   curriculum-rules : the same stages, each ended by the toy recipe's rules (stage 1: truncated fraction
-                     <= 5% over 5 steps; stages 2-4: the 4-step mean reward not rising for 6 steps) or its cap
+                     <= 5% over 5 steps; stages 2-4: the 5-step mean reward not rising for 8 steps; windows
+                     and patience times --scale, like the stages) or its cap
   flat-large       : L2 at 120 tokens throughout
   flat-small       : L2 at 40 tokens throughout
 Held-out pass@1 (k samples at T=1, scored at 120 tokens) after each stage, tokens generated, where and why each
@@ -46,7 +47,13 @@ def run_arm(arm: str, seed: int, scale: float, out: str, eval_k: int, nproc: int
            os.path.join(ROOT, "grpo.py"), "--stage", f"1-{len(stages)}", "--out", out, "--seed", str(seed),
            "--split", ",".join(s for s, _ in plan), "--max-tokens", ",".join(str(b) for _, b in plan),
            "--steps", ",".join(map(str, caps)), "--eval-k", str(eval_k), "--rollout", "torch",
-           "--save-every", "0"] + ([] if rules else ["--end-trunc", "off", "--end-plateau", "0"])
+           "--save-every", "0"]
+    if rules:  # the recipe's rules, their windows and patience scaled like the stages' lengths
+        cmd += ["--end-window", ",".join(str(max(1, round(st.end_window * scale))) for st in stages),
+                "--end-plateau", ",".join(str(max(1, round(st.end_plateau * scale)) if st.end_plateau else 0)
+                                          for st in stages)]
+    else:
+        cmd += ["--end-trunc", "off", "--end-plateau", "0"]
     t0 = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if r.returncode != 0:

@@ -14,7 +14,7 @@ from tests.device_guard import project_tensors_on_meta
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUARD = os.path.join(ROOT, "tests", "device_guard.py")
 SMALL = ["--steps", "2", "--batch", "4", "--n-samples", "4", "--save-every", "1", "--rollout", "torch",
-         "--device", "cpu", "--tis-cap", "2", "--mini-batches", "2"]
+         "--device", "cpu", "--correction", "tis-token", "--correction-cap", "2", "--mini-batches", "2"]
 
 
 def guarded(*args, nproc=1):

@@ -84,11 +84,12 @@ def test_skipping_the_old_logprob_forward_changes_nothing():
     ref = copy.deepcopy(base).requires_grad_(False)
     comps = completions(12, seed=5, engine_logprobs=True)
     adv = torch.randn(12)
-    st = Stage("L2", 20, batch=3, n=4, steps=1, lr=1e-2, kl_coef=0.1, entropy_coef=0.01)
+    st = Stage("L2", 20, batch=3, n=4, steps=1, lr=1e-2, kl_coef=0.1, entropy_coef=0.01,
+               correction="tis-token", correction_cap=1.5)
     results = []
     for recompute in (False, True):
         m = copy.deepcopy(base)
-        tr = Trainer(m, TrainConfig(token_budget=40, tis_cap=1.5, recompute_old=recompute), ref)
+        tr = Trainer(m, TrainConfig(token_budget=40, recompute_old=recompute), ref)
         calls = []
         m.register_forward_pre_hook(lambda mod, args: calls.append(torch.is_grad_enabled()))
         stats = tr.step(comps, adv, st)

@@ -9,7 +9,11 @@ import subprocess
 import sys
 import time
 
-from curriculum import RECIPES, Stage, end_reason
+import pytest
+import torch
+
+from curriculum import RECIPES, Stage, end_reason, shape_rewards
+from rollout import Completion
 from data import Sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,12 +88,29 @@ def test_rules_off_by_default_and_the_cap_ends_the_stage():
     assert all(s.end_epochs == 1 for s in RECIPES["fastcurl-1.5b"])
 
 
+def test_overlong_penalty_against_the_formula():
+    """DAPO's soft overlong punishment, B = 40, L = 10: 0 up to 30 tokens, then linear to -1 at
+    40 (a cut response); zero and mask leave the rewards alone."""
+    st = Stage("L1", 40, batch=1, n=1, steps=1, overlong="penalty", overlong_window=10)
+    lens = [0, 5, 30, 31, 35, 39, 40]
+    comps = [Completion([1], [2] * k, [], "length" if k == 40 else "stop") for k in lens]
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    want = [x - (0 if k <= 30 else (k - 30) / 10) for x, k in zip(r.tolist(), lens)]
+    got = shape_rewards(st, comps, r).tolist()
+    assert got == [pytest.approx(w, abs=1e-15) for w in want] and got[-1] == -1.0
+    assert shape_rewards(dataclasses.replace(st, overlong_window=0), comps, r)[4] == -0.5
+    for mode in ("zero", "mask"):
+        assert torch.equal(shape_rewards(dataclasses.replace(st, overlong=mode), comps, r), r)
+
+
 # ---- the range in one process, 2 ranks -----------------------------------------------------------
 
 # stage 1 ends by its truncation rule at step 2 (a 2-step mean <= 1 always holds), stage 2 at its cap
+# (stage 2 with dynamic sampling and the overlong penalty: their state resumes exactly too)
 SMALL = ["--batch", "4", "--n-samples", "4", "--rollout", "torch", "--save-every", "1",
          "--steps", "5,3", "--end-trunc", "1,off", "--end-window", "2", "--end-plateau", "0",
-         "--eval-k", "1", "--eval-every", "2", "--eval-limit", "4"]
+         "--eval-k", "1", "--eval-every", "2", "--eval-limit", "4", "--dynamic-sampling", "0,2",
+         "--overlong", "mask,penalty"]
 VOLATILE = ("time/", "throughput/")
 
 
@@ -126,12 +147,15 @@ def test_stage_range_in_one_process_equals_separate_commands_and_resumes_after_a
     assert [(m["stage"], m["step"]) for m in rows] == [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3)]
     assert rows[1]["stage_end"].startswith("truncation") and rows[4]["stage_end"].startswith("steps")
     assert [("eval/pass@1" in m) for m in rows] == [False, True, False, True, False]
+    assert [("dynamic/rounds" in m) for m in rows] == [False, False, True, True, True]
     ev = json.load(open(one / "stage1" / "eval.json"))
     assert (ev["end_step"], ev["end_reason"].split(":")[0]) == (2, "truncation")
     assert "stage 1 ends after step 2: truncation" in r.stdout
     # the same stages as two commands (stage 2 reads stage 1's final from disk): the same numbers
-    run(torchrun(sep, "1", "--steps", "5", "--end-trunc", "1"))
-    run(torchrun(sep, "2", "--steps", "3", "--end-trunc", "off"))
+    run(torchrun(sep, "1", "--steps", "5", "--end-trunc", "1", "--dynamic-sampling", "0",
+                 "--overlong", "mask"))
+    run(torchrun(sep, "2", "--steps", "3", "--end-trunc", "off", "--dynamic-sampling", "2",
+                 "--overlong", "penalty"))
     assert metrics(sep) == metrics(one) and weights(sep) == weights(one)
     # SIGKILL in stage 2 (its step-1 checkpoint written, step 2 under way), then --resume
     p = subprocess.Popen(torchrun(cut, "1-2"), cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
