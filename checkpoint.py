@@ -71,7 +71,8 @@ def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: 
         for _ in weights:
             pass
     barrier()
-    torch.save({"rng": rng_state(), "trainer": trainer.state_dict()},
+    # each rank's own view of the loop's state too: the ranks must agree on it (tests compare)
+    torch.save({"rng": rng_state(), "trainer": trainer.state_dict(), "extra": extra},
                os.path.join(tmp, f"rank{rank}.pt"))
     barrier()
     if rank == 0:

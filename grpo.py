@@ -76,6 +76,9 @@ def parse_args(argv=None):
     add("--eval-every", type=int, default=0,
         help="also score the held-out file every K steps (its first --eval-limit problems)")
     add("--eval-limit", type=int, default=64, help="problems scored by --eval-every (0: all)")
+    add("--eval-tokens", type=int, default=None,
+        help="the held-out response budget (default: the recipe's largest stage budget, with this "
+             "run's overrides)")
     for f in STAGE_FLAGS:  # --batch, --n-samples, --max-tokens, --lr, --end-trunc, ...
         add(flag_of(f.name), dest="st_" + f.name, default=None, help="stage field")
     return ap.parse_args(argv)
@@ -192,7 +195,8 @@ def resolve(a, rank: int, world: int, device: torch.device) -> Plan | None:
             data.encode_problems(eval_problems, tok, template, max(s.max_prompt for s in full))
     except (ValueError, OSError, ImportError) as e:
         fail(str(e))
-    eval_tokens = curriculum.eval_budget(full)  # the recipe's largest: stages compare like for like
+    # the recipe's largest budget: the stages' scores compare like for like
+    eval_tokens = a.eval_tokens or curriculum.eval_budget(full)
     max_model_len = 0
     for k in stages:  # the longest sequence the engine will see: a stage's budget or the eval's
         st, (prompts, dropped) = full[k - 1], encoded[k]
@@ -297,6 +301,7 @@ def check_values(a, st, world: int, rank: int, label: str = ""):
          "at least 1"),
         ("--eval-every", a.eval_every, a.eval_every >= 0, "0 (never) or more"),
         ("--eval-limit", a.eval_limit, a.eval_limit >= 0, "0 (all) or more"),
+        ("--eval-tokens", a.eval_tokens, a.eval_tokens is None or a.eval_tokens >= 1, "at least 1"),
         ("--end-trunc", st.end_trunc, st.end_trunc is None or 0 <= st.end_trunc <= 1,
          "in [0, 1] or off"),
         ("--end-plateau", st.end_plateau, st.end_plateau >= 0, "0 (off) or more"),

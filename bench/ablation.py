@@ -47,7 +47,7 @@ def run_arm(arm: str, seed: int, scale: float, out: str, eval_k: int, nproc: int
            os.path.join(ROOT, "grpo.py"), "--stage", f"1-{len(stages)}", "--out", out, "--seed", str(seed),
            "--split", ",".join(s for s, _ in plan), "--max-tokens", ",".join(str(b) for _, b in plan),
            "--steps", ",".join(map(str, caps)), "--eval-k", str(eval_k), "--rollout", "torch",
-           "--save-every", "0"]
+           "--save-every", "0", "--eval-tokens", str(max(b for _, b in TOY))]  # every arm scored alike
     if rules:  # the recipe's rules, their windows and patience scaled like the stages' lengths
         cmd += ["--end-window", ",".join(str(max(1, round(st.end_window * scale))) for st in stages),
                 "--end-plateau", ",".join(str(max(1, round(st.end_plateau * scale)) if st.end_plateau else 0)

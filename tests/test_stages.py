@@ -151,6 +151,11 @@ def test_stage_range_in_one_process_equals_separate_commands_and_resumes_after_a
     ev = json.load(open(one / "stage1" / "eval.json"))
     assert (ev["end_step"], ev["end_reason"].split(":")[0]) == (2, "truncation")
     assert "stage 1 ends after step 2: truncation" in r.stdout
+    for s in (1, 2):  # every rank saw the same global metrics, rule and step (its own view, saved)
+        views = [torch.load(one / f"stage{s}" / "final" / f"rank{k}.pt", weights_only=False)["extra"]
+                 for k in (0, 1)]
+        assert views[0] == views[1] and views[0]["end"]["step"] == (2, 3)[s - 1]
+        assert len(views[0]["counters"]["history"]["trunc"]) == (2, 3)[s - 1]
     # the same stages as two commands (stage 2 reads stage 1's final from disk): the same numbers
     run(torchrun(sep, "1", "--steps", "5", "--end-trunc", "1", "--dynamic-sampling", "0",
                  "--overlong", "mask"))
