@@ -101,6 +101,10 @@ def test_losses_match_reference(loss, agg, extras):
     for a, b in zip(torch.autograd.grad(got, ins), torch.autograd.grad(want, ins)):
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
     assert 0 < stats["pg_clipfrac"] < 1  # the clips bind on some tokens, not all
+    if loss == "grpo":  # both clip edges are reached, each on the side where it binds
+        ratio = torch.exp(logp - old)
+        assert ((ratio > 1 + ch) & (adv[:, None] > 0)).any()
+        assert ((ratio < 1 - cl) & (adv[:, None] < 0)).any()
 
 
 def test_cispo_keeps_the_gradient_where_grpo_clips():

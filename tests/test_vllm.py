@@ -44,7 +44,8 @@ def test_toy_stage1_learns_with_vllm_as_with_the_native_engine(tmp_path):
     (there 0.55 -> 0.84 from the first to the last quarter of the 40 steps)."""
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        f"{ROOT}/grpo.py", "--stage", "1", "--out", str(out), "--rollout", "vllm", "--eval-k", "0"],
+                        f"{ROOT}/grpo.py", "--stage", "1", "--out", str(out), "--rollout", "vllm", "--eval-k", "0",
+                        "--end-trunc", "off"],  # the 40 steps of the native engine's figures
                        cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in open(out / "stage1" / "metrics.jsonl")]
