@@ -144,14 +144,14 @@ def sample_step(st: Stage, stage: int, step: int, prompts, loop) -> dict:
                                      seed=rollout_seed(loop.seed, stage, step, loop.rank, rnd))
         # a right boxed answer scores 1; a response cut at the budget scores 0
         answers = [batch[i // n][1] for i in range(len(comps))]
-        r = torch.tensor(score_completions(comps, answers, loop.tok.decode),
-                         device=comm_device())
+        scores = torch.tensor(score_completions(comps, answers, loop.tok.decode),
+                              device=comm_device())
         sampled += comps
-        rewards.append(shape_rewards(st, comps, r))
+        rewards.append(shape_rewards(st, comps, scores))
         if not st.dynamic_sampling:
             return {"sampled": (comps, rewards[0]), "comps": comps, "rewards": rewards[0],
                     "rounds": 1, "groups": st.batch}
-        r = torch.cat(rewards)
+        r = torch.cat(rewards)  # every round's so far, group by group
         informative = (r.view(-1, n).std(-1) > 0).nonzero().view(-1).tolist() if n > 1 else []
         counts = _all_ranks(r.new_tensor([float(len(informative))]), loop.world).view(-1)
         if counts.sum() >= st.batch:

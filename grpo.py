@@ -248,26 +248,24 @@ def rules_text(st) -> str:
 def find_earlier(a, sp: StagePlan, before: list[StagePlan], cfg: Config, rank: int):
     """An earlier run of this stage in its folder: complete (skipped), or a step checkpoint to
     continue from (--resume); a stage after one still to run must not hold a run."""
-    if not earlier_run(sp.stage_dir, sp.identity, a.resume):
-        if a.resume and rank == 0 and not any(not b.complete for b in before):
-            print(f"[fastcurl] --resume: no checkpoint in {sp.stage_dir} yet: stage {sp.stage} "
-                  f"starts from step 0", flush=True)
-        return
-    if any(not b.complete for b in before):
-        fail(f"{sp.stage_dir} holds a run, but an earlier stage of the range is not complete: "
-             f"choose another --out")
-    if checkpoint.check_checkpoint(os.path.join(sp.stage_dir, "final")) is None:
-        sp.complete = True
-        if rank == 0:
-            print(f"[fastcurl] stage {sp.stage} is already complete: {sp.stage_dir}/final",
-                  flush=True)
-        return
-    sp.resume_from = checkpoint.latest_checkpoint(sp.stage_dir,
-                                                  log=print if rank == 0 else lambda *_: None)
-    if sp.resume_from and not checkpoint.same_architecture(load_config(sp.resume_from), cfg):
-        fail(f"{sp.resume_from}/config.json does not match {sp.src}/config.json: not the same "
-             f"model")
-    if sp.resume_from is None and rank == 0:  # a crash before the first checkpoint
+    first_to_run = all(b.complete for b in before)
+    if earlier_run(sp.stage_dir, sp.identity, a.resume):
+        if not first_to_run:
+            fail(f"{sp.stage_dir} holds a run, but an earlier stage of the range is not complete: "
+                 f"choose another --out")
+        if checkpoint.check_checkpoint(os.path.join(sp.stage_dir, "final")) is None:
+            sp.complete = True
+            if rank == 0:
+                print(f"[fastcurl] stage {sp.stage} is already complete: {sp.stage_dir}/final",
+                      flush=True)
+            return
+        sp.resume_from = checkpoint.latest_checkpoint(sp.stage_dir,
+                                                      log=print if rank == 0 else lambda *_: None)
+        if sp.resume_from and not checkpoint.same_architecture(load_config(sp.resume_from), cfg):
+            fail(f"{sp.resume_from}/config.json does not match {sp.src}/config.json: not the same "
+                 f"model")
+    if a.resume and sp.resume_from is None and first_to_run and rank == 0:
+        # nothing to resume (a crash before the first checkpoint, or a stage not begun)
         print(f"[fastcurl] --resume: no checkpoint in {sp.stage_dir} yet: stage {sp.stage} "
               f"starts from step 0", flush=True)
 
