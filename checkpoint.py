@@ -2,7 +2,7 @@
 stop flag.
 
 <stage dir>/step<K>/: config.json, model.safetensors, tokenizer files (a Hugging Face folder),
-trainer_state.pt (step, sampler, counters), rank<r>.pt (each rank's optimizer state, its shards
+trainer_state.pt (step, sampler, the stage's state), rank<r>.pt (each rank's optimizer state, its shards
 under fsdp, and random states), manifest.json (every file's size and sha256, written last). Written
 into step<K>.tmp and renamed into place, then the `latest` marker is replaced: a crash at any moment
 leaves the previous checkpoint whole and findable, and a resume skips a newer one that fails its
@@ -190,12 +190,12 @@ class StopFlag:
         return bool(flag.item())
 
 
-def restore(path: str, trainer, sampler, rank: int) -> tuple[int, dict]:
+def restore(path: str, trainer, sampler, rank: int) -> dict:
     """Load a step checkpoint into the trainer (this rank's optimizer shards), the sampler and the
-    random states -> (step, counters)."""
+    random states -> the stage's state (curriculum.StageState as a dict)."""
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     mine = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
     trainer.load_state_dict(mine["trainer"])
     set_rng_state(mine["rng"])
     sampler.load_state(state["sampler"])
-    return state["step"], state.get("counters", {})
+    return state["state"]

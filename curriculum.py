@@ -1,11 +1,15 @@
-"""FastCuRL's curriculum: stage tables and the loop that drives one stage.
+"""FastCuRL's curriculum: the stages in order, and the steps of each until a rule ends it.
 
 Each stage trains on its own slice of the problems (L1 = prompts no longer than the mean, L3 =
 longer, L2 = all) with its own response budget: short problems with a short budget first, then the
-budget grows (context scaling). One step of a stage:
+budget grows (context scaling). `run` is the whole algorithm: each stage's reference policy is the
+previous stage's final, its optimizer and sampler are fresh, and `train_stage` runs its steps
 
     prompts -> engine.generate(n each, budget) -> rewards -> group advantages -> GRPO update
             -> push weights into the engine -> one metrics line -> (every K steps) a checkpoint
+
+until a rule (`end_reason`) ends the stage; then its final checkpoint and its held-out score. The
+stage's settings are a settings.Stage, the run's a grpo.Plan (built and checked before any compute).
 
     python curriculum.py plot runs/toy     # reward, length, entropy, truncation per step, by stage
 """
@@ -17,91 +21,168 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from fsdp import comm_device
+import checkpoint
+import data
+import fsdp
+from eval import evaluate_file
+from model import Transformer
 from reward import reward_errors, score_completions
-from trainer import group_advantages
+from trainer import TrainConfig, Trainer, group_advantages
 
+
+def run(plan, policy, engine) -> str | None:
+    """Every stage of the plan in order -> None, or the message to exit with."""
+    stop = checkpoint.StopFlag()
+    for index, stage_plan in enumerate(plan.stages):
+        if index and stop():  # a signal during the previous stage's eval: --resume starts this one
+            say(plan, f"stopped by a signal before stage {stage_plan.number}: rerun the same "
+                      f"command with --resume to continue")
+            return None
+        # 1. a fresh start for the stage's random numbers, then its reference policy: its
+        # starting weights (the previous stage's final), frozen
+        torch.manual_seed(plan.options.seed * 1009 + plan.rank)
+        reference = load_model(stage_plan.src, plan.options, plan.device, frozen=True) \
+            if stage_plan.settings.kl_coef else None
+        # 2. a fresh optimizer and sampler; a resume restores them and where the stage was
+        trainer = Trainer(policy, TrainConfig(token_budget=plan.token_budget,
+                                              grad_checkpointing=plan.grad_checkpointing),
+                          reference, plan.tok.pad_id)
+        sampler = data.Sampler(len(stage_plan.prompts), stage_plan.settings.batch, plan.rank,
+                               plan.world, seed=plan.options.seed * 1000 + stage_plan.number)
+        state = StageState()
+        if stage_plan.resume_from:
+            state = StageState(**checkpoint.restore(stage_plan.resume_from, trainer, sampler,
+                                                    plan.rank))
+            say(plan, f"resumed from {stage_plan.resume_from} at step {state.step}")
+        begin_stage_files(plan, stage_plan, state)
+        # 3. steps until a rule ends the stage (or a signal, or updates that keep failing)
+        status = train_stage(plan, stage_plan, trainer, sampler, engine, state, stop)
+        saved = checkpoint.latest_marker(stage_plan.dir)
+        if status == "stopped":
+            say(plan, f"stopped by a signal; checkpoint in {saved}: rerun the same command with "
+                      f"--resume to continue")
+            return None
+        if status == "nan":
+            return (f"[fastcurl] {plan.options.max_skips} updates in a row had a NaN/inf loss or "
+                    f"gradient norm; saved {saved}. Look at the learning rate, the data of the last "
+                    f"steps (metrics.jsonl) and --dtype; rerun with --resume after a change.")
+        # 4. the final checkpoint, 5. the held-out score
+        save(plan, stage_plan, trainer, sampler, state, "final")
+        if plan.eval_file:
+            write_held_out(plan, stage_plan, engine, state)
+    return None
+
+
+def train_stage(plan, stage_plan, trainer, sampler, engine, state, stop) -> str:
+    """Steps from state.step until a rule ends the stage (state.end says why) -> "done", "stopped"
+    (a signal: checkpointed) or "nan" (--max-skips bad updates in a row: checkpointed)."""
+    stage, options = stage_plan.settings, plan.options
+    log = MetricsLog(plan, stage_plan, state.step)
+    while True:
+        # 1-2. a batch of prompts (this rank's share), n samples each from the engine, rewards
+        t0 = time.time()
+        batch = sample_batch(plan, stage_plan, state.step, engine, sampler)
+        # 3. group-normalised advantages (each prompt's n samples live on one rank)
+        advantages = group_advantages(batch.rewards, stage.n)
+        keep = [c.finish_reason != "length" for c in batch.completions] \
+            if stage.overlong == "mask" else None
+        t1 = time.time()
+        # 4. the GRPO update, then 5. the new weights into the engine
+        engine.sleep()  # vLLM on a GPU hands its memory to the trainer meanwhile
+        stats = trainer.step(batch.completions, advantages, stage, keep=keep)
+        engine.update_weights(trainer.full_state_dict())
+        t2 = time.time()
+        # 6. one metrics line over all ranks (and the held-out score every --eval-every steps)
+        rollout = rollout_metrics(*batch.sampled, stage.n, plan.world)
+        state.count(rollout, stats.pop("skipped_updates"), batch.rounds * stage.batch)
+        record = metrics_line(stage_plan, state, rollout, stats, batch, (t0, t1, t2))
+        if options.eval_every and state.step % options.eval_every == 0:
+            pass_at_1 = score_held_out(plan, stage, engine, options.eval_limit or None)["pass@1"]
+            record.update({"eval/pass@1": pass_at_1, "time/eval_s": time.time() - t2})
+            state.evals.append([state.step, pass_at_1])
+        # 7. the stage's rules, on metrics of all ranks: every rank ends at the same step
+        state.end = end_reason(stage, state, len(stage_plan.prompts)) or ""
+        if state.end:
+            record["stage_end"] = state.end
+        log.write(record, state)
+        # 8. a checkpoint every --save-every steps, and on the way out
+        status = "nan" if state.skips_in_row >= options.max_skips else \
+            "stopped" if stop() else "done"
+        periodic = options.save_every and state.step % options.save_every == 0
+        if status != "done" or (periodic and not state.end):
+            save(plan, stage_plan, trainer, sampler, state, f"step{state.step}")
+        if status != "done" or state.end:
+            log.close()
+            return status
+
+
+# ---- the stage's state and its rules ------------------------------------------------------------
 
 @dataclasses.dataclass
-class Stage:
-    data: str              # "L1" (short prompts), "L2" (all), "L3" (long prompts)
-    max_tokens: int        # response budget
-    batch: int             # prompts per step, across all ranks
-    n: int                 # samples per prompt
-    steps: int
-    lr: float = 1e-6
-    warmup_steps: int = 0
-    kl_coef: float = 0.001
-    entropy_coef: float = 0.001
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    temperature: float = 0.6
-    top_p: float = 1.0
-    agg: str = "token-mean"
-    max_prompt: int = 1024
-    mini_batches: int = 1  # optimizer updates per step (batch / mini-batch size)
-    # rules that end the stage before `steps` (its cap), each off by default, checked after every
-    # step on the metrics of all ranks (see end_reason)
-    end_trunc: float | None = None  # the truncated fraction (end_window-step mean) <= this
-    end_plateau: int = 0            # steps without a new best end_window-step mean reward
-    end_epochs: float = 0.0         # passes over the stage's prompts (0: no limit)
-    end_eval: float | None = None   # held-out pass@1 (scored every --eval-every steps) >= this
-    end_window: int = 5             # steps in the moving averages
-    # the RL menu (trainer.py: policy_loss, rollout_correction, Trainer._entropy_coef)
-    loss: str = "grpo"     # policy term: grpo | gspo | cispo
-    correction: str = "none"  # vs the engine: none | tis-token | tis-seq | mask-token | mask-seq
-    correction_cap: float = 2.0  # C: the IS weight cap, or the kept ratio band [1/C, C]
-    target_entropy: float = 0.0  # > 0: adaptive entropy coefficient (Skywork-OR1); 0: fixed
-    entropy_lr: float = 0.005    # the coefficient's step per training step toward the target
-    entropy_coef_max: float = 0.1  # the adaptive coefficient's upper bound
-    # the loop's part of it (shape_rewards, sample_step)
-    overlong: str = "zero"  # a cut response: zero (scores 0) | mask (out of the loss) | penalty
-    overlong_window: int = 0  # penalty over the last L tokens of the budget (0: a quarter of it)
-    dynamic_sampling: int = 0  # DAPO: up to this many extra rounds to fill the batch with groups
-                               # whose rewards differ (0: off)
+class StageState:
+    """Where a stage is, saved in every checkpoint so that a resume goes on exactly."""
+    step: int = 0
+    drawn: int = 0           # prompts drawn (dynamic sampling's extra rounds included)
+    skipped_steps: int = 0   # steps whose update was skipped (a NaN/inf loss or gradient norm)
+    skips_in_row: int = 0
+    reward_errors: int = 0   # verifier errors and time-outs so far (each scored 0)
+    rewards: list = dataclasses.field(default_factory=list)    # each step's mean reward
+    truncated: list = dataclasses.field(default_factory=list)  # each step's truncated fraction
+    evals: list = dataclasses.field(default_factory=list)      # [step, held-out pass@1]
+    warned: list = dataclasses.field(default_factory=list)     # warnings given once
+    end: str = ""            # why the stage ended ("" while it runs)
+
+    def count(self, rollout: dict, skipped: int, drawn: int):
+        """One more step: its rollout metrics (all ranks), its skipped updates, prompts drawn."""
+        self.step += 1
+        self.drawn += drawn
+        self.skipped_steps += bool(skipped)
+        self.skips_in_row = self.skips_in_row + 1 if skipped else 0
+        self.reward_errors += rollout["errors"]
+        self.rewards.append(rollout["reward/mean"])
+        self.truncated.append(rollout["truncated_frac"])
 
 
-# FastCuRL-1.5B-Preview (stages 1-4) and the V2/V3 fifth stage: lr 1e-6, KL (k3) 0.001, entropy
-# 0.001, clip 0.2, temperature 0.6, prompt budget 1024, mini-batch 64 prompts, one PPO epoch. Its
-# stages were switched by hand: stage 1 when about 10% of the responses were cut (step ~160 in
-# batch-128 units), each stage at most one epoch; those are the rules here, and `steps` is each
-# stage's cap (how stages 2-4 split their 1,400 batch-64 steps is our estimate).
-RECIPES = {
-    "fastcurl-1.5b": [
-        Stage("L1", 8192, batch=128, n=8, steps=160, mini_batches=2, end_trunc=0.1,
-              end_epochs=1, end_window=10),
-        Stage("L2", 16384, batch=64, n=8, steps=400, end_epochs=1),
-        Stage("L3", 24576, batch=64, n=8, steps=400, end_epochs=1),
-        Stage("L2", 16384, batch=64, n=16, steps=600, end_epochs=1),
-        Stage("L2", 16384, batch=64, n=16, steps=200, kl_coef=0.0, entropy_coef=1e-6,
-              end_epochs=1),
-    ],
-    # the same shape on the embedded toy: budgets 40/80/120/80 tokens = 1:2:3:2 like 8K/16K/24K/16K;
-    # stage 1 ends once fewer than 5% of its responses are cut over 5 steps (the toy's 10%: it
-    # starts at 20%), the others once the 5-step mean sampled reward stops rising for 8 steps
-    "toy": [
-        Stage("L1", 40, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64,
-              end_trunc=0.05),
-        Stage("L2", 80, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64,
-              end_plateau=8),
-        Stage("L3", 120, batch=16, n=8, steps=30, lr=1e-4, temperature=1.0, max_prompt=64,
-              end_plateau=8),
-        Stage("L2", 80, batch=16, n=8, steps=40, lr=1e-4, temperature=1.0, max_prompt=64,
-              end_plateau=8),
-    ],
-}
+def end_reason(stage, state: StageState, n_prompts: int) -> str | None:
+    """Why the stage ends after state.step steps, or None to go on; rules in order:
+
+      truncation  mean of the truncated fraction over the last W = end_window steps <= end_trunc
+      plateau     the W-step mean reward has not exceeded its best for end_plateau steps
+      eval        the latest held-out pass@1 >= end_eval (scored at this step)
+      epochs      one more batch would pass end_epochs x the stage's prompts (state.drawn counts
+                  the prompts drawn, dynamic sampling's extra rounds included)
+      steps       the stage's cap
+
+    A moving average exists only once W steps have run, so no rule fires on a partial window.
+    Thresholds compare with a slack of 1e-9: a truncated fraction or a pass@1 is a multiple of
+    1/(samples), far coarser, while the rounding of a W-term mean is ~W x 1e-16."""
+    W, slack, step = stage.end_window, 1e-9, state.step
+    truncated, rewards, evals = state.truncated, state.rewards, state.evals
+    if stage.end_trunc is not None and len(truncated) >= W:
+        mean = sum(truncated[-W:]) / W
+        if mean <= stage.end_trunc + slack:
+            return f"truncation: {mean:.3f} (mean of {W} steps) <= {stage.end_trunc}"
+    if stage.end_plateau and len(rewards) >= W:
+        means = [sum(rewards[i - W:i]) / W for i in range(W, len(rewards) + 1)]
+        best = max(range(len(means)), key=means.__getitem__)  # the first step reaching the best
+        if len(means) - 1 - best >= stage.end_plateau:
+            return (f"plateau: the {W}-step mean reward's best, {means[best]:.3f} at step "
+                    f"{best + W}, not exceeded for {stage.end_plateau} steps")
+    if stage.end_eval is not None and evals and evals[-1][0] == step:
+        if evals[-1][1] >= stage.end_eval - slack:
+            return f"eval: held-out pass@1 {evals[-1][1]:.3f} >= {stage.end_eval}"
+    if stage.end_epochs and state.drawn + stage.batch > stage.end_epochs * n_prompts:
+        return f"epochs: {state.drawn} prompts drawn of {n_prompts}, {stage.end_epochs} epoch(s)"
+    if step >= stage.steps:
+        return f"steps: the stage's cap, {stage.steps}"
+    return None
 
 
-def eval_budget(stages: list[Stage]) -> int:
-    """The held-out eval's response budget: the largest of the recipe's stages, so that the scores
-    of the stages compare like for like."""
-    return max(s.max_tokens for s in stages)
-
+# ---- steps 1-2: samples and rewards --------------------------------------------------------------
 
 def rollout_seed(seed: int, stage: int, step: int, rank: int, rnd: int = 0) -> int:
     """The engine's seed for one rank's samples of a step (rnd: dynamic sampling's extra round)."""
@@ -109,233 +190,217 @@ def rollout_seed(seed: int, stage: int, step: int, rank: int, rnd: int = 0) -> i
     return base if not rnd else (base * 1_000_003 + rnd) % (1 << 62)
 
 
-def shape_rewards(st: Stage, comps, rewards: torch.Tensor) -> torch.Tensor:
-    """Overlong responses (DAPO), st.overlong: "zero", a cut response keeps its 0; "mask", the
+@dataclasses.dataclass
+class Batch:
+    """A step's samples: the groups to train on, and every round sampled (for the metrics)."""
+    completions: list        # rollout.Completion, n per prompt, prompt-major
+    rewards: torch.Tensor    # [len(completions)]
+    sampled: tuple           # (completions, rewards) of every round
+    rounds: int              # sampling rounds (1 without dynamic sampling)
+    groups: int              # groups trained on over all ranks
+
+
+def shape_rewards(stage, completions, rewards: torch.Tensor) -> torch.Tensor:
+    """Overlong responses (DAPO), stage.overlong: "zero", a cut response keeps its 0; "mask", the
     same, and the loop leaves cut responses out of the loss (their 0 still counts in their group's
     mean and std: DAPO filters after the advantages); "penalty", the soft overlong punishment added
     to every reward, with budget B and window L:
 
         r += 0 if len <= B - L,  (B - L - len) / L if B - L < len <= B   (-1 for a cut response)"""
-    if st.overlong != "penalty":
+    if stage.overlong != "penalty":
         return rewards
-    B = st.max_tokens
-    L = st.overlong_window or max(1, B // 4)
+    B = stage.max_tokens
+    L = stage.overlong_window or max(1, B // 4)
     return rewards + rewards.new_tensor([min(0.0, (B - L - len(c.response_ids)) / L)
-                                         for c in comps])
+                                         for c in completions])
 
 
-def sample_step(st: Stage, stage: int, step: int, prompts, loop) -> dict:
-    """Steps 1-2 of the loop: this rank's share of a batch of prompts, n samples each, rewards.
+def sample_batch(plan, stage_plan, step: int, engine, sampler) -> Batch:
+    """This rank's share of a batch of prompts, n samples each, and their rewards (a right boxed
+    answer scores 1; a response cut at the budget scores 0; then shape_rewards).
 
     With dynamic sampling (DAPO) a group whose n rewards are all equal has no gradient: such groups
-    are dropped and another batch of prompts is sampled, up to st.dynamic_sampling extra rounds,
-    until all ranks together hold st.batch groups whose rewards differ; the first st.batch of them
-    (in rank order) are trained on. Fewer after the last round: what there is (none at all: the
-    first round's groups, whose advantages are 0). The sampler moves past every prompt drawn, so a
-    resume draws the same rounds.
-
-    -> {"sampled": (comps, rewards) of every round, for the metrics; "comps", "rewards": the
-    groups to train on; "rounds"; "groups": groups trained on over all ranks}"""
-    n, sampled, rewards = st.n, [], []
-    for rnd in range(st.dynamic_sampling + 1):
-        batch = [prompts[i] for i in loop.sampler.next()]
-        comps = loop.engine.generate([ids for ids, _ in batch], n=n, max_tokens=st.max_tokens,
-                                     temperature=st.temperature, top_p=st.top_p,
-                                     seed=rollout_seed(loop.seed, stage, step, loop.rank, rnd))
-        # a right boxed answer scores 1; a response cut at the budget scores 0
-        answers = [batch[i // n][1] for i in range(len(comps))]
-        scores = torch.tensor(score_completions(comps, answers, loop.tok.decode),
-                              device=comm_device())
-        sampled += comps
-        rewards.append(shape_rewards(st, comps, scores))
-        if not st.dynamic_sampling:
-            return {"sampled": (comps, rewards[0]), "comps": comps, "rewards": rewards[0],
-                    "rounds": 1, "groups": st.batch}
-        r = torch.cat(rewards)  # every round's so far, group by group
-        informative = (r.view(-1, n).std(-1) > 0).nonzero().view(-1).tolist() if n > 1 else []
-        counts = _all_ranks(r.new_tensor([float(len(informative))]), loop.world).view(-1)
-        if counts.sum() >= st.batch:
+    are dropped and another batch of prompts is sampled, up to stage.dynamic_sampling extra rounds,
+    until all ranks together hold stage.batch groups whose rewards differ; the first stage.batch
+    of them (in rank order) are trained on. Fewer after the last round: what there is (none at all:
+    the first round's groups, whose advantages are 0). The sampler moves past every prompt drawn,
+    so a resume draws the same rounds."""
+    stage, n, prompts = stage_plan.settings, stage_plan.settings.n, stage_plan.prompts
+    sampled, rewards = [], []
+    for rnd in range(stage.dynamic_sampling + 1):
+        batch = [prompts[i] for i in sampler.next()]
+        completions = engine.generate(
+            [ids for ids, _ in batch], n=n, max_tokens=stage.max_tokens,
+            temperature=stage.temperature, top_p=stage.top_p,
+            seed=rollout_seed(plan.options.seed, stage_plan.number, step, plan.rank, rnd))
+        answers = [batch[i // n][1] for i in range(len(completions))]
+        scores = torch.tensor(score_completions(completions, answers, plan.tok.decode),
+                              device=fsdp.comm_device())
+        sampled += completions
+        rewards.append(shape_rewards(stage, completions, scores))
+        if not stage.dynamic_sampling:
+            return Batch(completions, rewards[0], (completions, rewards[0]), 1, stage.batch)
+        every_round = torch.cat(rewards)
+        informative = (every_round.view(-1, n).std(-1) > 0).nonzero().view(-1).tolist() \
+            if n > 1 else []
+        counts = _all_ranks(every_round.new_tensor([float(len(informative))]), plan.world).view(-1)
+        if counts.sum() >= stage.batch:
             break
-    before = int(counts[:loop.rank].sum().item())
-    mine = informative[:max(0, st.batch - before)]
-    groups = int(min(counts.sum().item(), st.batch))
+    before = int(counts[:plan.rank].sum().item())
+    mine = informative[:max(0, stage.batch - before)]
+    groups = int(min(counts.sum().item(), stage.batch))
     if groups == 0:
-        mine = list(range(st.batch // loop.world))
+        mine = list(range(stage.batch // plan.world))
     pick = [g * n + j for g in mine for j in range(n)]
-    return {"sampled": (sampled, r), "comps": [sampled[i] for i in pick], "rewards": r[pick],
-            "rounds": rnd + 1, "groups": groups}
+    return Batch([sampled[i] for i in pick], every_round[pick], (sampled, every_round), rnd + 1,
+                 groups)
 
 
-def end_reason(st: Stage, step: int, hist: dict, n_prompts: int) -> str | None:
-    """Why the stage ends after `step` steps, or None to go on. hist holds every step's global
-    "reward" and "trunc" so far and the held-out "eval" scores as [step, pass@1]; rules in order:
+# ---- step 6: metrics, held-out scores, files -----------------------------------------------------
 
-      truncation  mean of the truncated fraction over the last W = end_window steps <= end_trunc
-      plateau     the W-step mean reward has not exceeded its best for end_plateau steps
-      eval        the latest held-out pass@1 >= end_eval (scored at this step)
-      epochs      one more batch would pass end_epochs x the stage's prompts (hist["drawn"]
-                  counts the prompts drawn, dynamic sampling's extra rounds included)
-      steps       the stage's cap
-
-    A moving average exists only once W steps have run, so no rule fires on a partial window.
-    Thresholds compare with a slack of 1e-9: a truncated fraction or a pass@1 is a multiple of
-    1/(samples), far coarser, while the rounding of a W-term mean is ~W x 1e-16."""
-    W, slack = st.end_window, 1e-9
-    trunc, reward = hist["trunc"], hist["reward"]
-    if st.end_trunc is not None and len(trunc) >= W:
-        avg = sum(trunc[-W:]) / W
-        if avg <= st.end_trunc + slack:
-            return f"truncation: {avg:.3f} (mean of {W} steps) <= {st.end_trunc}"
-    if st.end_plateau and len(reward) >= W:
-        means = [sum(reward[i - W:i]) / W for i in range(W, len(reward) + 1)]
-        best = max(range(len(means)), key=means.__getitem__)  # the first step reaching the best
-        if len(means) - 1 - best >= st.end_plateau:
-            return (f"plateau: the {W}-step mean reward's best, {means[best]:.3f} at step "
-                    f"{best + W}, not exceeded for {st.end_plateau} steps")
-    if st.end_eval is not None and hist["eval"] and hist["eval"][-1][0] == step:
-        if hist["eval"][-1][1] >= st.end_eval - slack:
-            return f"eval: held-out pass@1 {hist['eval'][-1][1]:.3f} >= {st.end_eval}"
-    drawn = hist.get("drawn", step * st.batch)  # more than step x batch with dynamic sampling
-    if st.end_epochs and drawn + st.batch > st.end_epochs * n_prompts:
-        return f"epochs: {drawn} prompts drawn of {n_prompts}, {st.end_epochs} epoch(s)"
-    if step >= st.steps:
-        return f"steps: the stage's cap, {st.steps}"
-    return None
-
-
-@dataclasses.dataclass
-class Loop:
-    """What a stage's loop works with besides the stage itself: the pieces, where to write, when to
-    stop."""
-    engine: Any            # rollout engine: generate(...), sleep(), update_weights(named tensors)
-    trainer: Any           # trainer.Trainer: step(comps, adv, stage) -> stats, full_state_dict()
-    tok: Any               # data.Tokenizer: decode(ids)
-    sampler: Any           # data.Sampler: next() -> this rank's prompt indices
-    out_dir: str           # the stage's folder: metrics.jsonl and checkpoints
-    save: Callable         # save(path, step, counters): a checkpoint; every rank calls it
-    seed: int = 0
-    rank: int = 0
-    world: int = 1
-    save_every: int = 0    # a checkpoint every K steps (0: only when the loop ends early)
-    max_skips: int = 3     # this many non-finite updates in a row end the stage
-    should_stop: Callable = lambda: False  # a signal came: checkpoint and leave
-    eval_every: int = 0    # score the held-out set every K steps (0: never), with:
-    evaluate: Callable | None = None  # evaluate() -> {"pass@1": ...}; every rank calls it
-
-
-def run_stage(st: Stage, stage: int, prompts, loop: Loop, start: int = 0,
-              counters: dict | None = None) -> tuple[str, int, str]:
-    """Train one stage from step `start` until a rule ends it (end_reason; at the latest st.steps);
-    prompts are (ids, answer) pairs.
-
-    Returns (status, last step, why): status "done" (a rule ended the stage), "stopped" (a signal:
-    checkpoint written) or "nan" (max_skips bad updates in a row: saved)."""
-    c = counters if counters is not None else {}
-    for k in ("skipped_steps", "skips_in_row", "reward_errors"):
-        c.setdefault(k, 0)
-    hist = c.setdefault("history", {"reward": [], "trunc": [], "eval": []})
-    metrics_f = open(os.path.join(loop.out_dir, "metrics.jsonl"), "a") if loop.rank == 0 else None
-    t_start = time.time()
-    status, step, why = "done", start, ""
-    while not why and status == "done":
-        # 1-2. a batch of prompts (this rank's share), n samples each from the engine, rewards
-        t0 = time.time()
-        got = sample_step(st, stage, step, prompts, loop)
-        comps = got["comps"]
-        # 3. group-normalised advantages (each prompt's n samples live on one rank)
-        adv = group_advantages(got["rewards"], st.n)
-        keep = [x.finish_reason != "length" for x in comps] if st.overlong == "mask" else None
-        t1 = time.time()
-        # 4. the GRPO update, then 5. the new weights into the engine
-        loop.engine.sleep()  # vLLM on a GPU hands its memory to the trainer meanwhile
-        stats = loop.trainer.step(comps, adv, st, keep=keep)
-        loop.engine.update_weights(loop.trainer.full_state_dict())
-        t2 = time.time()
-        step += 1
-        # 6. one metrics line over all ranks (and the held-out score every eval_every steps)
-        bad = stats.pop("skipped_updates")
-        c["skipped_steps"] += bool(bad)
-        c["skips_in_row"] = c["skips_in_row"] + 1 if bad else 0
-        rec = {"step": step, "stage": stage,
-               **_rollout_metrics(*got["sampled"], st.n, loop.world, c), **stats,
-               "skipped_steps": c["skipped_steps"], "reward/errors": c["reward_errors"],
-               "time/rollout_s": t1 - t0, "time/train_s": t2 - t1}
-        rec["throughput/tokens_per_s"] = rec.pop("tokens") / (t2 - t0)
-        hist["drawn"] = hist.get("drawn", start * st.batch) + got["rounds"] * st.batch
-        if st.dynamic_sampling:
-            rec["dynamic/rounds"], rec["dynamic/groups"] = got["rounds"], got["groups"]
-        if loop.eval_every and step % loop.eval_every == 0:
-            res = loop.evaluate()
-            rec["eval/pass@1"], rec["time/eval_s"] = res["pass@1"], time.time() - t2
-            hist["eval"].append([step, res["pass@1"]])
-        hist["reward"].append(rec["reward/mean"])
-        hist["trunc"].append(rec["truncated_frac"])
-        # 7. the stage's rules: the same global metrics on every rank, so all ranks agree
-        why = end_reason(st, step, hist, len(prompts)) or ""
-        if why:
-            rec["stage_end"] = why
-        if loop.rank == 0:
-            _log(rec, st, stage, c, metrics_f, (time.time() - t_start) / (step - start))
-        # 8. a checkpoint every save_every steps, and on the way out
-        if c["skips_in_row"] >= loop.max_skips:
-            status = "nan"
-        elif loop.should_stop():
-            status = "stopped"
-        periodic = loop.save_every and step % loop.save_every == 0 and not why
-        if status != "done" or periodic:
-            loop.save(os.path.join(loop.out_dir, f"step{step}"), step, dict(c))
-    if metrics_f:
-        metrics_f.close()
-    return status, step, why
-
-
-def _log(rec: dict, st: Stage, stage: int, c: dict, metrics_f, per_step: float):
-    """Rank 0: the metrics line, the progress line, the end of the stage (and a warning when every
-    response was cut)."""
-    step = rec["step"]
-    if rec["truncated_frac"] == 1.0 and not c.get("warned_all_cut"):
-        c["warned_all_cut"] = 1
-        print(f"[fastcurl] warning: every response of step {step} was cut at the budget "
-              f"({st.max_tokens} tokens): cut responses score 0, nothing is learned", flush=True)
-    metrics_f.write(json.dumps(rec) + "\n")
-    metrics_f.flush()
-    ev = (f" eval {rec['eval/pass@1']:.3f} ({rec['time/eval_s']:.1f}s)"
-          if "eval/pass@1" in rec else "")
-    print(f"stage {stage} step {step}/{st.steps} reward {rec['reward/mean']:.3f} "
-          f"len {rec['response_len/mean']:.1f} trunc {rec['truncated_frac']:.2f} "
-          f"entropy {rec['entropy/mean']:.3f} kl {rec['kl/mean']:.4f}{ev} "
-          f"step {per_step:.1f}s eta <= {per_step * (st.steps - step):.0f}s", flush=True)
-    if rec.get("dynamic/groups", st.batch) < st.batch and not c.get("warned_few_groups"):
-        c["warned_few_groups"] = 1
-        print(f"[fastcurl] step {step}: {rec['dynamic/groups']} of {st.batch} groups had rewards "
-              f"that differ after {rec['dynamic/rounds']} rounds (--dynamic-sampling "
-              f"{st.dynamic_sampling}): training on them (dynamic/groups in metrics.jsonl)",
-              flush=True)
-    if "stage_end" in rec:
-        print(f"[fastcurl] stage {stage} ends after step {step}: {rec['stage_end']}", flush=True)
-
-
-def _rollout_metrics(comps, r: torch.Tensor, n: int, world: int, counters: dict) -> dict:
-    """Reward, length, truncation and zero-advantage share over all ranks: every rank's values in
-    one all-gather (on the collectives' device), then one copy to the host."""
-    N = len(comps)
-    zero = (r.view(-1, n).std(-1) == 0).float() if n > 1 else r.new_ones(N // n)
-    n_tokens = sum(len(x.prompt_ids) + len(x.response_ids) for x in comps)
-    mine = torch.cat([r, r.new_tensor([float(len(x.response_ids)) for x in comps]),
-                      r.new_tensor([float(x.finish_reason == "length") for x in comps]), zero,
-                      r.new_tensor([float(n_tokens), float(reward_errors())])])
-    g = _all_ranks(mine, world)  # [world, 3N + N/n + 2]
-    R, L, T = (g[:, k * N:(k + 1) * N].reshape(-1) for k in range(3))
-    Z, tokens, errors = g[:, 3 * N:-2].reshape(-1), g[:, -2].sum(), g[:, -1].sum()
+def rollout_metrics(completions, rewards: torch.Tensor, n: int, world: int) -> dict:
+    """Reward, length, truncation, zero-advantage share, tokens and verifier errors over all ranks:
+    every rank's values in one all-gather (on the collectives' device), then one copy to the host."""
+    N = len(completions)
+    zero = (rewards.view(-1, n).std(-1) == 0).float() if n > 1 else rewards.new_ones(N // n)
+    n_tokens = sum(len(c.prompt_ids) + len(c.response_ids) for c in completions)
+    mine = torch.cat([rewards, rewards.new_tensor([float(len(c.response_ids)) for c in completions]),
+                      rewards.new_tensor([float(c.finish_reason == "length") for c in completions]),
+                      zero, rewards.new_tensor([float(n_tokens), float(reward_errors())])])
+    every = _all_ranks(mine, world)  # [world, 3N + N/n + 2]
+    R, L, T = (every[:, k * N:(k + 1) * N].reshape(-1) for k in range(3))
+    Z, tokens, errors = every[:, 3 * N:-2].reshape(-1), every[:, -2].sum(), every[:, -1].sum()
     host = torch.stack([R.mean(), R.std(), L.mean(), L.max(), T.mean(), Z.mean(), tokens,
                         errors]).tolist()
-    counters["reward_errors"] += int(host[7])
-    return dict(zip(["reward/mean", "reward/std", "response_len/mean", "response_len/max",
-                     "truncated_frac", "zero_adv_frac", "tokens"], host))
+    out = dict(zip(["reward/mean", "reward/std", "response_len/mean", "response_len/max",
+                    "truncated_frac", "zero_adv_frac", "tokens"], host))
+    out["errors"] = int(host[7])
+    return out
+
+
+def metrics_line(stage_plan, state: StageState, rollout: dict, stats: dict, batch: Batch,
+                 times: tuple) -> dict:
+    """The step's metrics.jsonl record (names in the README)."""
+    t0, t1, t2 = times
+    record = {"step": state.step, "stage": stage_plan.number,
+              **{k: v for k, v in rollout.items() if k not in ("tokens", "errors")}, **stats,
+              "skipped_steps": state.skipped_steps, "reward/errors": state.reward_errors,
+              "time/rollout_s": t1 - t0, "time/train_s": t2 - t1,
+              "throughput/tokens_per_s": rollout["tokens"] / (t2 - t0)}
+    if stage_plan.settings.dynamic_sampling:
+        record["dynamic/rounds"], record["dynamic/groups"] = batch.rounds, batch.groups
+    return record
+
+
+class MetricsLog:
+    """Rank 0: metrics.jsonl (one line per step), the progress line, the stage's end, and the
+    warnings given once (every response cut; dynamic sampling short of groups)."""
+
+    def __init__(self, plan, stage_plan, start: int):
+        self.stage_plan, self.start, self.t_start = stage_plan, start, time.time()
+        self.file = open(os.path.join(stage_plan.dir, "metrics.jsonl"), "a") \
+            if plan.rank == 0 else None
+
+    def write(self, record: dict, state: StageState):
+        if self.file is None:
+            return
+        stage, number, step = self.stage_plan.settings, self.stage_plan.number, record["step"]
+        if record["truncated_frac"] == 1.0 and "all_cut" not in state.warned:
+            state.warned.append("all_cut")
+            print(f"[fastcurl] warning: every response of step {step} was cut at the budget "
+                  f"({stage.max_tokens} tokens): cut responses score 0, nothing is learned",
+                  flush=True)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        per_step = (time.time() - self.t_start) / (step - self.start)
+        held_out = (f" eval {record['eval/pass@1']:.3f} ({record['time/eval_s']:.1f}s)"
+                    if "eval/pass@1" in record else "")
+        print(f"stage {number} step {step}/{stage.steps} reward {record['reward/mean']:.3f} "
+              f"len {record['response_len/mean']:.1f} trunc {record['truncated_frac']:.2f} "
+              f"entropy {record['entropy/mean']:.3f} kl {record['kl/mean']:.4f}{held_out} "
+              f"step {per_step:.1f}s eta <= {per_step * (stage.steps - step):.0f}s", flush=True)
+        if record.get("dynamic/groups", stage.batch) < stage.batch and "few_groups" not in \
+                state.warned:
+            state.warned.append("few_groups")
+            print(f"[fastcurl] step {step}: {record['dynamic/groups']} of {stage.batch} groups had "
+                  f"rewards that differ after {record['dynamic/rounds']} rounds "
+                  f"(--dynamic-sampling {stage.dynamic_sampling}): training on them "
+                  f"(dynamic/groups in metrics.jsonl)", flush=True)
+        if state.end:
+            print(f"[fastcurl] stage {number} ends after step {step}: {state.end}", flush=True)
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def score_held_out(plan, stage, engine, limit: int | None = None) -> dict:
+    """pass@1 on the held-out file (its first `limit` problems) at the run's eval budget, the same
+    for every stage so that their scores compare like for like; every rank takes part."""
+    return evaluate_file(engine, plan.tok, plan.template, plan.eval_file, k=plan.options.eval_k,
+                         temperature=stage.temperature, max_tokens=plan.eval_tokens,
+                         max_prompt=stage.max_prompt, seed=plan.options.seed, rank=plan.rank,
+                         world=plan.world, problems=plan.eval_problems, limit=limit)
+
+
+def write_held_out(plan, stage_plan, engine, state: StageState):
+    """The end of a stage: its held-out score into eval.json and the log."""
+    result = score_held_out(plan, stage_plan.settings, engine)
+    if plan.rank == 0:
+        result.update(stage=stage_plan.number, end_step=state.step, end_reason=state.end)
+        with open(os.path.join(stage_plan.dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        say(plan, f"stage {stage_plan.number} held-out {os.path.basename(plan.eval_file)}: pass@1 "
+                  f"{result['pass@1']:.3f} (k={plan.options.eval_k}), mean length "
+                  f"{result['response_len/mean']:.1f}")
+
+
+def begin_stage_files(plan, stage_plan, state: StageState):
+    """Rank 0: the run's identity (run.json), and metrics logged after the checkpoint by a run that
+    died dropped."""
+    if plan.rank == 0:
+        os.makedirs(stage_plan.dir, exist_ok=True)
+        with open(os.path.join(stage_plan.dir, "run.json"), "w") as f:
+            json.dump(stage_plan.identity, f, indent=1)
+        truncate_metrics(os.path.join(stage_plan.dir, "metrics.jsonl"), state.step)
+    fsdp.barrier()
+
+
+def save(plan, stage_plan, trainer, sampler, state: StageState, name: str):
+    """A checkpoint of the stage (every rank takes part): the weights, each rank's optimizer and
+    random states, the sampler and the stage's state."""
+    extra = {"step": state.step, "stage": stage_plan.number, "sampler": sampler.state(),
+             "recipe": plan.options.recipe, "seed": plan.options.seed,
+             "state": dataclasses.asdict(state)}
+    checkpoint.save_checkpoint(os.path.join(stage_plan.dir, name), trainer.model, trainer, extra,
+                               stage_plan.src, plan.rank, keep=plan.options.keep)
+
+
+def load_model(path: str, options, device, frozen: bool = False) -> Transformer:
+    """Any model the run needs (the policy, the reference), sharded as --fsdp says and computing
+    in --dtype: whole on every rank in --dtype (none), or fp32 master shards gathered in --dtype
+    for each unit's compute (hand: fsdp.shard; torch: FSDP2)."""
+    dtype = getattr(torch, options.dtype)
+    if options.fsdp == "none":
+        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+    else:
+        model = Transformer.from_pretrained(path, dtype=torch.float32, device=device)
+        if options.fsdp == "hand":
+            fsdp.shard(model, param_dtype=dtype if dtype != torch.float32 else None)
+        else:
+            fsdp.torch_fully_shard(model, param_dtype=dtype)
+    if frozen:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def say(plan, message: str):
+    if plan.rank == 0:
+        print(f"[fastcurl] {message}", flush=True)
 
 
 def _all_ranks(x: torch.Tensor, world: int) -> torch.Tensor:
-    """Every rank's x stacked: [world, *x.shape] (x on comm_device())."""
+    """Every rank's x stacked: [world, *x.shape] (x on fsdp.comm_device())."""
     if world == 1:
         return x[None]
     out = [torch.empty_like(x) for _ in range(world)]

@@ -23,11 +23,11 @@ import torch
 import torch.distributed as dist
 
 import data
-from curriculum import RECIPES, eval_budget
 from fsdp import close_dist, finish, setup_dist
 from model import Transformer, check_weights, load_config
 from reward import score_completions
 from rollout import choose_engine, make_engine
+from settings import DEFAULT_RECIPE, PAPER, RECIPES, eval_budget
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -78,21 +78,21 @@ def evaluate_file(engine, tok, template: str, path: str, *, k: int = 16,
 
 
 def main(argv=None):
-    toy = RECIPES["toy"]
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add = ap.add_argument
-    add("--model", default=data.TOY_MODEL)
-    add("--data", default=data.TOY_EVAL, help="comma-separated problem files")
+    add("--recipe", default=None, choices=sorted(RECIPES),
+        help="whose defaults: held-out file, temperature, budgets (default: the recipe for the "
+             f"checkpoint's prompt format; {PAPER}'s, the paper's, for any other)")
+    add("--model", default=None, help=f"checkpoint folder (default: the {DEFAULT_RECIPE} model)")
+    add("--data", default=None, help="comma-separated problem files (default: the recipe's "
+                                     "held-out file)")
     add("--k", type=int, default=16, help="samples per problem")
     add("--limit", type=int, default=None, help="only the first N problems of each file")
-    add("--temperature", type=float, default=None,
-        help=f"default 0.6 ({toy[0].temperature} for the toy, as its recipe)")
+    add("--temperature", type=float, default=None, help="default: the recipe's first stage's")
     add("--top-p", type=float, default=1.0)
-    add("--max-tokens", type=int, default=None,
-        help=f"default 32768 ({eval_budget(toy)} for the toy: its recipe's largest budget)")
-    add("--max-prompt", type=int, default=None,
-        help=f"default 1024 ({toy[0].max_prompt} for the toy)")
+    add("--max-tokens", type=int, default=None, help="default: the recipe's eval budget")
+    add("--max-prompt", type=int, default=None, help="default: the recipe's prompt budget")
     add("--rollout", default="auto", choices=["auto", "torch", "vllm"])
     add("--template", default=None, choices=["r1", "qwen", "toy"])
     add("--seed", type=int, default=0)
@@ -101,6 +101,7 @@ def main(argv=None):
     add("--out", default=None, help="write a JSON with per-problem results (after each file)")
     a = ap.parse_args(argv)
     rank, world, device = setup_dist(a.device)
+    a.model = a.model or RECIPES[a.recipe or DEFAULT_RECIPE].model
     # every input checked before the model loads
     try:
         if not os.path.isdir(a.model):
@@ -109,16 +110,19 @@ def main(argv=None):
         positions = load_config(a.model).max_position_embeddings
         tok = data.Tokenizer(a.model)
         template = a.template or tok.template
+        recipe = RECIPES[a.recipe] if a.recipe else next(
+            (r for r in RECIPES.values() if r.template == template), RECIPES[PAPER])
+        a.data = a.data or recipe.eval_data
+        if not a.data:
+            raise ValueError("--data: give the problem files to score")
         files = [(path, data.load_problems(path)) for path in a.data.split(",")]
         for _, problems in files:
             data.encode_problems(problems[:a.limit], tok, template, 10 ** 9)
     except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"[fastcurl] {e}")
-    is_toy = template == "toy"
-    temperature = a.temperature if a.temperature is not None else \
-        toy[0].temperature if is_toy else 0.6
-    max_tokens = a.max_tokens or (eval_budget(toy) if is_toy else 32768)
-    max_prompt = a.max_prompt or (toy[0].max_prompt if is_toy else 1024)
+    temperature = a.temperature if a.temperature is not None else recipe.stages[0].temperature
+    max_tokens = a.max_tokens or recipe.eval_tokens or eval_budget(recipe.stages)
+    max_prompt = a.max_prompt or recipe.stages[0].max_prompt
     for flag, value, ok in (("--k", a.k, a.k >= 1), ("--max-tokens", max_tokens, max_tokens >= 1),
                             ("--max-prompt", max_prompt, max_prompt >= 1),
                             ("--limit", a.limit, a.limit is None or a.limit >= 1),

@@ -176,27 +176,6 @@ def rollout_correction(gap, mask, mode: str, cap: float):
     return (~out).to(g.dtype), out
 
 
-def check_stage(st):
-    """The stage's RL options (loss, correction, adaptive entropy) are valid, or ValueError naming
-    the command-line flag."""
-    rules = [
-        ("--loss", st.loss, st.loss in LOSSES, " | ".join(LOSSES)),
-        ("--correction", st.correction, st.correction in CORRECTIONS, " | ".join(CORRECTIONS)),
-        ("--correction-cap", st.correction_cap, math.isfinite(st.correction_cap) and
-         (st.correction_cap >= 1 if st.correction.startswith("mask") else st.correction_cap > 0),
-         "1 or more for the mask modes, above 0 for tis"),
-        ("--target-entropy", st.target_entropy,
-         math.isfinite(st.target_entropy) and st.target_entropy >= 0, "0 (off) or more"),
-        ("--entropy-lr", st.entropy_lr, math.isfinite(st.entropy_lr) and st.entropy_lr >= 0,
-         "0 or more"),
-        ("--entropy-coef-max", st.entropy_coef_max,
-         math.isfinite(st.entropy_coef_max) and st.entropy_coef_max >= 0, "0 or more"),
-    ]
-    for flag, value, ok, allowed in rules:
-        if not ok:
-            raise ValueError(f"{flag} {value}: must be {allowed}")
-
-
 # ---- training layout -------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -289,7 +268,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     token_budget: int = 16384   # tokens per packed micro-batch
     grad_checkpointing: bool = False
-    recompute_old: bool = False  # run the old-log-prob forward even when it is this one (a check)
 
 
 class Trainer:
@@ -391,19 +369,13 @@ class Trainer:
         the step entirely (DAPO's overlong filtering): no forward, no policy/KL/entropy term, not
         in any denominator (tokens, sequences, B * T). Mini-batches are cut by position in comps
         before the left-out completions are dropped, so keep moves nothing into another update."""
-        check_stage(st)
         m = self.model
         m.train()
         kept = [i for i in range(len(comps)) if keep is None or keep[i]]
         per = math.ceil(len(comps) / st.mini_batches)
         parts = [[i for i in kept if k * per <= i < (k + 1) * per] for k in range(st.mini_batches)]
         mbs_all = self._micro([comps[i] for i in kept], kept)
-        # old log-probs: with one update per rollout batch the policy being trained is the one that
-        # sampled, so each micro-batch's own log-probs, detached, are the old ones (ratio 1, the
-        # same loss and gradient) and no extra forward is needed; with several mini-batches the
-        # later ones need the log-probs from before the first update
-        reuse = st.mini_batches == 1 and not self.cfg.recompute_old
-        old = None if reuse else self._logprobs(m, mbs_all, st.temperature)
+        old = self.old_logprobs(mbs_all, st)
         ref = None
         if self.ref is not None and st.kl_coef:
             ref = self._logprobs(self.ref, mbs_all, st.temperature)
@@ -419,7 +391,9 @@ class Trainer:
                 continue
             ran += 1
             for mb in mbs:
-                self._micro_step(mb, comps, adv, st, old, ref, denom, ent_coef, gap, sums)
+                part_sums, part_gap = self._micro_step(mb, comps, adv, st, old, ref, denom, ent_coef)
+                sums = {k: sums[k] + part_sums[k] for k in sums}
+                gap.update(part_gap)
             grad_norm = self._reduce_and_clip()
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.updates, st)
@@ -435,38 +409,36 @@ class Trainer:
             self._entropy_update(st, out["entropy/mean"])
         return out
 
-    def _micro_step(self, mb: Rows, comps, adv, st, old, ref, denom, ent_coef, gap, sums):
-        """Forward, loss and backward of one micro-batch; its stats added into `sums` (token-
-        weighted sums, divided at the end)."""
+    def old_logprobs(self, mbs, st) -> dict | None:
+        """The log-probs before the update, per completion. With one update per rollout batch the
+        policy being trained is the one that sampled, so each micro-batch's own log-probs,
+        detached, are the old ones (ratio 1, the same loss and gradient): None, no extra forward.
+        With several mini-batches the later ones need the log-probs from before the first update."""
+        return None if st.mini_batches == 1 else self._logprobs(self.model, mbs, st.temperature)
+
+    def _micro_step(self, mb: Rows, comps, adv, st, old, ref, denom, ent_coef) -> tuple[dict, dict]:
+        """Forward, loss and backward of one micro-batch -> (its stats as token-weighted sums, the
+        trainer-minus-engine log-prob gap of its completions before any update: {index: [R]})."""
         logp, ent = token_logprobs(self.model, mb, st.temperature)
         old_logp = logp.detach() if old is None else stack_rows(old, mb.index, logp)
         ref_logp = stack_rows(ref, mb.index, logp)
-        weight, masked = self._correction(comps, mb, old_logp, gap, st)
+        gap = {i: old_logp[b, :len(comps[i].logprobs)] - torch.tensor(comps[i].logprobs,
+                                                                       device=self.device)
+               for b, i in enumerate(mb.index) if comps[i].logprobs}
+        weight, masked = None, None
+        if st.correction != "none":  # a completion without engine log-probs: gap 0, weight 1
+            weight, masked = rollout_correction(stack_rows(gap, mb.index, old_logp), mb.mask,
+                                                st.correction, st.correction_cap)
         # a padding micro-batch (no rows of this rank) has no advantages
         mb_adv = adv[mb.index] if mb.index else logp.new_zeros(len(logp))
-        loss, s = grpo_loss(logp, old_logp, mb_adv, mb.mask, clip_low=st.clip_low,
-                            clip_high=st.clip_high, ref_logp=ref_logp, kl_coef=st.kl_coef,
-                            entropy=ent, entropy_coef=ent_coef, agg=st.agg, denom=denom,
-                            is_weight=weight, loss=st.loss)
+        loss, stats = grpo_loss(logp, old_logp, mb_adv, mb.mask, clip_low=st.clip_low,
+                                clip_high=st.clip_high, ref_logp=ref_logp, kl_coef=st.kl_coef,
+                                entropy=ent, entropy_coef=ent_coef, agg=st.agg, denom=denom,
+                                is_weight=weight, loss=st.loss)
         loss.backward()
-        for key, v in s.items():
-            sums[key] = sums[key] + (v * s["tokens"] if key != "tokens" else v)
-        if masked is not None:
-            sums["rollout/masked_frac"] = sums["rollout/masked_frac"] + masked.sum()
-
-    def _correction(self, comps, mb: Rows, old_logp: torch.Tensor, gap: dict, st):
-        """Record trainer minus engine log-prob per token of this micro-batch's completions (before
-        any update) in `gap`; -> the stage's correction (rollout_correction): weights [B, R] for
-        the policy term and the tokens it leaves out [B, R], or (None, None) without one. A
-        completion without engine log-probs gets gap 0: weight 1, kept."""
-        for b, i in enumerate(mb.index):
-            if comps[i].logprobs and i not in gap:
-                n = len(comps[i].logprobs)
-                gap[i] = old_logp[b, :n] - torch.tensor(comps[i].logprobs, device=self.device)
-        if st.correction == "none":
-            return None, None
-        g = stack_rows(gap, mb.index, old_logp)
-        return rollout_correction(g, mb.mask, st.correction, st.correction_cap)
+        sums = {k: v * stats["tokens"] if k != "tokens" else v for k, v in stats.items()}
+        sums["rollout/masked_frac"] = masked.sum() if masked is not None else logp.new_zeros(())
+        return sums, gap
 
     def _metrics(self, sums: dict, gap: dict, mbs_all, comps) -> dict:
         """Token-weighted means over all ranks (rollout/masked_frac: the share of response tokens

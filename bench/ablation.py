@@ -28,9 +28,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.common import RESULTS, save_result  # noqa: E402
-from curriculum import RECIPES  # noqa: E402
+from settings import RECIPES  # noqa: E402
 
-TOY = [(s.data, s.max_tokens) for s in RECIPES["toy"]]  # (split, response budget) per stage
+TOY = [(s.split, s.max_tokens) for s in RECIPES["toy"].stages]  # (split, response budget) per stage
 ARMS = {  # (stages, whether the recipe's stage-end rules apply)
     "curriculum": (TOY, False),
     "curriculum-rules": (TOY, True),
@@ -41,7 +41,7 @@ ARMS = {  # (stages, whether the recipe's stage-end rules apply)
 
 def run_arm(arm: str, seed: int, scale: float, out: str, eval_k: int, nproc: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    stages, (plan, rules) = RECIPES["toy"], ARMS[arm]
+    stages, (plan, rules) = RECIPES["toy"].stages, ARMS[arm]
     caps = [max(1, round(st.steps * scale)) for st in stages]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            os.path.join(ROOT, "grpo.py"), "--stage", f"1-{len(stages)}", "--out", out, "--seed", str(seed),

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bench.common import save_result  # noqa: E402
 import fsdp  # noqa: E402
-from curriculum import Stage  # noqa: E402
+from settings import Stage  # noqa: E402
 from model import Config, Transformer, init_weights  # noqa: E402
 from rollout import Completion, TorchEngine  # noqa: E402
 from trainer import Trainer, TrainConfig, group_advantages  # noqa: E402

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from curriculum import Stage
+from settings import Stage
 from trainer import Trainer, TrainConfig, grpo_loss, rollout_correction
 
 HERE = os.path.dirname(os.path.abspath(__file__))

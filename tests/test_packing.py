@@ -78,7 +78,7 @@ def test_skipping_the_old_logprob_forward_changes_nothing():
     """One update per rollout batch: the old log-probs are the forward's own (detached). Against the
     separate no-grad forward: the same gradients, weights and metrics, with KL to a reference and
     truncated importance sampling against engine log-probs on."""
-    from curriculum import Stage
+    from settings import Stage
     torch.manual_seed(0)
     base = init_weights(Transformer(Config(**SHAPES["qwen2"])), std=0.2, seed=3)
     ref = copy.deepcopy(base).requires_grad_(False)
@@ -86,10 +86,14 @@ def test_skipping_the_old_logprob_forward_changes_nothing():
     adv = torch.randn(12)
     st = Stage("L2", 20, batch=3, n=4, steps=1, lr=1e-2, kl_coef=0.1, entropy_coef=0.01,
                correction="tis-token", correction_cap=1.5)
+    class Recompute(Trainer):  # the separate no-grad forward even with one update per batch
+        def old_logprobs(self, mbs, st):
+            return self._logprobs(self.model, mbs, st.temperature)
+
     results = []
-    for recompute in (False, True):
+    for kind in (Trainer, Recompute):
         m = copy.deepcopy(base)
-        tr = Trainer(m, TrainConfig(token_budget=40, recompute_old=recompute), ref)
+        tr = kind(m, TrainConfig(token_budget=40), ref)
         calls = []
         m.register_forward_pre_hook(lambda mod, args: calls.append(torch.is_grad_enabled()))
         stats = tr.step(comps, adv, st)

@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from curriculum import RECIPES, Stage, end_reason, shape_rewards
+from curriculum import StageState, end_reason, shape_rewards
+from settings import RECIPES, Stage
 from rollout import Completion
 from data import Sampler
 
@@ -20,16 +21,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def first_end(st, reward=None, trunc=None, evals=None, n_prompts=10 ** 6, steps=None):
-    """Feed the streams step by step as run_stage does -> (step, reason) of the first rule that
+    """Feed the streams step by step as train_stage does -> (step, reason) of the first rule that
     fires."""
     steps = steps or st.steps
-    hist = {"reward": [], "trunc": [], "eval": []}
+    state = StageState()
     for step in range(1, steps + 1):
-        hist["reward"].append(reward[step - 1] if reward else 0.0)
-        hist["trunc"].append(trunc[step - 1] if trunc else 1.0)
+        state.step, state.drawn = step, step * st.batch
+        state.rewards.append(reward[step - 1] if reward else 0.0)
+        state.truncated.append(trunc[step - 1] if trunc else 1.0)
         if evals and step in evals:
-            hist["eval"].append([step, evals[step]])
-        why = end_reason(st, step, hist, n_prompts)
+            state.evals.append([step, evals[step]])
+        why = end_reason(st, state, n_prompts)
         if why:
             return step, why.split(":")[0]
     return None, None
@@ -82,10 +84,10 @@ def test_eval_rule_reads_only_the_score_of_this_step():
 def test_rules_off_by_default_and_the_cap_ends_the_stage():
     assert first_end(BASE, reward=[0.5] * 50, trunc=[0.0] * 50, evals={1: 1.0},
                      n_prompts=1) == (50, "steps")
-    toy1 = RECIPES["toy"][0]
-    assert toy1.end_trunc is not None and all(s.end_plateau for s in RECIPES["toy"][1:])
-    assert RECIPES["fastcurl-1.5b"][0].end_trunc == 0.1
-    assert all(s.end_epochs == 1 for s in RECIPES["fastcurl-1.5b"])
+    toy1 = RECIPES["toy"].stages[0]
+    assert toy1.end_trunc is not None and all(s.end_plateau for s in RECIPES["toy"].stages[1:])
+    assert RECIPES["fastcurl-1.5b"].stages[0].end_trunc == 0.1
+    assert all(s.end_epochs == 1 for s in RECIPES["fastcurl-1.5b"].stages)
 
 
 def test_overlong_penalty_against_the_formula():
@@ -154,8 +156,8 @@ def test_stage_range_in_one_process_equals_separate_commands_and_resumes_after_a
     for s in (1, 2):  # every rank saw the same global metrics, rule and step (its own view, saved)
         views = [torch.load(one / f"stage{s}" / "final" / f"rank{k}.pt", weights_only=False)["extra"]
                  for k in (0, 1)]
-        assert views[0] == views[1] and views[0]["end"]["step"] == (2, 3)[s - 1]
-        assert len(views[0]["counters"]["history"]["trunc"]) == (2, 3)[s - 1]
+        assert views[0] == views[1] and views[0]["state"]["step"] == (2, 3)[s - 1]
+        assert views[0]["state"]["end"] and len(views[0]["state"]["truncated"]) == (2, 3)[s - 1]
     # the same stages as two commands (stage 2 reads stage 1's final from disk): the same numbers
     run(torchrun(sep, "1", "--steps", "5", "--end-trunc", "1", "--dynamic-sampling", "0",
                  "--overlong", "mask"))

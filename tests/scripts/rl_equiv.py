@@ -19,7 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 import fsdp  # noqa: E402
-from curriculum import Stage  # noqa: E402
+from settings import Stage  # noqa: E402
 from model import Config, Transformer, init_weights  # noqa: E402
 from rollout import Completion  # noqa: E402
 from trainer import Trainer, TrainConfig, group_advantages, micro_batches, token_logprobs  # noqa: E402

@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import fsdp  # noqa: E402
-from curriculum import Stage  # noqa: E402
+from settings import Stage  # noqa: E402
 from fsdp import finish, setup_dist  # noqa: E402
 from trainer import Trainer, TrainConfig, group_advantages  # noqa: E402
 from model import Config, Transformer, init_weights  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-from curriculum import Stage  # noqa: E402
+from settings import Stage  # noqa: E402
 from trainer import Trainer, TrainConfig, group_advantages, micro_batches, token_logprobs  # noqa: E402
 from model import Transformer  # noqa: E402
 from rollout import TorchEngine, VLLMEngine  # noqa: E402
