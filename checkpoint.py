@@ -2,11 +2,11 @@
 stop flag.
 
 <stage dir>/step<K>/: config.json, model.safetensors, tokenizer files (a Hugging Face folder),
-trainer_state.pt (step, sampler, the stage's state), rank<r>.pt (each rank's optimizer state, its shards
-under fsdp, and random states), manifest.json (every file's size and sha256, written last). Written
-into step<K>.tmp and renamed into place, then the `latest` marker is replaced: a crash at any moment
-leaves the previous checkpoint whole and findable, and a resume skips a newer one that fails its
-checks.
+trainer_state.pt (step, sampler, the stage's state), rank<r>.pt (each rank's optimizer state,
+its shards under fsdp, and random states), manifest.json (every file's size and sha256, written
+last). Written into step<K>.tmp and renamed into place, then the `latest` marker is replaced: a
+crash at any moment leaves the previous checkpoint whole and findable, and a resume skips a newer
+one that fails its checks.
 """
 from __future__ import annotations
 

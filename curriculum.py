@@ -68,8 +68,8 @@ def run(plan, policy, engine) -> str | None:
             return None
         if status == "nan":
             return (f"[fastcurl] {plan.options.max_skips} updates in a row had a NaN/inf loss or "
-                    f"gradient norm; saved {saved}. Look at the learning rate, the data of the last "
-                    f"steps (metrics.jsonl) and --dtype; rerun with --resume after a change.")
+                    f"gradient norm; saved {saved}. Look at the learning rate, the data of the "
+                    f"last steps (metrics.jsonl) and --dtype; rerun with --resume after a change.")
         # 4. the final checkpoint, 5. the held-out score
         save(plan, stage_plan, trainer, sampler, state, "final")
         if plan.eval_file:
@@ -260,13 +260,15 @@ def sample_batch(plan, stage_plan, step: int, engine, sampler) -> Batch:
 
 def rollout_metrics(completions, rewards: torch.Tensor, n: int, world: int) -> dict:
     """Reward, length, truncation, zero-advantage share, tokens and verifier errors over all ranks:
-    every rank's values in one all-gather (on the collectives' device), then one copy to the host."""
+    every rank's values in one all-gather (on the collectives' device), then one copy to the
+    host."""
     N = len(completions)
     zero = (rewards.view(-1, n).std(-1) == 0).float() if n > 1 else rewards.new_ones(N // n)
     n_tokens = sum(len(c.prompt_ids) + len(c.response_ids) for c in completions)
-    mine = torch.cat([rewards, rewards.new_tensor([float(len(c.response_ids)) for c in completions]),
-                      rewards.new_tensor([float(c.finish_reason == "length") for c in completions]),
-                      zero, rewards.new_tensor([float(n_tokens), float(reward_errors())])])
+    lengths = [float(len(c.response_ids)) for c in completions]
+    cut = [float(c.finish_reason == "length") for c in completions]
+    mine = torch.cat([rewards, rewards.new_tensor(lengths), rewards.new_tensor(cut), zero,
+                      rewards.new_tensor([float(n_tokens), float(reward_errors())])])
     every = _all_ranks(mine, world)  # [world, 3N + N/n + 2]
     R, L, T = (every[:, k * N:(k + 1) * N].reshape(-1) for k in range(3))
     Z, tokens, errors = every[:, 3 * N:-2].reshape(-1), every[:, -2].sum(), every[:, -1].sum()

@@ -1,15 +1,14 @@
-"""Problems in, token ids out: problem files, chat templates, FastCuRL's length split, the toy task,
-a sampler.
+"""Problems in, token ids out: problem files, chat templates, FastCuRL's length split, a sampler.
 
   python data.py split FILE --out DIR [--template r1]   # FastCuRL: L1 (short), L2 (all), L3 (long)
-  python data.py toy --out assets/toy                   # regenerate the toy task's train/eval files
+
+The toy task's files are made by assets/toy/make_toy.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import random
 from dataclasses import dataclass
 
 import torch
@@ -222,45 +221,6 @@ def histogram(lens: list[int], bins: int = 12, width: int = 40) -> str:
                      for i, c in enumerate(counts) if c or i < bins)
 
 
-# ---- the toy task ----------------------------------------------------------------------------
-
-def toy_problem(rng: random.Random, n_terms: int) -> Problem:
-    terms = [rng.randint(1, 9) for _ in range(n_terms)]
-    return Problem("+".join(map(str, terms)), str(sum(terms)))
-
-
-def toy_trace(problem: str, rng: random.Random, slip_p: float = 0.0,
-              repeat_p: float = 0.0) -> str:
-    """Running sums "3+5=8,8+2=10.\\boxed{10}"; each step may slip (off by 1-3, carried on) or be
-    repeated."""
-    terms = [int(t) for t in problem.split("+")]
-    acc, steps = terms[0], []
-    for t in terms[1:]:
-        res = acc + t
-        if rng.random() < slip_p:
-            res = max(0, res + rng.choice([-3, -2, -1, 1, 2, 3]))
-        step = f"{acc}+{t}={res}"
-        steps.append(step)
-        if rng.random() < repeat_p:
-            steps.append(step)
-        acc = res
-    return ",".join(steps) + f".\\boxed{{{acc}}}"
-
-
-def toy_sets(seed: int = 0, n_train: int = 20000, n_eval: int = 512, terms=(2, 8)):
-    """Deterministic train / held-out sets, term counts uniform in `terms`; no held-out problem is
-    in train."""
-    rng = random.Random(seed)
-    ev = [toy_problem(rng, rng.randint(*terms)) for _ in range(n_eval)]
-    seen = {p.problem for p in ev}
-    tr = []
-    while len(tr) < n_train:
-        p = toy_problem(rng, rng.randint(*terms))
-        if p.problem not in seen:
-            tr.append(p)
-    return tr, ev
-
-
 # ---- the batch sampler -----------------------------------------------------------------------
 
 class Sampler:
@@ -311,30 +271,20 @@ def main(argv=None):
     sp.add_argument("file")
     sp.add_argument("--out", required=True)
     sp.add_argument("--template", default="r1", choices=["r1", "qwen", "toy"])
-    tp = sub.add_parser("toy", help="write the toy task's train.jsonl and eval.jsonl")
-    tp.add_argument("--out", default=os.path.dirname(TOY_DATA))
-    tp.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    if a.cmd == "split":
-        try:
-            probs = load_problems(a.file)
-            if os.path.exists(a.out) and not os.path.isdir(a.out):
-                raise ValueError(f"--out {a.out}: a file, not a folder")
-        except (ValueError, OSError, ImportError) as e:
-            raise SystemExit(f"[fastcurl] {e}")
-        sets, mean, lens = split_by_length(probs, a.template)
-        os.makedirs(a.out, exist_ok=True)
-        print(f"{a.file}: {len(probs)} problems, mean user-turn length {mean:.1f} characters")
-        print(histogram(lens))
-        for name, ps in sets.items():
-            write_jsonl(os.path.join(a.out, f"{name}.jsonl"), ps)
-            print(f"{name}: {len(ps)} problems -> {os.path.join(a.out, name + '.jsonl')}")
-    else:
-        tr, ev = toy_sets(a.seed)
-        os.makedirs(a.out, exist_ok=True)
-        write_jsonl(os.path.join(a.out, "train.jsonl"), tr)
-        write_jsonl(os.path.join(a.out, "eval.jsonl"), ev)
-        print(f"toy task: {len(tr)} train, {len(ev)} eval problems -> {a.out}")
+    try:
+        probs = load_problems(a.file)
+        if os.path.exists(a.out) and not os.path.isdir(a.out):
+            raise ValueError(f"--out {a.out}: a file, not a folder")
+    except (ValueError, OSError, ImportError) as e:
+        raise SystemExit(f"[fastcurl] {e}")
+    sets, mean, lens = split_by_length(probs, a.template)
+    os.makedirs(a.out, exist_ok=True)
+    print(f"{a.file}: {len(probs)} problems, mean user-turn length {mean:.1f} characters")
+    print(histogram(lens))
+    for name, ps in sets.items():
+        write_jsonl(os.path.join(a.out, f"{name}.jsonl"), ps)
+        print(f"{name}: {len(ps)} problems -> {os.path.join(a.out, name + '.jsonl')}")
 
 
 if __name__ == "__main__":

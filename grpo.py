@@ -25,15 +25,16 @@ import data
 import fsdp
 from model import Config, Transformer, check_weights, load_config
 from rollout import choose_engine, make_engine
-from settings import DEFAULT_RECIPE, RECIPES, Recipe, Stage, add_flags, check, check_stage, eval_budget, \
-    flag_of, parse_value, setting, stage_defaults
+from settings import DEFAULT_RECIPE, RECIPES, Recipe, Stage, add_flags, check, check_stage, \
+    eval_budget, flag_of, parse_value, setting, stage_defaults
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
     """The run's settings, the same for every stage (a stage's are settings.Stage)."""
     stage: str = setting("1", "a stage (2) or a range of stages run in one process (1-4)")
-    recipe: str = setting(DEFAULT_RECIPE, "the stage table and its defaults", choices=tuple(RECIPES))
+    recipe: str = setting(DEFAULT_RECIPE, "the stage table and its defaults",
+                          choices=tuple(RECIPES))
     model: str | None = setting(None, "stage 1's starting checkpoint, a Hugging Face folder "
                                             "(default: the recipe's)")
     data: str | None = setting(None, "the problem file: JSON, JSONL or parquet (default: "
@@ -55,8 +56,8 @@ class Options:
     token_budget: int | None = setting(None, "tokens per packed training micro-batch (default: "
                                             "the recipe's)",
                                        range="[1, inf)")
-    grad_checkpointing: bool | None = setting(None, "recompute activations in the backward (default: "
-                                                    "the recipe's)")
+    grad_checkpointing: bool | None = setting(None, "recompute activations in the backward "
+                                                    "(default: the recipe's)")
     seed: int = setting(0, "seeds the sampler, the engine and the model's random numbers")
     save_every: int = setting(10, "a checkpoint every K steps (0: only the final)",
                               range="[0, inf)")

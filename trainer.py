@@ -391,9 +391,9 @@ class Trainer:
                 continue
             ran += 1
             for mb in mbs:
-                part_sums, part_gap = self._micro_step(mb, comps, adv, st, old, ref, denom, ent_coef)
-                sums = {k: sums[k] + part_sums[k] for k in sums}
-                gap.update(part_gap)
+                mb_sums, mb_gap = self._micro_step(mb, comps, adv, st, old, ref, denom, ent_coef)
+                sums = {k: sums[k] + mb_sums[k] for k in sums}
+                gap.update(mb_gap)
             grad_norm = self._reduce_and_clip()
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.updates, st)

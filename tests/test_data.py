@@ -1,5 +1,6 @@
 """Problem files, bad input, FastCuRL's split, the sampler, the toy task and tokenizer."""
 import json
+import os
 import random
 import subprocess
 import sys
@@ -8,6 +9,9 @@ import pytest
 
 import data
 from reward import math_reward
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy"))
+import make_toy  # noqa: E402
 
 ROOT = data.os.path.dirname(data.os.path.abspath(data.__file__))
 
@@ -104,18 +108,18 @@ def test_sampler_shards_reshuffles_and_resumes():
 
 
 def test_toy_task_deterministic_and_graded():
-    tr1, ev1 = data.toy_sets(0, n_train=500, n_eval=50)
-    tr2, ev2 = data.toy_sets(0, n_train=500, n_eval=50)
+    tr1, ev1 = make_toy.toy_sets(0, n_train=500, n_eval=50)
+    tr2, ev2 = make_toy.toy_sets(0, n_train=500, n_eval=50)
     assert [p.problem for p in tr1] == [p.problem for p in tr2] and [p.problem for p in ev1] == [p.problem for p in ev2]
     assert not {p.problem for p in ev1} & {p.problem for p in tr1}
     rng = random.Random(0)
     for p in tr1[:100]:
-        clean = data.toy_trace(p.problem, rng)
+        clean = make_toy.toy_trace(p.problem, rng)
         assert math_reward(clean, p.answer) == 1.0
         assert clean.count(",") == p.problem.count("+") - 1  # one step per added term
-    slips = [math_reward(data.toy_trace(p.problem, rng, slip_p=1.0), p.answer) for p in tr1]
+    slips = [math_reward(make_toy.toy_trace(p.problem, rng, slip_p=1.0), p.answer) for p in tr1]
     assert sum(slips) < 0.1 * len(slips)
-    wordy = data.toy_trace("1+2+3+4", random.Random(1), repeat_p=1.0)
+    wordy = make_toy.toy_trace("1+2+3+4", random.Random(1), repeat_p=1.0)
     assert wordy == "1+2=3,1+2=3,3+3=6,3+3=6,6+4=10,6+4=10.\\boxed{10}"
 
 
@@ -128,7 +132,7 @@ def test_shipped_toy_files_and_tokenizer():
     train = data.load_problems(f"{ROOT}/assets/toy/train.jsonl")
     held = data.load_problems(f"{ROOT}/assets/toy/eval.jsonl")
     assert len(train) == 20000 and len(held) == 512
-    tr, ev = data.toy_sets(0)
+    tr, ev = make_toy.toy_sets(0)
     assert [p.problem for p in ev] == [p.problem for p in held]  # the generator reproduces the shipped files
     prompts, dropped = data.encode_problems(held, tok, "toy", 12)
     assert dropped == sum(len(p.problem) + 1 > 12 for p in held) and len(prompts) + dropped == 512

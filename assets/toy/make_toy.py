@@ -26,6 +26,43 @@ SLIP, REPEAT = 0.12, 0.15
 CHARS = list("0123456789+-=,. {}")
 
 
+def toy_problem(rng: random.Random, n_terms: int) -> data.Problem:
+    terms = [rng.randint(1, 9) for _ in range(n_terms)]
+    return data.Problem("+".join(map(str, terms)), str(sum(terms)))
+
+
+def toy_trace(problem: str, rng: random.Random, slip_p: float = 0.0,
+              repeat_p: float = 0.0) -> str:
+    """Running sums "3+5=8,8+2=10.\\boxed{10}"; each step may slip (off by 1-3, carried on) or be
+    repeated."""
+    terms = [int(t) for t in problem.split("+")]
+    acc, steps = terms[0], []
+    for t in terms[1:]:
+        res = acc + t
+        if rng.random() < slip_p:
+            res = max(0, res + rng.choice([-3, -2, -1, 1, 2, 3]))
+        step = f"{acc}+{t}={res}"
+        steps.append(step)
+        if rng.random() < repeat_p:
+            steps.append(step)
+        acc = res
+    return ",".join(steps) + f".\\boxed{{{acc}}}"
+
+
+def toy_sets(seed: int = 0, n_train: int = 20000, n_eval: int = 512, terms=(2, 8)):
+    """Deterministic train / held-out sets, term counts uniform in `terms`; no held-out problem is
+    in train."""
+    rng = random.Random(seed)
+    ev = [toy_problem(rng, rng.randint(*terms)) for _ in range(n_eval)]
+    seen = {p.problem for p in ev}
+    tr = []
+    while len(tr) < n_train:
+        p = toy_problem(rng, rng.randint(*terms))
+        if p.problem not in seen:
+            tr.append(p)
+    return tr, ev
+
+
 def build_tokenizer(out: str):
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
@@ -57,7 +94,7 @@ def batch_of_traces(probs, tok, rng, bs):
     rows, masks = [], []
     for p in rng.sample(probs, bs):
         prompt = tok.encode(data.format_prompt(p.problem, "toy"))
-        resp = tok.encode(data.toy_trace(p.problem, rng, SLIP, REPEAT)) + tok.eos_ids
+        resp = tok.encode(toy_trace(p.problem, rng, SLIP, REPEAT)) + tok.eos_ids
         rows.append(prompt + resp)
         masks.append([0] * len(prompt) + [1] * len(resp))
     T = max(map(len, rows))
@@ -97,7 +134,7 @@ def main():
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     os.makedirs(a.out, exist_ok=True)
-    train, held = data.toy_sets(a.seed)
+    train, held = toy_sets(a.seed)
     data.write_jsonl(os.path.join(a.out, "train.jsonl"), train)
     data.write_jsonl(os.path.join(a.out, "eval.jsonl"), held)
     mdir = os.path.join(a.out, "model")
