@@ -138,6 +138,7 @@ def test_shipped_toy_files_and_tokenizer():
     assert dropped == sum(len(p.problem) + 1 > 12 for p in held) and len(prompts) + dropped == 512
 
 
+@pytest.mark.slow
 def test_make_toy_script_is_deterministic(tmp_path):
     """The script that built the shipped checkpoint runs, and twice gives the same bytes (a short run here;
     the shipped model is its default 1000 steps)."""

@@ -11,6 +11,8 @@ import torch
 
 from tests.device_guard import project_tensors_on_meta
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUARD = os.path.join(ROOT, "tests", "device_guard.py")
 SMALL = ["--steps", "2", "--batch", "4", "--n-samples", "4", "--save-every", "1", "--rollout", "torch",

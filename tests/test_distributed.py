@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

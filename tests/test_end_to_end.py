@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["step", "stage", "reward/mean", "reward/std", "response_len/mean", "response_len/max", "truncated_frac",
         "entropy/mean", "kl/mean", "pg_clipfrac", "grad_norm", "lr", "zero_adv_frac", "time/rollout_s",
@@ -70,3 +72,14 @@ def test_clear_errors_before_compute(tmp_path):
     open(f"{out}/stage1/metrics.jsonl", "w").write("{}\n")
     r = grpo("--stage", "1", "--out", out, nproc=1, check=False)
     assert r.returncode != 0 and "already holds a run" in r.stderr
+
+
+def test_the_reference_computes_in_the_run_dtype(tmp_path):
+    """Under --dtype bfloat16 --fsdp hand the reference is built and sharded as the policy is: the same
+    weights gathered in the same dtype through the same micro-batches give bit-equal log-probs, so the
+    k3 KL of the first step is exactly 0 (a reference computing in fp32 gives ~1e-6)."""
+    out = str(tmp_path / "run")
+    grpo("--out", out, "--dtype", "bfloat16", "--fsdp", "hand", "--steps", "1", "--batch", "4",
+         "--n-samples", "4", "--eval-k", "0", "--rollout", "torch", "--device", "cpu", nproc=1)
+    row = json.loads(open(f"{out}/stage1/metrics.jsonl").readline())
+    assert row["kl/mean"] == 0.0 and row["ratio/mean"] == 1.0

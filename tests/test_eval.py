@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 from eval import pass_at_k
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -216,6 +216,7 @@ def test_token_budget_changes_nothing(case, one_process):
     assert (stats["rollout/masked_frac"] > 0) == case[2].startswith("mask")
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one(tmp_path, one_process):
     """One torchrun launch (2 ranks, gloo, CPU) runs every case, plain data parallel and
     fsdp.shard; each rank's update equals the one process's on the whole batch."""

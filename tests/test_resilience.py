@@ -8,6 +8,9 @@ import sys
 import time
 
 from bench.kill_resume import kill_all  # SIGKILL torchrun and its workers (they run in sessions of their own)
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--batch", "4", "--n-samples", "4", "--eval-k", "0", "--save-every", "2", "--rollout", "torch"]

@@ -140,6 +140,7 @@ def weights(out):
         return f.read()
 
 
+@pytest.mark.slow
 def test_stage_range_in_one_process_equals_separate_commands_and_resumes_after_a_kill(tmp_path):
     from bench.kill_resume import kill_all
     one, sep, cut = tmp_path / "one", tmp_path / "sep", tmp_path / "cut"

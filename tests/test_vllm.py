@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("FASTCURL_REQUIRE_VLLM") != "1":  # CI sets it: there a missing vLLM is a failure
     pytest.importorskip("vllm")
