@@ -131,12 +131,11 @@ def check_checkpoint(path: str, content: bool = False) -> str | None:
         return "no readable manifest.json (the write never finished)"
     for fn, want in files.items():
         p = os.path.join(path, fn)
-        want = want if isinstance(want, dict) else {"bytes": want}  # manifests before sha256
         if not os.path.exists(p):
             return f"{fn} is missing"
         if os.path.getsize(p) != want["bytes"]:
             return f"{fn} has {os.path.getsize(p)} bytes, the manifest says {want['bytes']}"
-        if content and "sha256" in want and sha256(p) != want["sha256"]:
+        if content and sha256(p) != want["sha256"]:
             return f"{fn}'s content differs from its sha256 in the manifest"
     if content:
         try:

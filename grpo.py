@@ -25,8 +25,8 @@ import data
 import fsdp
 from model import Config, Transformer, check_weights, load_config
 from rollout import choose_engine, make_engine
-from settings import DEFAULT_RECIPE, RECIPES, Recipe, Stage, add_flags, check, check_stage, \
-    eval_budget, flag_of, parse_value, setting, stage_defaults
+from settings import DEFAULT_RECIPE, RECIPES, HelpFormatter, Recipe, Stage, add_flags, check, \
+    check_stage, eval_budget, flag_of, parse_value, setting, stage_defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +76,7 @@ def parse_args(argv=None) -> tuple[Options, dict[str, str]]:
     """-> (the run's options, the stage flags given: field name -> text)."""
     parser = argparse.ArgumentParser(
         description="FastCuRL: curriculum GRPO with stage-wise context scaling",
+        formatter_class=HelpFormatter,
         epilog="Stage flags not given keep the recipe's value. With a range of stages a stage flag "
                "takes one value for all of them or one per stage: --max-tokens 40,80,120,80. A "
                "rule flag (--end-*) takes 'off' to drop the recipe's rule.")

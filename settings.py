@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import textwrap
 import typing
 
 import data
@@ -79,6 +80,13 @@ def check(obj, label: str = ""):
         if meta["range"] and value is not None and not in_range(value, meta["range"]):
             raise ValueError(f"{flag_of(f)} {value}{label}: must be "
                              f"{describe(meta['range'], value_type(type(obj), f.name)[1])}")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help without breaking a word at its hyphen (token-mean, tis-token stay whole)."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def add_flags(parser, cls, defaults: dict[str, str | None], prefix: str = ""):

@@ -335,9 +335,10 @@ class Trainer:
         """The aggregation's denominator over the whole mini-batch on all ranks: tokens, sequences
         or B * T of the completions in mbs (left-out ones, keep False, are not there) -> (the
         loss's denominator, the global count unclamped: 0 when no rank has anything to learn)."""
-        local = {"token-mean": lambda: float(sum(mb.mask.sum() for mb in mbs)),
-                 "seq-mean": lambda: float(n_seqs),
-                 "drgrpo": lambda: float(n_seqs * st.max_tokens)}[st.agg]()
+        if st.agg == "token-mean":
+            local = float(sum(mb.mask.sum() for mb in mbs))
+        else:
+            local = float(n_seqs if st.agg == "seq-mean" else n_seqs * st.max_tokens)
         total = self._sum(torch.tensor(local, device=self.device))
         denom = total.clamp(min=1)
         # fsdp averages gradients over ranks; the global-denominator loss wants a sum
@@ -494,9 +495,7 @@ class Trainer:
         return {"opt": self.opt.state_dict(), "updates": self.updates,
                 "entropy_coef": self.ent_coef, "entropy_active": self.ent_active}
 
-    def load_state_dict(self, s: dict):
-        """A checkpoint from before adaptive entropy control has no coefficient: the stage's."""
-        self.opt.load_state_dict(s["opt"])
-        self.updates = s["updates"]
-        self.ent_coef = s.get("entropy_coef")
-        self.ent_active = s.get("entropy_active", True)
+    def load_state_dict(self, state: dict):
+        self.opt.load_state_dict(state["opt"])
+        self.updates = state["updates"]
+        self.ent_coef, self.ent_active = state["entropy_coef"], state["entropy_active"]

@@ -53,12 +53,18 @@ def test_bad_grpo_inputs_write_nothing_then_the_fixed_command_runs(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     cases = [
-        (["--batch", "-4"], ["--batch -4: must be a positive multiple"]),
+        (["--batch", "-4"], ["--batch -4: must be at least 1"]),
         (["--batch", "0"], ["--batch 0"]),
         (["--n-samples", "0"], ["--n-samples 0: must be at least 1"]),
         (["--max-tokens", "-5"], ["--max-tokens -5: must be at least 1"]),
         (["--max-tokens", "0"], ["--max-tokens 0"]),
-        (["--lr", "-1"], ["--lr -1.0: must be a positive number"]),
+        (["--lr", "-1"], ["--lr -1.0: must be above 0"]),
+        (["--lr", "fast"], ["--lr fast: not a number"]),
+        (["--loss", "ppo"], ["--loss ppo: must be one of grpo, gspo, cispo"]),
+        (["--end-trunc", "2"], ["--end-trunc 2.0: must be in [0, 1] or off"]),
+        (["--save-every", "-1"], ["--save-every -1: must be at least 0"]),
+        (["--eval-k", "two"], ["--eval-k two: not an integer"]),
+        (["--max-tokens", "40,80"], ["--max-tokens 40,80: give one value, or 1 separated by commas"]),
         (["--clip-low", "1.5"], ["--clip-low 1.5"]),
         (["--temperature", "0"], ["--temperature 0.0"]),
         (["--mini-batches", "0"], ["--mini-batches 0"]),
