@@ -33,6 +33,7 @@ def completions(n, seed=0, engine_logprobs=False):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_packed_rows_equal_each_sequence_alone(shape, ckpt):

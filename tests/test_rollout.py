@@ -1,4 +1,5 @@
 """The native engine: greedy equals argmax without a cache; its log-probs equal the trainer's."""
+import pytest
 import torch
 
 from trainer import micro_batches, token_logprobs
@@ -103,6 +104,7 @@ def test_sampler_draws_from_the_tempered_top_p_distribution():
         assert ((freq - want).abs() <= 5 * sd + 1e-12).all(), (T, top_p, freq, want)
 
 
+@pytest.mark.slow
 def test_packed_cpu_weights_follow_in_place_updates():
     """The CPU engine decodes on pre-packed copies of the weights; after an in-place update of the policy
     (an optimizer step, a copy_ from the trainer) it must sample from the new weights, not the packed old ones."""
