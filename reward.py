@@ -7,8 +7,10 @@ Conventions (each chosen so that a wrong answer never scores 1):
     is one. Several boxes at the end separated only by "and", "or", commas or spacing are one list answer
     ("\\boxed{1} and \\boxed{2}" is "1, 2"); a box followed by prose and another box counts the last only.
     A response without a box scores 0 in math_reward. is_equiv and the gold answers read an unboxed text
-    as its math: the span after "final answer is", else its one $...$ (or \\(...\\), \\[...\\]) span, or
-    several spans separated only by connecting words as a list; prose around several spans is not read.
+    as its math: what follows its last "final answer is" or "is" at its end (before "I hope it is
+    correct"), of that its one $...$ (or \\(...\\), \\[...\\]) span, or several spans separated only by
+    connecting words as a list; prose without math gives its last number; prose between several spans
+    is not read. Inline math does not cross a line.
   - An empty or blank gold answer accepts nothing.
   - A leading name is dropped: "x = 5", "(x, y) = (3, 2)", "f(x) = 2x+3", "h^{-1}(x) = ...", "|AB| = 5",
     "A:B = 2:1", "x \\in [-2, 7]", "x \\approx 11". In a chain "a = b = c" the last part is the answer,
@@ -48,14 +50,17 @@ from fractions import Fraction
 
 SYMPY_TIMEOUT = 0.8  # seconds for one answer's comparisons, symbolic ones included
 MAX_SYMBOLIC_LEN = 400  # characters; longer answers are compared as strings and numbers only
+MAX_ANSWER_LEN = 20_000  # characters; longer answers are compared as strings only
 _POOL_LOCK = threading.Lock()
 
 # ---- extraction ------------------------------------------------------------------------------
 
 _BOX = ("\\boxed", "\\fbox", "\\framebox")
 _CONNECTORS = re.compile(r"(?:\s|[,;&$]|\\[()\[\]]|\\q?quad|\\[,;: ]|and|or|\\text\{\s*(?:and|or)\s*\})*")
-_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
-_FINAL = re.compile(r"final answer is:?(.+?)(?:\.?\s*I hope it is correct|$)", re.S | re.I)
+_SPAN = re.compile(r"(?s:\$\$(.+?)\$\$)|\$([^$\n]+?)\$|\\\(([^\n]+?)\\\)|(?s:\\\[(.+?)\\\])")
+_TAIL = re.compile(r"\.?\s*(?:I hope it is correct.*|<\|im_start\|>.*)?$", re.S)
+_STATED = re.compile(r"(?:final answer is:?\s+((?:(?!\.\s).)*?)|\bis\s+(\$[^$]*\$|-?[\d.,/]+))\s*$", re.S | re.I)
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
 def _box_at(text: str, start: int) -> tuple[str | None, int]:
@@ -105,11 +110,14 @@ def final_answer(text: str) -> str:
     boxed = extract_answer(text)
     if boxed is not None:
         return boxed
-    finals = _FINAL.findall(text)
-    text = finals[-1].strip() if finals else text
+    text = text[:_TAIL.search(text).start()]
+    stated = _STATED.search(text)
+    text = (stated.group(1) or stated.group(2)) if stated else text
     hidden = text.replace("\\$", "\0")  # an escaped dollar sign does not open math
     spans = list(_SPAN.finditer(hidden))
     gaps = [hidden[x.end():y.start()] for x, y in zip(spans, spans[1:])]
+    if not spans and re.search(r"(?<![A-Za-z'])(?:[A-Za-z']{2,}+\s+){3}", text) and _NUMBER.search(text):
+        return _NUMBER.findall(text)[-1]  # prose without math: its last number
     if not spans or not all(_CONNECTORS.fullmatch(g) for g in gaps):
         return text
     return ", ".join(next(g for g in s.groups() if g is not None) for s in spans).replace("\0", "\\$")
@@ -125,7 +133,8 @@ _TEXT = r"\\(?:text\w*|mbox|mathrm|textrm|operatorname|mathbf|mathit)\s*"
 _DEGREE = r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree)"
 _TRIG = r"(?:sin|cos|tan|sec|csc|cot)"
 _RULES = [  # (pattern, replacement), in order; each a plain LaTeX convention
-    (r"\\\\(?=[a-zA-Z])", r"\\"), (r"\\[,;:! ]|\\q?quad|~", " "),  # doubled escapes, spacing
+    (r"\\\\(?=[a-zA-Z])", r"\\"), (r",\s*\\!\s*", ","), (r"\\!", ""),  # doubled escapes, 11,\! 111
+    (r"\\[,;: ]|\\q?quad|~", " "),  # spacing
     (r"\\[dtc]frac", r"\\frac"), (r"\\left|\\right|\\displaystyle|\\[bB]igg?[lr]?", ""),
     (_DEGREE + r"\s*(?:" + _TEXT + r"\{\s*[CF]\s*\}|[CF])?\s*$", ""),  # 90^\circ, 1950^\circ C
     (r"\\(" + _TRIG + r")\s*\(?\s*(-?\d+(?:\.\d+)?)\s*" + _DEGREE + r"\s*\)?", r"\\\1(\2\\pi/180)"),
@@ -134,6 +143,7 @@ _RULES = [  # (pattern, replacement), in order; each a plain LaTeX convention
     (_TEXT + r"\{\s*" + _UNIT_WORDS + r"(?:\s+" + _UNIT_WORDS + r")*(?:\s*\^?\s*\{?-?\d\}?)?\s*\}"
      r"\s*(\^\s*\{?-?\d\}?)?\s*$", ""),  # trailing units
     (r"(?<=[\d}])\s*\\text\s*\{(?![^{}]*\b(?:and|or)\b)[^{}\d]*\}\s*$", ""),  # "5\text{ any words}"
+    (r"(?<=[)\]\d}])\s*(?:\\text\s*\{\s*(?:and|or)\s*\}|\b(?:and|or)\b)\s*(?=[-(\[\d\\a-zA-Z])", ","),
     (_TEXT + r"\{([^{}]*)\}", r"\1"),
     (r"(?<=\d)\s*" + _UNIT_WORDS + r"(?:\s+" + _UNIT_WORDS + r")*(\^-?\d)?\s*$", ""),  # "5 cm"
     (r"\\le(?:q|qslant)?(?![a-zA-Z])|<=|≤", "≤"), (r"\\ge(?:q|qslant)?(?![a-zA-Z])|>=|≥", "≥"),
@@ -167,7 +177,8 @@ def _mixed_number(s: str) -> str:
 
 
 def normalize(s: str) -> str:
-    s = _MATRIX.sub(_matrix_text, str(s).strip().replace("\n", " "))
+    s = re.sub(r"(?<=\d)\s*;\s*(?=-?\d)", ",", str(s).strip().replace("\n", " "))  # (0;-2;6)
+    s = _MATRIX.sub(_matrix_text, s)
     for pattern, replacement in _RULES:
         s = re.sub(pattern, replacement, s)
     s = _mixed_number(_fix_fracs(s.strip()))
@@ -175,9 +186,10 @@ def normalize(s: str) -> str:
         s = s.replace(" ", "")  # 1 000 -> 1000
     if "^" in s:
         s = re.sub(r"(?<=[\d}])\s+(?=\d)", "\\\\cdot ", s)  # 2^6 3^5: a product
-    s = re.sub(r"\{,\}", ",", s.replace(" ", ""))
+    s = s.replace("{,}", ",")
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")  # 1,000 -> 1000
+        s = s.replace(",", "")  # 1,000 -> 1000, but "32, 349" is a list
+    s = s.replace(" ", "")
     s = re.sub(r"(?<![\d}])\.(?=\d)", "0.", s).rstrip(".")  # .5 -> 0.5
     s = re.sub(r"^[(\[](\\mat\(.*\))[)\]]$", r"\1", s)
     return s[1:-1] if re.fullmatch(r"\{[^{}]*\}", s) else s
@@ -258,13 +270,15 @@ def _answer_part(s: str) -> str:
     """The answer a statement gives: a leading name dropped, the last part of an = chain, a
     trailing \\approx dropped, a chain a < x <= b over one name as an interval."""
     parts = _split_top(s, "=≈∈", keep=True)
-    if len(parts) >= 3 and _NAME.fullmatch(parts[0]) and parts[1] != "=" or len(parts) >= 5:
-        parts = parts[2:]  # "x = 5", "x \in [0, 1]", "x \approx 11", "a = b = c"
-    if len(parts) >= 3 and parts[1] == "=" and len(_split_top(s, "=")) >= 3:
-        parts = parts[-1:]
-    elif len(parts) >= 3 and parts[1] == "=" and _NAME.fullmatch(_split_top(s, "=")[0]):
-        parts = parts[2:]
-    s = "".join(parts[:1] if len(parts) >= 3 and parts[1] == "≈" else parts)
+    if len(_split_top(s)) > 1 and parts.count("=") > 1:
+        return s  # "a = 1, b = 2": each element on its own
+    named = len(parts) >= 3 and bool(_NAME.fullmatch(parts[0]))
+    parts = parts[2:] if named else parts  # "x = 5", "x \in [0, 1]", "x \approx 11"
+    while len(parts) >= 3 and parts[-2] == "≈":
+        parts = parts[:-2]  # a trailing approximation
+    if len(parts) >= 3 and set(parts[1::2]) == {"="} and (named or len(parts) >= 5):
+        parts = parts[-1:]  # "x = 5 + 5 + 1 = 11"
+    s = "".join(parts)
     tokens = _split_top(s, "<≤>≥", keep=True)
     if len(tokens) == 5 and _NAME.fullmatch(tokens[2]) and tokens[1] in "<≤" and tokens[3] in "<≤":
         return ("(" if tokens[1] == "<" else "[") + f"{tokens[0]},{tokens[4]}" + (")" if tokens[3] == "<" else "]")
@@ -329,7 +343,7 @@ def to_sympy_str(s: str) -> str | None:
         t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
         t = re.sub(r"\\sqrt\[([^{}\[\]]*)\]\{([^{}]*)\}", r"((\2)**(1/(\1)))", t)
         t = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", t)
-        t = re.sub(rf"(?<![a-zA-Z])({_FUNCTION_NAMES})\{{([^{{}}]*)\}}", r"\1(\2)", t)
+        t = re.sub(rf"(?<![a-zA-Z\\])({_FUNCTION_NAMES})\{{([^{{}}]*)\}}", r"\1(\2)", t)
         t = re.sub(r"\^\{([^{}]*)\}", r"**(\1)", t)
         t = re.sub(r"(?<![}\]a-zA-Z])\{([^{}]*)\}", r"(\1)", t)  # plain grouping, not an argument
         if t == s:
@@ -512,7 +526,7 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
         return False  # an empty gold accepts nothing
     if a == b:
         return True
-    if not a:
+    if not a or max(len(a), len(b)) > MAX_ANSWER_LEN:
         return False
     if any(c in _RELATIONS for c in a) and any(c in _RELATIONS for c in b) and _relations_equal(a, b, deadline):
         return True
@@ -537,8 +551,10 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
             _equiv(x, y, depth + 1, deadline) for x, y in zip(ta[2], tb[2]))
     if (ta is None) != (tb is None) and "{" not in (ta or tb)[0]:
         return False  # an ordered tuple or interval against something else
-    pa = ta[2] if ta is not None else _split_top(a, ",∪")
-    pb = tb[2] if tb is not None else _split_top(b, ",∪")
+    pa, pb = (t[2] if t is not None else _split_top(s, ",∪") for s, t in ((a, ta), (b, tb)))
+    if len(pa) > 64 or len(pb) > 64:
+        return False
+    pa, pb = (list(dict.fromkeys(normalize(x) for x in p)) for p in (pa, pb))  # a repeated element counts once
     if len(pb) > 1 or len(pa) > 1 or ta is not None:  # sets, lists and unions: any order
         return _unordered_equal(pa, pb, depth, deadline)
     for decimal, exact in ((a, b), (b, a)):
