@@ -110,6 +110,7 @@ def final_answer(text: str) -> str:
     boxed = extract_answer(text)
     if boxed is not None:
         return boxed
+    text = text[-MAX_ANSWER_LEN:]  # a final answer is at the end
     text = text[:_TAIL.search(text).start()]
     stated = _STATED.search(text)
     text = (stated.group(1) or stated.group(2)) if stated else text
@@ -136,8 +137,8 @@ _RULES = [  # (pattern, replacement), in order; each a plain LaTeX convention
     (r"\\\\(?=[a-zA-Z])", r"\\"), (r",\s*\\!\s*", ","), (r"\\!", ""),  # doubled escapes, 11,\! 111
     (r"\\[,;: ]|\\q?quad|~", " "),  # spacing
     (r"\\[dtc]frac", r"\\frac"), (r"\\left|\\right|\\displaystyle|\\[bB]igg?[lr]?", ""),
-    (_DEGREE + r"\s*(?:" + _TEXT + r"\{\s*[CF]\s*\}|[CF])?\s*$", ""),  # 90^\circ, 1950^\circ C
     (r"\\(" + _TRIG + r")\s*\(?\s*(-?\d+(?:\.\d+)?)\s*" + _DEGREE + r"\s*\)?", r"\\\1(\2\\pi/180)"),
+    (_DEGREE + r"\s*(?:" + _TEXT + r"\{\s*[CF]\s*\}|[CF])?\s*$", ""),  # 90^\circ, 1950^\circ C
     (_DEGREE, ""), (r"(?<=\d)\s*(?:\^\s*\{?\s*(?:\\prime\s*)+\}?|'+)\s*$", ""),  # 0.003^{\prime\prime}
     (r"\\\$|\$|\\%|%", ""),
     (_TEXT + r"\{\s*" + _UNIT_WORDS + r"(?:\s+" + _UNIT_WORDS + r")*(?:\s*\^?\s*\{?-?\d\}?)?\s*\}"
@@ -324,7 +325,8 @@ _FUNCTION_NAMES = "|".join(sorted(_FUNCTIONS - {"pi", "oo"}, key=len, reverse=Tr
 def _split_name(match: re.Match) -> str:
     """A run of letters that names no function or Greek letter is a product of one-letter symbols."""
     name = match.group(0)
-    return name if name in _FUNCTIONS or name in _GREEK else "*".join(name)
+    known = next((k for k in range(len(name)) if name[k:] in _FUNCTIONS or name[k:] in _GREEK), len(name))
+    return "*".join(list(name[:known]) + ([name[known:]] if known < len(name) else []))
 
 
 def to_sympy_str(s: str) -> str | None:
@@ -521,12 +523,14 @@ def _relations_equal(a: str, b: str, deadline: float) -> bool:
 def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
     if depth > 4 or time.monotonic() > deadline:
         return False
+    if max(len(pred), len(gt)) > MAX_ANSWER_LEN:
+        return bool(gt.strip()) and pred.strip() == gt.strip()
     a, b = normalize(pred), normalize(gt)
     if not b:
         return False  # an empty gold accepts nothing
     if a == b:
         return True
-    if not a or max(len(a), len(b)) > MAX_ANSWER_LEN:
+    if not a:
         return False
     if any(c in _RELATIONS for c in a) and any(c in _RELATIONS for c in b) and _relations_equal(a, b, deadline):
         return True
@@ -549,6 +553,8 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
     if ta is not None and tb is not None and "{" not in (ta[0], tb[0]):
         return ta[:2] == tb[:2] and len(ta[2]) == len(tb[2]) and all(
             _equiv(x, y, depth + 1, deadline) for x, y in zip(ta[2], tb[2]))
+    if ta is not None and tb is not None and (ta[0] == "{") != (tb[0] == "{"):
+        return False  # a set against an ordered tuple or interval
     if (ta is None) != (tb is None) and "{" not in (ta or tb)[0]:
         return False  # an ordered tuple or interval against something else
     pa, pb = (t[2] if t is not None else _split_top(s, ",∪") for s, t in ((a, ta), (b, tb)))
