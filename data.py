@@ -40,7 +40,7 @@ def _answer(v, where):
         return str(v)
     if isinstance(v, str):
         if not v.strip():
-            raise ValueError(f"{where}: field 'answer' is empty or blank (a gold answer must say something)")
+            raise ValueError(f"{where}: field 'answer' is empty or blank")
         return v
     if isinstance(v, (list, tuple)) and v:
         return [_answer(x, where) for x in v]

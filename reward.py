@@ -3,36 +3,41 @@
     math_reward(text, gt) = 1.0 if is_equiv(extract_answer(text), g) for some acceptable g, else 0.0
 
 Conventions (each chosen so that a wrong answer never scores 1):
-  - The answer of a response is its last \\boxed{} (or \\fbox{}, \\framebox{}), after </think> when there
-    is one. Several boxes at the end separated only by "and", "or", commas or spacing are one list answer
-    ("\\boxed{1} and \\boxed{2}" is "1, 2"); a box followed by prose and another box counts the last only.
-    A response without a box scores 0 in math_reward. is_equiv and the gold answers read an unboxed text
-    as its math: what follows its last "final answer is" or "is" at its end (before "I hope it is
-    correct"), of that its one $...$ (or \\(...\\), \\[...\\]) span, or several spans separated only by
-    connecting words as a list; prose without math gives its last number; prose between several spans
-    is not read. Inline math does not cross a line.
+  - The answer of a response is its last \\boxed{} (or \\fbox{}, \\framebox{}), after </think> when
+    there is one. Several boxes at the end separated only by "and", "or", commas or spacing are
+    one list answer ("\\boxed{1} and \\boxed{2}" is "1, 2"); a box followed by prose and another
+    box counts the last only. A response without a box scores 0 in math_reward. is_equiv and the
+    gold answers read an unboxed text as its math: what follows its last "final answer is" or "is"
+    at its end (before "I hope it is correct"), of that its one $...$ (or \\(...\\), \\[...\\])
+    span, or several spans separated only by connecting words as a list; prose without math gives
+    its last number; prose between several spans is not read. Inline math does not cross a line.
   - An empty or blank gold answer accepts nothing.
-  - A leading name is dropped: "x = 5", "(x, y) = (3, 2)", "f(x) = 2x+3", "h^{-1}(x) = ...", "|AB| = 5",
-    "A:B = 2:1", "x \\in [-2, 7]", "x \\approx 11". In a chain "a = b = c" the last part is the answer,
-    and a trailing "\\approx 0.577" is dropped.
-  - Relations are compared as relations: a - b (or b - a for < and <=) must be a constant multiple of the
-    other side's, positive for inequalities, nonzero for equations ("2x+4y-3=0" is "y=-x/2+3/4"); a
-    chain "a < x <= b" over one name is the interval (a, b], so "0 < f(x) < 1" is (0, 1).
+  - A leading name is dropped: "x = 5", "(x, y) = (3, 2)", "f(x) = 2x+3", "h^{-1}(x) = ...", "|AB| =
+    5", "A:B = 2:1", "x \\in [-2, 7]", "x \\approx 11". In a chain "a = b = c" the last part is
+    the answer, and a trailing "\\approx 0.577" is dropped.
+  - Relations are compared as relations: a - b (or b - a for < and <=) must be a constant multiple
+    of the other side's, positive for inequalities, nonzero for equations ("2x+4y-3=0" is
+    "y=-x/2+3/4"); a chain "a < x <= b" over one name is the interval (a, b], so "0 < f(x) < 1" is
+    (0, 1).
   - Numbers are exact: integers, decimals, fractions, a\\times10^{b}, 8.7e8, and mixed numbers
-    ("1\\frac{4}{5}" and "1 1/2" are 9/5 and 3/2). A decimal stands for an exact value only when it has
-    at least 6 significant digits and equals the value rounded to the digits written (0.0833333 for
-    1/12; never 0.33 for 1/3 nor 1.414 for \\sqrt{2}). A comma between digits is a list separator or,
-    in groups of three, a thousands separator, never a decimal comma.
-  - Tuples and intervals keep order and brackets; sets, bare lists, unions and \\pm expansions
-    ("1 \\pm \\sqrt{19}" is "1+\\sqrt{19}, 1-\\sqrt{19}") match in any order, element by element. A
-    set matches a bare list of the same elements, never an ordered tuple.
-  - Matrices (pmatrix, bmatrix, matrix, array) are compared entry by entry, as numbers or expressions.
-  - Units and words after an answer are dropped (cm, miles, square units, percent, \\%, \\$, degrees,
-    a trailing \\text{...} without digits, "and" or "or"); base subscripts 4210_7 and 4210_{7} are one.
-  - Expressions go to sympy: \\frac, \\cfrac, \\sqrt, ^, \\cdot, \\times, \\pi, \\infty, trigonometric
-    functions (degrees as \\pi/180), logarithms, Greek letters, i the imaginary unit, e Euler's number,
-    implicit products ("2^6 3^5 5^4" is a product, never a tower); a - b must simplify to 0. Each check
-    runs in a worker process killed after a time limit; a check not computed counts in reward_errors().
+    ("1\\frac{4}{5}" and "1 1/2" are 9/5 and 3/2). A decimal stands for an exact value only when
+    it has at least 6 significant digits and equals the value rounded to the digits written
+    (0.0833333 for 1/12; never 0.33 for 1/3 nor 1.414 for \\sqrt{2}). A comma between digits is a
+    list separator or, in groups of three, a thousands separator, never a decimal comma.
+  - Tuples and intervals keep order and brackets; sets, bare lists, unions and \\pm expansions ("1
+    \\pm \\sqrt{19}" is "1+\\sqrt{19}, 1-\\sqrt{19}") match in any order, element by element. A
+    set matches a bare list of the same elements, never an ordered tuple; a
+    repeated element of a set or list counts once.
+  - Matrices (pmatrix, bmatrix, matrix, array) are compared entry by entry, as numbers or
+    expressions.
+  - Units and words after an answer are dropped (cm, miles, square units, percent, \\%, \\$,
+    degrees, a trailing \\text{...} without digits, "and" or "or"); base subscripts 4210_7 and
+    4210_{7} are one.
+  - Expressions go to sympy: \\frac, \\cfrac, \\sqrt, ^, \\cdot, \\times, \\pi, \\infty,
+    trigonometric functions (degrees as \\pi/180), logarithms, Greek letters, i the imaginary
+    unit, e Euler's number, implicit products ("2^6 3^5 5^4" is a product, never a tower); a - b
+    must simplify to 0. Each check runs in a worker process killed after a time limit; a check not
+    computed counts in reward_errors().
 Nothing here raises or hangs: every call returns within about a second, from any thread or process.
 """
 from __future__ import annotations
@@ -56,17 +61,19 @@ _POOL_LOCK = threading.Lock()
 # ---- extraction ------------------------------------------------------------------------------
 
 _BOX = ("\\boxed", "\\fbox", "\\framebox")
-_CONNECTORS = re.compile(r"(?:\s|[,;&$]|\\[()\[\]]|\\q?quad|\\[,;: ]|and|or|\\text\{\s*(?:and|or)\s*\})*")
+_CONNECTORS = re.compile(
+    r"(?:\s|[,;&$]|\\[()\[\]]|\\q?quad|\\[,;: ]|and|or|\\text\{\s*(?:and|or)\s*\})*")
 _SPAN = re.compile(r"(?s:\$\$(.+?)\$\$)|\$([^$\n]+?)\$|\\\(([^\n]+?)\\\)|(?s:\\\[(.+?)\\\])")
 _TAIL = re.compile(r"\.?\s*(?:I hope it is correct.*|<\|im_start\|>.*)?$", re.S)
-_STATED = re.compile(r"(?:final answer is:?\s+((?:(?!\.\s).)*?)|\bis\s+(\$[^$]*\$|-?[\d.,/]+))\s*$", re.S | re.I)
+_STATED = re.compile(r"(?:final answer is:?\s+((?:(?!\.\s).)*?)|\bis\s+(\$[^$]*\$|-?[\d.,/]+))\s*$",
+                     re.S | re.I)
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
 def _box_at(text: str, start: int) -> tuple[str | None, int]:
-    """The content of the box command at text[start] and the index just after it (None: unclosed)."""
-    j = text.index("{", start) if text.startswith("\\framebox", start) and "{" in text[start:] else \
-        start + next(len(b) for b in _BOX if text.startswith(b, start))
+    """The content of the box command at text[start] and the index just after it (None:
+    unclosed)."""
+    j = start + next(len(b) for b in _BOX if text.startswith(b, start))
     rest = text[j:]
     if not rest.lstrip().startswith("{"):
         match = re.match(r"\s+([^\s$]+)", rest)  # "\boxed 5"
@@ -96,7 +103,8 @@ def extract_answer(text: str) -> str | None:
             content, end = _box_at(text, start)
             if content is None and not answers:
                 return None
-            if content is None or end > limit or (answers and not _CONNECTORS.fullmatch(text[end:limit])):
+            joined = not answers or _CONNECTORS.fullmatch(text[end:limit])
+            if content is None or end > limit or not joined:
                 break
             answers.insert(0, content)
             limit = start
@@ -117,19 +125,21 @@ def final_answer(text: str) -> str:
     hidden = text.replace("\\$", "\0")  # an escaped dollar sign does not open math
     spans = list(_SPAN.finditer(hidden))
     gaps = [hidden[x.end():y.start()] for x, y in zip(spans, spans[1:])]
-    if not spans and re.search(r"(?<![A-Za-z'])(?:[A-Za-z']{2,}+\s+){3}", text) and _NUMBER.search(text):
+    prose = re.search(r"(?<![A-Za-z'])(?:[A-Za-z']{2,}+\s+){3}", text)
+    if not spans and prose and _NUMBER.search(text):
         return _NUMBER.findall(text)[-1]  # prose without math: its last number
     if not spans or not all(_CONNECTORS.fullmatch(g) for g in gaps):
         return text
-    return ", ".join(next(g for g in s.groups() if g is not None) for s in spans).replace("\0", "\\$")
+    math = (next(g for g in span.groups() if g is not None) for span in spans)
+    return ", ".join(math).replace("\0", "\\$")
 
 
 # ---- normalisation ---------------------------------------------------------------------------
 
-_UNIT_WORDS = (r"(?:units?|cm|centimeters?|m|meters?|km|kilometers?|mm|inches|inch|in|feet|foot|ft|miles?|"
-               r"yards?|seconds?|sec|minutes?|min|hours?|hrs?|days?|weeks?|years?|degrees?|dollars?|cents?|"
-               r"square|sq|cubic|mph|kg|g|grams?|pounds?|lbs?|liters?|ml|people|students|ways|percent|"
-               r"percentage|pct|Hz|eV|J|K|s|rad)")
+_UNIT_WORDS = (r"(?:units?|cm|centimeters?|m|meters?|km|kilometers?|mm|inches|inch|in|feet|foot|"
+               r"ft|miles?|yards?|seconds?|sec|minutes?|min|hours?|hrs?|days?|weeks?|years?|"
+               r"degrees?|dollars?|cents?|square|sq|cubic|mph|kg|g|grams?|pounds?|lbs?|liters?|"
+               r"ml|people|students|ways|percent|percentage|pct|Hz|eV|J|K|s|rad)")
 _TEXT = r"\\(?:text\w*|mbox|mathrm|textrm|operatorname|mathbf|mathit)\s*"
 _DEGREE = r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree)"
 _TRIG = r"(?:sin|cos|tan|sec|csc|cot)"
@@ -139,12 +149,14 @@ _RULES = [  # (pattern, replacement), in order; each a plain LaTeX convention
     (r"\\[dtc]frac", r"\\frac"), (r"\\left|\\right|\\displaystyle|\\[bB]igg?[lr]?", ""),
     (r"\\(" + _TRIG + r")\s*\(?\s*(-?\d+(?:\.\d+)?)\s*" + _DEGREE + r"\s*\)?", r"\\\1(\2\\pi/180)"),
     (_DEGREE + r"\s*(?:" + _TEXT + r"\{\s*[CF]\s*\}|[CF])?\s*$", ""),  # 90^\circ, 1950^\circ C
-    (_DEGREE, ""), (r"(?<=\d)\s*(?:\^\s*\{?\s*(?:\\prime\s*)+\}?|'+)\s*$", ""),  # 0.003^{\prime\prime}
+    (_DEGREE, ""),
+    (r"(?<=\d)\s*(?:\^\s*\{?\s*(?:\\prime\s*)+\}?|'+)\s*$", ""),  # 0.003^{\prime\prime}
     (r"\\\$|\$|\\%|%", ""),
     (_TEXT + r"\{\s*" + _UNIT_WORDS + r"(?:\s+" + _UNIT_WORDS + r")*(?:\s*\^?\s*\{?-?\d\}?)?\s*\}"
      r"\s*(\^\s*\{?-?\d\}?)?\s*$", ""),  # trailing units
     (r"(?<=[\d}])\s*\\text\s*\{(?![^{}]*\b(?:and|or)\b)[^{}\d]*\}\s*$", ""),  # "5\text{ any words}"
-    (r"(?<=[)\]\d}])\s*(?:\\text\s*\{\s*(?:and|or)\s*\}|\b(?:and|or)\b)\s*(?=[-(\[\d\\a-zA-Z])", ","),
+    (r"(?<=[)\]\d}])\s*(?:\\text\s*\{\s*(?:and|or)\s*\}|\b(?:and|or)\b)\s*"
+     r"(?=[-(\[\d\\a-zA-Z])", ","),  # "(11,7) or (7,11)", "12\text{ and }13": lists
     (_TEXT + r"\{([^{}]*)\}", r"\1"),
     (r"(?<=\d)\s*" + _UNIT_WORDS + r"(?:\s+" + _UNIT_WORDS + r")*(\^-?\d)?\s*$", ""),  # "5 cm"
     (r"\\le(?:q|qslant)?(?![a-zA-Z])|<=|≤", "≤"), (r"\\ge(?:q|qslant)?(?![a-zA-Z])|>=|≥", "≥"),
@@ -169,7 +181,7 @@ def _fix_fracs(s: str) -> str:
 
 
 def _mixed_number(s: str) -> str:
-    """w\\frac{n}{d} and "w n/d" with n < d are the mixed number w + n/d, written as one fraction."""
+    """w\\frac{n}{d} and "w n/d" with n < d are the mixed number w + n/d, as one fraction."""
     match = re.fullmatch(r"(-?)(\d+)\s*(?:\\frac\{(\d+)\}\{(\d+)\}|\s(\d+)/(\d+))", s)
     if not match:
         return s
@@ -202,7 +214,8 @@ def to_number(s: str) -> Fraction | None:
     """An exact rational from an integer, decimal, a/b, \\frac{a}{b}, a\\times10^{b} or 8.7e8 (signs
     allowed), else None."""
     number = r"-?\d+(?:\.\d+)?"
-    if match := re.fullmatch(rf"(-?)\\frac\{{({number})\}}\{{({number})\}}|({number})/({number})", s):
+    fraction = rf"(-?)\\frac\{{({number})\}}\{{({number})\}}|({number})/({number})"
+    if match := re.fullmatch(fraction, s):
         num, den = Fraction(match[2] or match[4]), Fraction(match[3] or match[5])
         return None if den == 0 else (-1 if match[1] else 1) * num / den
     if match := re.fullmatch(rf"({number})(?:\\times|\\cdot|\*)10\^\{{?(-?\d{{1,3}})\}}?", s):
@@ -257,12 +270,14 @@ def _expand_plus_minus(s: str) -> str:
     inner = s[2:-2] if s.startswith("\\{") and s.endswith("\\}") else s
     parts = []
     for part in _split_top(inner):
-        parts += [part.replace("\\pm", "+", 1), part.replace("\\pm", "-", 1)] if "\\pm" in part else [part]
+        signs = ("+", "-") if "\\pm" in part else ("\\pm",)
+        parts += [part.replace("\\pm", sign, 1) for sign in signs]
     return ",".join(p.lstrip("+") for p in parts)
 
 
 _RELATIONS = "=<>≤≥≠"
-_NAME_ATOM = (r"(?:[a-zA-Z](?:_\w+)?(?:\^\{-1\})?(?:\([a-zA-Z](?:,[a-zA-Z])*\))?|[a-zA-Z]{2,3}|\|[a-zA-Z]+\||"
+_NAME_ATOM = (r"(?:[a-zA-Z](?:_\w+)?(?:\^\{-1\})?(?:\([a-zA-Z](?:,[a-zA-Z])*\))?|[a-zA-Z]{2,3}|"
+              r"\|[a-zA-Z]+\||"
               r"\([a-zA-Z](?:_\w+)?(?:[,;][a-zA-Z](?:_\w+)?)*\)|\\frac\{[a-zA-Z]+\}\{[a-zA-Z]+\})")
 _NAME = re.compile(rf"{_NAME_ATOM}(?::{_NAME_ATOM})?")
 
@@ -281,10 +296,12 @@ def _answer_part(s: str) -> str:
         parts = parts[-1:]  # "x = 5 + 5 + 1 = 11"
     s = "".join(parts)
     tokens = _split_top(s, "<≤>≥", keep=True)
+    if len(tokens) == 5 and tokens[1] in ">≥" and tokens[3] in ">≥":
+        tokens = tokens[::-1]  # "7 >= x > -2" is "-2 < x <= 7"
+        tokens[1], tokens[3] = ({">": "<", "≥": "≤"}[t] for t in (tokens[1], tokens[3]))
     if len(tokens) == 5 and _NAME.fullmatch(tokens[2]) and tokens[1] in "<≤" and tokens[3] in "<≤":
-        return ("(" if tokens[1] == "<" else "[") + f"{tokens[0]},{tokens[4]}" + (")" if tokens[3] == "<" else "]")
-    if len(tokens) == 5 and _NAME.fullmatch(tokens[2]) and tokens[1] in ">≥" and tokens[3] in ">≥":
-        return ("(" if tokens[3] == ">" else "[") + f"{tokens[4]},{tokens[0]}" + (")" if tokens[1] == ">" else "]")
+        low, high = "(" if tokens[1] == "<" else "[", ")" if tokens[3] == "<" else "]"
+        return f"{low}{tokens[0]},{tokens[4]}{high}"
     return s
 
 
@@ -314,18 +331,18 @@ def _unordered_equal(ps: list[str], gs: list[str], depth: int, deadline: float) 
 
 # ---- symbolic (sympy, in a killable worker process) ------------------------------------------
 
-_FUNCTIONS = {"sqrt", "pi", "oo", "log", "sin", "cos", "tan", "sec", "csc", "cot", "asin", "acos", "atan",
-              "sinh", "cosh", "tanh", "exp"}
-_GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lamda", "mu",
-          "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega", "Gamma", "Delta", "Theta",
-          "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega"}
+_FUNCTIONS = set("sqrt pi oo log sin cos tan sec csc cot asin acos atan sinh cosh tanh exp".split())
+_GREEK = set("alpha beta gamma delta epsilon zeta eta theta iota kappa lamda mu nu xi rho sigma "
+             "tau upsilon phi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi "
+             "Omega".split())
 _FUNCTION_NAMES = "|".join(sorted(_FUNCTIONS - {"pi", "oo"}, key=len, reverse=True))
 
 
 def _split_name(match: re.Match) -> str:
-    """A run of letters that names no function or Greek letter is a product of one-letter symbols."""
+    """A run of letters is a product of one-letter symbols, ending in a function or Greek name
+    where it ends in one ("isqrt" is i*sqrt)."""
     name = match.group(0)
-    known = next((k for k in range(len(name)) if name[k:] in _FUNCTIONS or name[k:] in _GREEK), len(name))
+    known = next((k for k in range(len(name)) if name[k:] in _FUNCTIONS | _GREEK), len(name))
     return "*".join(list(name[:known]) + ([name[known:]] if known < len(name) else []))
 
 
@@ -335,11 +352,12 @@ def to_sympy_str(s: str) -> str | None:
     if len(s) > MAX_SYMBOLIC_LEN or s.count("{") > 40 or re.search(r"\d_|__", s):
         return None
     s = re.sub(r"\\(?:var)?(epsilon|phi|theta)", r"\\\1", s).replace("\\lambda", "\\lamda")
-    s = re.sub(r"\\(ln|log|arc(?=sin|cos|tan)|exp|" + _TRIG + r"h?)(?![a-zA-Z])", lambda m: m[1].replace(
-        "arc", "a").replace("ln", "log"), s)
-    s = re.sub(rf"(?<![a-zA-Z])({_FUNCTION_NAMES})(\\[a-zA-Z]+|[a-zA-Z](?:_\w+)?|\d+(?:\.\d+)?)(?![a-zA-Z])",
-               r"\1(\2)", s)  # \sin x -> sin(x)
-    s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\div", "/").replace("\\infty", "oo")
+    s = re.sub(r"\\(ln|log|arc(?=sin|cos|tan)|exp|" + _TRIG + r"h?)(?![a-zA-Z])",
+               lambda m: m[1].replace("arc", "a").replace("ln", "log"), s)
+    argument = r"(\\[a-zA-Z]+|[a-zA-Z](?:_\w+)?|\d+(?:\.\d+)?)(?![a-zA-Z])"
+    s = re.sub(rf"(?<![a-zA-Z])({_FUNCTION_NAMES}){argument}", r"\1(\2)", s)  # \sin x -> sin(x)
+    for latex, python in (("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("\\infty", "oo")):
+        s = s.replace(latex, python)
     s = re.sub(r"\\([a-zA-Z]+)", lambda m: m[1] if m[1] in _GREEK or m[1] == "pi" else m[0], s)
     for _ in range(40):  # innermost-first rewrites of \frac, \sqrt, powers and braces; bounded
         t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
@@ -352,7 +370,8 @@ def to_sympy_str(s: str) -> str | None:
             break
         s = t
     s = s.replace("^", "**").replace("[", "(").replace("]", ")").replace("'", "_p")
-    s = re.sub(rf"(?<![a-zA-Z])({_FUNCTION_NAMES})\*\*\((\d+)\)\(([^()]*)\)", r"(\1(\3))**\2", s)  # tan^2(y)
+    power = rf"(?<![a-zA-Z])({_FUNCTION_NAMES})\*\*\((\d+)\)\(([^()]*)\)"
+    s = re.sub(power, r"(\1(\3))**\2", s)  # tan^2(y) -> (tan(y))**2
     if "\\" in s or not re.fullmatch(r"[0-9a-zA-Z_+\-*/(). ]*", s) or not s.strip():
         return None
     return re.sub(r"(?<![_a-zA-Z])[a-zA-Z]+", _split_name, s)
@@ -400,7 +419,8 @@ class _Worker:
         self.proc, self.ready = None, False
 
     def start(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_CODE, ",".join(_GREEK)], stdin=subprocess.PIPE,
+        command = [sys.executable, "-c", _WORKER_CODE, ",".join(_GREEK)]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      bufsize=1)
         self.ready = False
@@ -420,7 +440,8 @@ class _Worker:
         return self.proc.stdout.readline()
 
     def ask(self, request: str, timeout: float) -> str | None:
-        """The worker's answer to one request line, or None (and a fresh process) when it overran."""
+        """The worker's answer to one request line, or None (and a fresh process) when it
+        overran."""
         try:
             self.proc.stdin.write(request + "\n")
             self.proc.stdin.flush()
@@ -502,7 +523,8 @@ def _symbolic(mode: str, a: str, b: str, deadline: float) -> str:
         _count_error()
         return "0"
     try:
-        answer = worker.ask(f"{mode}\t{sa}\t{sb}", max(0.05, min(SYMPY_TIMEOUT, deadline - time.monotonic())))
+        budget = max(0.05, min(SYMPY_TIMEOUT, deadline - time.monotonic()))
+        answer = worker.ask(f"{mode}\t{sa}\t{sb}", budget)
     finally:
         _POOL.put(worker)
     if answer is None:
@@ -532,7 +554,8 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
         return True
     if not a:
         return False
-    if any(c in _RELATIONS for c in a) and any(c in _RELATIONS for c in b) and _relations_equal(a, b, deadline):
+    both_relations = all(any(c in _RELATIONS for c in s) for s in (a, b))
+    if both_relations and _relations_equal(a, b, deadline):
         return True
     a, b = _answer_part(a), _answer_part(b)
     if a == b:
@@ -560,7 +583,7 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
     pa, pb = (t[2] if t is not None else _split_top(s, ",∪") for s, t in ((a, ta), (b, tb)))
     if len(pa) > 64 or len(pb) > 64:
         return False
-    pa, pb = (list(dict.fromkeys(normalize(x) for x in p)) for p in (pa, pb))  # a repeated element counts once
+    pa, pb = (list(dict.fromkeys(normalize(x) for x in p)) for p in (pa, pb))  # repeats count once
     if len(pb) > 1 or len(pa) > 1 or ta is not None:  # sets, lists and unions: any order
         return _unordered_equal(pa, pb, depth, deadline)
     for decimal, exact in ((a, b), (b, a)):
@@ -576,7 +599,8 @@ def is_equiv(pred: str | None, gt: str) -> bool:
     if pred is None or gt is None:
         return False
     try:
-        return _equiv(final_answer(str(pred)), final_answer(str(gt)), 0, time.monotonic() + SYMPY_TIMEOUT)
+        deadline = time.monotonic() + SYMPY_TIMEOUT
+        return _equiv(final_answer(str(pred)), final_answer(str(gt)), 0, deadline)
     except Exception:
         _count_error()
         return False
@@ -591,7 +615,8 @@ def math_reward(text: str, gt) -> float:
             return 0.0
         golds = gt if isinstance(gt, (list, tuple)) else [gt]
         deadline = time.monotonic() + SYMPY_TIMEOUT  # one budget for all acceptable answers
-        return float(any(_equiv(pred, final_answer(str(g)), 0, deadline) for g in golds if g is not None))
+        golds = [final_answer(str(g)) for g in golds if g is not None]
+        return float(any(_equiv(pred, g, 0, deadline) for g in golds))
     except Exception:
         _count_error()
         return 0.0

@@ -202,6 +202,45 @@ def speed() -> dict:
 
 # ---- report ----------------------------------------------------------------------------------
 
+# Why ours disagrees with a label: the convention of reward.py's docstring that explains it.
+DECIMAL_COMMA = "a comma between digits is a list or thousands separator, never a decimal comma"
+PROSE = "prose without math gives its last number only when it has no $...$ span; here it has one"
+LAST_BOX = "the last \\boxed{} is the answer; boxes with prose between them are not joined"
+DECIMALS = "a decimal stands for an exact value only with at least 6 significant digits"
+EXPLAINED = {
+    "test_number_extraction:70": DECIMAL_COMMA, "test_number_extraction:71": DECIMAL_COMMA,
+    "test_number_extraction:72": DECIMAL_COMMA, "test_number_extraction:87": DECIMAL_COMMA,
+    "test_latex_notation:138": "an equation between two numbers (1/2 = 10/9) is not read as its right side",
+    "test_latex_notation_math:200": "the gold's last box is 14{,}916, the prediction states 14 {, }916 in prose "
+                                    "after a wrong reading; its last number is taken and the spaced {, } is a list",
+    "test_latex_notation_math:205": "the gold is a whole solution whose last box is \\boxed{12\\text{ and }13}; "
+                                    "the prediction's stated answer is in quotes around two spans",
+    "test_matrix_extraction:506": "no arithmetic on matrices: a sum of two matrices is not its value",
+    "test_matrix_extraction:512": "no arithmetic on matrices: a product of two matrices is not its value",
+    "test_complex_math_expressions:586": DECIMALS + " (0.33 for 1/3, the label uses 2-digit rounding)",
+    "test_complex_math_expressions:605": DECIMALS + " (2.6667 for 8/3, the label uses 2-digit rounding)",
+    "test_math_extraction_edge_cases:627": PROSE, "test_math_extraction_edge_cases:651": PROSE,
+    "test_math_extraction_edge_cases:689": "an expression with a decimal inside (10\\sqrt{10.5}) is not equal to "
+                                           "an exact one (5\\sqrt{42}) under exact simplification",
+    "test_math_extraction_additional_cases:728": PROSE, "test_math_extraction_additional_cases:756": PROSE,
+    "test_math_extraction_additional_cases:754": "an ordered pair (1,3) is not the set {1,3}",
+    "test_math_extraction_additional_cases:810": LAST_BOX + " (the prediction boxes 200 before its final sentence)",
+    "test_set_rel_assymetry:907": "the issue's table makes -2 <= x <= 7 and x in [-2,7] equal both ways; "
+                                  "math-verify labels this row 0 only when allow_set_relation_comp is off and "
+                                  "labels the same pair 1 when it is on",
+    "test_boxed:8": "the gold is a doubly escaped string (\\\\boxed{35 cm} ++++++ \\\\boxed{4}) that is "
+                    "no LaTeX answer",
+    "test_numina_cases:24": "an absolute-value inequality (1 <= |z| <= 3/2) is not solved into a union",
+    "test_numina_cases:54": "assignments separated by ';' (p=5,q=2;p=7,q=2) are not read as tuples",
+    "test_numina_cases:121": "'W(x)=1orW(x)=-1' without spaces is not split on 'or' (it would split words)",
+    "test_open_thoughts:79": LAST_BOX + " (\\text{ for part (a) and })",
+    "test_open_thoughts:134": LAST_BOX + " (y_2 = between the boxes)",
+    "test_open_thoughts:149": LAST_BOX + " (the gold's 'papers and')",
+    "test_strict_variable_comparison:8": "variables are not renamed: f(x) is not f(y) (math-verify's strict=False)",
+    "test_string_extraction:20": "\\sum is not evaluated or compared as a sum",
+    "test_string_extraction:28": "the label is wrong: 1 - 1/e is not 1 + 1/e",
+}
+
 def markdown(result: dict) -> str:
     lines = ["# The verifier against Math-Verify's own labelled cases and the benchmark files", "",
              f"Machine: {result['machine']}, Python {result['python']}; `python bench/bench_reward.py`.", "",
@@ -210,10 +249,21 @@ def markdown(result: dict) -> str:
     for side, r in result["agreement"].items():
         lines.append(f"| {side} | {r['agree']}/{r['cases']} ({100 * r['agree'] / r['cases']:.1f}%) | "
                      f"{r['wrong_accepts']} | {r['wrong_rejects']} | {r['slowest_call_s']} s ({r['slowest_case']}) |")
+    ours = result["agreement"]["ours"]
+    lines += ["", "Every disagreement of ours with a label, and the convention that explains it:", "",
+              "| test:line | label | gold (end) | prediction (end) | convention |", "| --- | --- | --- | --- | --- |"]
+    for d in ours["disagreements"]:
+        cells = [d["gold"][-50:], d["prediction"][-50:]]
+        cells = [c.replace("|", "\\|").replace("\n", " ") for c in cells]
+        lines.append(f"| {d['where']} | {d['label']} | `{cells[0]}` | `{cells[1]}` | "
+                     f"{EXPLAINED.get(d['where'], 'not explained yet')} |")
     b = result["benchmarks"]
     lines += ["", f"Benchmark golds against themselves: {b['golds_scoring_1_against_themselves']}; AIME reference "
               f"solutions: {b['aime_reference_solutions_scoring_1']}; Minerva reference solutions: "
-              f"{b['minerva_reference_solutions_scoring_1']}.", ""]
+              f"{b['minerva_reference_solutions_scoring_1']}.", "",
+              "Minerva reference solutions that score 0 (gold, and the solution's last box):", ""]
+    lines += [f"- {f['index']}: `{str(f['answer'][0]).strip()}` vs `{f['boxed']}`" for f in b["minerva_failures"]]
+    lines += [""]
     if "speed" in result:
         s = result["speed"]
         lines += [f"Worst is_equiv over {s['hostile_cases']} hostile inputs: {s['worst_is_equiv_s']} s; "
