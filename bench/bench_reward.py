@@ -244,6 +244,9 @@ EXPLAINED = {
 def markdown(result: dict) -> str:
     lines = ["# The verifier against Math-Verify's own labelled cases and the benchmark files", "",
              f"Machine: {result['machine']}, Python {result['python']}; `python bench/bench_reward.py`.", "",
+             "Ours scores the last \\boxed{} of each side where it has one, else the side as it is; "
+             "math-verify scores the raw pair with the settings its own test passes (its suite, so its "
+             "figure is by construction). Timings on a shared machine under load from other work.", "",
              "| verifier | agrees with the label | wrong accepts | wrong rejects | slowest call |",
              "| --- | --- | --- | --- | --- |"]
     for side, r in result["agreement"].items():
