@@ -38,6 +38,8 @@ def _answer(v, where):
     if isinstance(v, (int, float)):
         return str(v)
     if isinstance(v, str):
+        if not v.strip():
+            raise ValueError(f"{where}: field 'answer' is empty or blank")
         return v
     if isinstance(v, (list, tuple)) and v:
         return [_answer(x, where) for x in v]

@@ -1,16 +1,43 @@
-"""The math answer verifier: extract the last \\boxed{} answer, normalise it, decide equivalence.
+"""The math answer verifier: extract the final answer, normalise it, decide equivalence.
 
     math_reward(text, gt) = 1.0 if is_equiv(extract_answer(text), g) for some acceptable g, else 0.0
 
-is_equiv tries, in order, each cheaper than the next:
-  1. the normalised strings are equal (MATH conventions: \\dfrac -> \\frac, \\left/\\right,
-     \\text{units}, degrees, \\%, \\$, thousands separators, a leading "x =", spaces);
-  2. both are exact numbers (integers, decimals, fractions) and equal as rationals;
-  3. tuples and intervals: same brackets, same length, equal element by element; a ground truth
-     that is a bare list or a set ("1, 2" or \\{1, 2\\}) matches the same elements in any order;
-  4. both translate to sympy (\\frac, \\sqrt, \\sqrt[n], ^, \\cdot, \\times, \\pi, \\infty,
-     implicit multiplication) and sympy finds a - b = 0, in a separate worker process killed after
-     a time limit.
+Conventions (each chosen so that a wrong answer never scores 1):
+  - The answer of a response is its last \\boxed{} (or \\fbox{}, \\framebox{}), after </think> when
+    there is one. Several boxes at the end separated only by "and", "or", commas or spacing are
+    one list answer ("\\boxed{1} and \\boxed{2}" is "1, 2"); a box followed by prose and another
+    box counts the last only. A response without a box scores 0 in math_reward. is_equiv and the
+    gold answers read an unboxed text as its math: what follows its last "final answer is" or "is"
+    at its end (before "I hope it is correct"), of that its one $...$ (or \\(...\\), \\[...\\])
+    span, or several spans separated only by connecting words as a list; prose without math gives
+    its last number; prose between several spans is not read. Inline math does not cross a line.
+  - An empty or blank gold answer accepts nothing.
+  - A leading name is dropped: "x = 5", "(x, y) = (3, 2)", "f(x) = 2x+3", "h^{-1}(x) = ...", "|AB| =
+    5", "A:B = 2:1", "x \\in [-2, 7]", "x \\approx 11". In a chain "a = b = c" the last part is
+    the answer, and a trailing "\\approx 0.577" is dropped.
+  - Relations are compared as relations: a - b (or b - a for < and <=) must be a constant multiple
+    of the other side's, positive for inequalities, nonzero for equations ("2x+4y-3=0" is
+    "y=-x/2+3/4"); a chain "a < x <= b" over one name is the interval (a, b], so "0 < f(x) < 1" is
+    (0, 1).
+  - Numbers are exact: integers, decimals, fractions, a\\times10^{b}, 8.7e8, and mixed numbers
+    ("1\\frac{4}{5}" and "1 1/2" are 9/5 and 3/2). A decimal stands for an exact value only when
+    it has at least 6 significant digits and equals the value rounded to the digits written
+    (0.0833333 for 1/12; never 0.33 for 1/3 nor 1.414 for \\sqrt{2}). A comma between digits is a
+    list separator or, in groups of three, a thousands separator, never a decimal comma.
+  - Tuples and intervals keep order and brackets; sets, bare lists, unions and \\pm expansions ("1
+    \\pm \\sqrt{19}" is "1+\\sqrt{19}, 1-\\sqrt{19}") match in any order, element by element. A
+    set matches a bare list of the same elements, never an ordered tuple; a
+    repeated element of a set or list counts once.
+  - Matrices (pmatrix, bmatrix, matrix, array) are compared entry by entry, as numbers or
+    expressions.
+  - Units and words after an answer are dropped (cm, miles, square units, percent, \\%, \\$,
+    degrees, a trailing \\text{...} without digits, "and" or "or"); base subscripts 4210_7 and
+    4210_{7} are one.
+  - Expressions go to sympy: \\frac, \\cfrac, \\sqrt, ^, \\cdot, \\times, \\pi, \\infty,
+    trigonometric functions (degrees as \\pi/180), logarithms, Greek letters, i the imaginary
+    unit, e Euler's number, implicit products ("2^6 3^5 5^4" is a product, never a tower); a - b
+    must simplify to 0. Each check runs in a worker process killed after a time limit; a check not
+    computed counts in reward_errors().
 Nothing here raises or hangs: every call returns within about a second, from any thread or process.
 """
 from __future__ import annotations
@@ -18,6 +45,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import selectors
 import subprocess
 import sys
 import threading
@@ -25,16 +53,41 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
-SYMPY_TIMEOUT = 0.8  # seconds for one symbolic comparison
-_POOL_LOCK = threading.Lock()
+SYMPY_TIMEOUT = 0.8  # seconds for one answer's comparisons, symbolic ones included
 MAX_SYMBOLIC_LEN = 400  # characters; longer answers are compared as strings and numbers only
-
+MAX_ANSWER_LEN = 20_000  # characters; longer answers are compared as strings only
+_POOL_LOCK = threading.Lock()
 
 # ---- extraction ------------------------------------------------------------------------------
 
+_BOX = ("\\boxed", "\\fbox", "\\framebox")
+_CONNECTORS = re.compile(
+    r"(?:\s|[,;&$]|\\[()\[\]]|\\q?quad|\\[,;: ]|and|or|\\text\{\s*(?:and|or)\s*\})*")
+_SPAN = re.compile(r"(?s:\$\$(.+?)\$\$)|\$([^$\n]+?)\$|\\\(([^\n]+?)\\\)|(?s:\\\[(.+?)\\\])")
+_TAIL = re.compile(r"\.?\s*(?:I hope it is correct.*|<\|im_start\|>.*)?$", re.S)
+_STATED = re.compile(r"(?:final answer is:?\s+((?:(?!\.\s).)*?)|\bis\s+(\$[^$]*\$|-?[\d.,/]+))\s*$",
+                     re.S | re.I)
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
+
+
+def _box_at(text: str, start: int) -> tuple[str | None, int]:
+    """The content of the box command at text[start] and the index just after it (None:
+    unclosed)."""
+    j = start + next(len(b) for b in _BOX if text.startswith(b, start))
+    rest = text[j:]
+    if not rest.lstrip().startswith("{"):
+        match = re.match(r"\s+([^\s$]+)", rest)  # "\boxed 5"
+        return (match.group(1).rstrip("."), j + match.end()) if match else (None, j)
+    k, depth = j + len(rest) - len(rest.lstrip()), 0
+    for end in range(k, len(text)):
+        depth += (text[end] == "{") - (text[end] == "}")
+        if depth == 0:
+            return text[k + 1:end].strip(), end + 1
+    return None, len(text)  # never closed: a cut-off answer
+
+
 def extract_answer(text: str) -> str | None:
-    """Content of the last \\boxed{...} / \\fbox{...} / \\boxed x; after </think> when the text
-    has one."""
+    """The last boxed answer, with the boxes just before it that only connecting words separate."""
     try:
         if not isinstance(text, str):
             return None
@@ -42,35 +95,81 @@ def extract_answer(text: str) -> str | None:
             text = text.rsplit("</think>", 1)[1]
         elif "<think>" in text:
             return None  # the model never finished thinking
-        i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-        if i < 0:
-            return None
-        j = i + (6 if text.startswith("\\boxed", i) else 5)
-        rest = text[j:]
-        if rest.lstrip().startswith("{"):
-            k = j + len(rest) - len(rest.lstrip())
-            depth = 0
-            for e in range(k, len(text)):
-                c = text[e]
-                if c == "{":
-                    depth += 1
-                elif c == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[k + 1:e].strip()
-            return None  # never closed: a cut-off answer
-        m = re.match(r"\s+([^\s$]+)", rest)  # "\boxed 5"
-        return m.group(1).rstrip(".") if m else None
+        answers, limit = [], len(text)
+        while len(answers) < 20:
+            start = max(text.rfind(b, 0, limit) for b in _BOX)
+            if start < 0:
+                break
+            content, end = _box_at(text, start)
+            if content is None and not answers:
+                return None
+            joined = not answers or _CONNECTORS.fullmatch(text[end:limit])
+            if content is None or end > limit or not joined:
+                break
+            answers.insert(0, content)
+            limit = start
+        return ", ".join(answers) if answers else None
     except Exception:
         return None
+
+
+def final_answer(text: str) -> str:
+    """The answer a text states: its boxed answer, else its math (see the module docstring)."""
+    boxed = extract_answer(text)
+    if boxed is not None:
+        return boxed
+    text = text[-MAX_ANSWER_LEN:]  # a final answer is at the end
+    text = text[:_TAIL.search(text).start()]
+    stated = _STATED.search(text)
+    text = (stated.group(1) or stated.group(2)) if stated else text
+    hidden = text.replace("\\$", "\0")  # an escaped dollar sign does not open math
+    spans = list(_SPAN.finditer(hidden))
+    gaps = [hidden[x.end():y.start()] for x, y in zip(spans, spans[1:])]
+    prose = re.search(r"(?<![A-Za-z'])(?:[A-Za-z']{2,}+\s+){3}", text)
+    if not spans and prose and _NUMBER.search(text):
+        return _NUMBER.findall(text)[-1]  # prose without math: its last number
+    if not spans or not all(_CONNECTORS.fullmatch(g) for g in gaps):
+        return text
+    math = (next(g for g in span.groups() if g is not None) for span in spans)
+    return ", ".join(math).replace("\0", "\\$")
 
 
 # ---- normalisation ---------------------------------------------------------------------------
 
 _UNIT_WORDS = (r"(?:units?|cm|centimeters?|m|meters?|km|kilometers?|mm|inches|inch|in|feet|foot|"
                r"ft|miles?|yards?|seconds?|sec|minutes?|min|hours?|hrs?|days?|weeks?|years?|"
-               r"degrees?|dollars?|cents?|"
-               r"square|sq|cubic|mph|kg|g|grams?|pounds?|lbs?|liters?|ml|people|students|ways)")
+               r"degrees?|dollars?|cents?|square|sq|cubic|mph|kg|g|grams?|pounds?|lbs?|liters?|"
+               r"ml|people|students|ways|percent|percentage|pct|Hz|eV|J|K|s|rad)")
+_TEXT = r"\\(?:text\w*|mbox|mathrm|textrm|operatorname|mathbf|mathit)\s*"
+_DEGREE = r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree)"
+_TRIG = r"(?:sin|cos|tan|sec|csc|cot)"
+_RULES = [  # (pattern, replacement), in order; each a plain LaTeX convention
+    (r"\\\\(?=[a-zA-Z])", r"\\"), (r",\s*\\!\s*", ","), (r"\\!", ""),  # doubled escapes, 11,\! 111
+    (r"\\[,;: ]|\\q?quad|~", " "),  # spacing
+    (r"\\[dtc]frac", r"\\frac"), (r"\\left|\\right|\\displaystyle|\\[bB]igg?[lr]?", ""),
+    (r"\\(" + _TRIG + r")\s*\(?\s*(-?\d+(?:\.\d+)?)\s*" + _DEGREE + r"\s*\)?", r"\\\1(\2\\pi/180)"),
+    (_DEGREE + r"\s*(?:" + _TEXT + r"\{\s*[CF]\s*\}|[CF])?\s*$", ""),  # 90^\circ, 1950^\circ C
+    (_DEGREE, ""),
+    (r"(?<=\d)\s*(?:\^\s*\{?\s*(?:\\prime\s*)+\}?|'+)\s*$", ""),  # 0.003^{\prime\prime}
+    (r"\\\$|\$|\\%|%", ""),
+    (_TEXT + r"\{\s*" + _UNIT_WORDS + r"(?:\s+" + _UNIT_WORDS + r")*(?:\s*\^?\s*\{?-?\d\}?)?\s*\}"
+     r"\s*(\^\s*\{?-?\d\}?)?\s*$", ""),  # trailing units
+    (r"(?<=[\d}])\s*\\text\s*\{(?![^{}]*\b(?:and|or)\b)[^{}\d]*\}\s*$", ""),  # "5\text{ any words}"
+    (r"(?<=[)\]\d}])\s*(?:\\text\s*\{\s*(?:and|or)\s*\}|\b(?:and|or)\b)\s*"
+     r"(?=[-(\[\d\\a-zA-Z])", ","),  # "(11,7) or (7,11)", "12\text{ and }13": lists
+    (_TEXT + r"\{([^{}]*)\}", r"\1"),
+    (r"(?<=\d)\s*" + _UNIT_WORDS + r"(?:\s+" + _UNIT_WORDS + r")*(\^-?\d)?\s*$", ""),  # "5 cm"
+    (r"\\le(?:q|qslant)?(?![a-zA-Z])|<=|≤", "≤"), (r"\\ge(?:q|qslant)?(?![a-zA-Z])|>=|≥", "≥"),
+    (r"\\neq?(?![a-zA-Z])|!=", "≠"), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
+    (r"\\in(?![a-zA-Z])", "∈"), (r"\\cup(?![a-zA-Z])", "∪"), (r"\\approx(?![a-zA-Z])", "≈"),
+    (r"_\{(\w+)\}", r"_\1"), (r"\^\{?\\prime\}?", "'"),  # 4210_{7} -> 4210_7
+]
+_MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}", re.S)
+
+
+def _matrix_text(match: re.Match) -> str:
+    rows = [r for r in re.split(r"\\\\", match.group(2)) if r.strip()]
+    return "\\mat(" + ";".join(",".join(c.strip() for c in r.split("&")) for r in rows) + ")"
 
 
 def _fix_fracs(s: str) -> str:
@@ -81,67 +180,72 @@ def _fix_fracs(s: str) -> str:
     return re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)
 
 
+def _mixed_number(s: str) -> str:
+    """w\\frac{n}{d} and "w n/d" with n < d are the mixed number w + n/d, as one fraction."""
+    match = re.fullmatch(r"(-?)(\d+)\s*(?:\\frac\{(\d+)\}\{(\d+)\}|\s(\d+)/(\d+))", s)
+    if not match:
+        return s
+    whole, num, den = int(match[2]), int(match[3] or match[5]), int(match[4] or match[6])
+    return f"{match[1]}\\frac{{{whole * den + num}}}{{{den}}}" if 0 < num < den else s
+
+
 def normalize(s: str) -> str:
-    s = str(s).strip()
-    s = s.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
-    s = re.sub(r"\\[,;:]|\\quad|\\qquad|~", " ", s)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
-    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree", "", s)
-    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
-    s = re.sub(r"\\(?:text|textbf|mbox|mathrm|textrm|operatorname)\s*\{\s*" + _UNIT_WORDS
-               + r"(?:\s+" + _UNIT_WORDS + r")*(?:\s*\^?\s*\{?\d\}?)?\s*\}\s*(\^\s*\{?\d\}?)?\s*$",
-               "", s)  # trailing units
-    s = re.sub(r"\\(?:text|textbf|mbox|mathrm|textrm|mathbf)\s*\{([^{}]*)\}", r"\1", s)
-    s = re.sub(r"(?<=\d)\s+" + _UNIT_WORDS + r"(\^\d)?\s*$", "", s)  # "5 cm"
-    s = s.strip()
-    s = re.sub(r"^[a-zA-Z]\w{0,2}\s*(?:=|:=)\s*(?=\S)", "", s)  # "x = 5" -> "5"
-    s = _fix_fracs(s)
-    s = s.replace(" ", "")
-    s = re.sub(r"\{,\}", ",", s)
+    s = re.sub(r"(?<=\d)\s*;\s*(?=-?\d)", ",", str(s).strip().replace("\n", " "))  # (0;-2;6)
+    s = _MATRIX.sub(_matrix_text, s)
+    for pattern, replacement in _RULES:
+        s = re.sub(pattern, replacement, s)
+    s = _mixed_number(_fix_fracs(s.strip()))
+    if re.fullmatch(r"-?\d{1,3}( \d{3})+(\.\d+)?", s):
+        s = s.replace(" ", "")  # 1 000 -> 1000
+    if "^" in s:
+        s = re.sub(r"(?<=[\d}])\s+(?=\d)", "\\\\cdot ", s)  # 2^6 3^5: a product
+    s = s.replace("{,}", ",")
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
-        s = s.replace(",", "")  # 1,000 -> 1000
-    s = re.sub(r"(?<![\d}])\.(?=\d)", "0.", s)  # .5 -> 0.5
-    s = s.rstrip(".")
-    if re.fullmatch(r"\{[^{}]*\}", s):
-        s = s[1:-1]
-    return s
+        s = s.replace(",", "")  # 1,000 -> 1000, but "32, 349" is a list
+    s = s.replace(" ", "")
+    s = re.sub(r"(?<![\d}])\.(?=\d)", "0.", s).rstrip(".")  # .5 -> 0.5
+    s = re.sub(r"^[(\[](\\mat\(.*\))[)\]]$", r"\1", s)
+    return s[1:-1] if re.fullmatch(r"\{[^{}]*\}", s) else s
 
 
 # ---- exact numbers ---------------------------------------------------------------------------
 
 def to_number(s: str) -> Fraction | None:
-    """An exact rational from an integer, decimal, a/b or \\frac{a}{b} (signs allowed), else
-    None."""
-    m = re.fullmatch(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}", s)
-    if m:
-        num, den = Fraction(m.group(2)), Fraction(m.group(3))
-        return None if den == 0 else (-1 if m.group(1) else 1) * num / den
-    m = re.fullmatch(r"(-?\d+(?:\.\d+)?)/(-?\d+(?:\.\d+)?)", s)
-    if m:
-        den = Fraction(m.group(2))
-        return None if den == 0 else Fraction(m.group(1)) / den
+    """An exact rational from an integer, decimal, a/b, \\frac{a}{b}, a\\times10^{b} or 8.7e8 (signs
+    allowed), else None."""
+    number = r"-?\d+(?:\.\d+)?"
+    fraction = rf"(-?)\\frac\{{({number})\}}\{{({number})\}}|({number})/({number})"
+    if match := re.fullmatch(fraction, s):
+        num, den = Fraction(match[2] or match[4]), Fraction(match[3] or match[5])
+        return None if den == 0 else (-1 if match[1] else 1) * num / den
+    if match := re.fullmatch(rf"({number})(?:\\times|\\cdot|\*)10\^\{{?(-?\d{{1,3}})\}}?", s):
+        return Fraction(match[1]) * Fraction(10) ** int(match[2])
     if re.fullmatch(r"[-+]?\d+(\.\d+)?([eE][-+]?\d{1,3})?", s) and len(s) < 200:
         return Fraction(s)
     return None
 
 
-# ---- tuples, intervals, sets -----------------------------------------------------------------
+def _decimal_tolerance(s: str) -> Fraction | None:
+    """Half a unit in the last place of a decimal written with at least 6 significant digits."""
+    match = re.fullmatch(r"-?(\d+)\.(\d+)", s)
+    if not match or len((match[1] + match[2]).lstrip("0")) < 6:
+        return None
+    return Fraction(1, 2 * 10 ** len(match[2]))
 
-def _split_top(s: str) -> list[str]:
-    parts, depth, cur = [], 0, []
+
+# ---- structure: lists, tuples, intervals, sets, matrices, relations, names -------------------
+
+def _split_top(s: str, separators: str = ",", keep: bool = False) -> list[str]:
+    """s split at separators outside brackets (with the separators between the parts if keep)."""
+    parts, depth, current = [], 0, []
     for c in s:
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-        if c == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
+        depth += (c in "([{") - (c in ")]}")
+        if c in separators and depth == 0:
+            parts += ["".join(current)] + ([c] if keep else [])
+            current = []
         else:
-            cur.append(c)
-    parts.append("".join(cur))
-    return parts
+            current.append(c)
+    return parts + ["".join(current)]
 
 
 def _bracketed(s: str):
@@ -150,17 +254,67 @@ def _bracketed(s: str):
     if s.startswith("\\{") and s.endswith("\\}"):
         return "{", "}", _split_top(s[2:-2])
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
-        inner = s[1:-1]
         depth = 0
-        for c in inner:  # "(1)+(2)" is not a tuple: the outer pair must enclose everything
-            depth += c in "([{"
-            depth -= c in ")]}"
+        for c in s[1:-1]:  # "(1)+(2)" is not a tuple: the outer pair must enclose everything
+            depth += (c in "([{") - (c in ")]}")
             if depth < 0:
                 return None
-        parts = _split_top(inner)
+        parts = _split_top(s[1:-1])
         if len(parts) > 1:
             return s[0], s[-1], parts
     return None
+
+
+def _expand_plus_minus(s: str) -> str:
+    """'1\\pm\\sqrt{19}' -> '1+\\sqrt{19},1-\\sqrt{19}', element by element of a list or set."""
+    inner = s[2:-2] if s.startswith("\\{") and s.endswith("\\}") else s
+    parts = []
+    for part in _split_top(inner):
+        signs = ("+", "-") if "\\pm" in part else ("\\pm",)
+        parts += [part.replace("\\pm", sign, 1) for sign in signs]
+    return ",".join(p.lstrip("+") for p in parts)
+
+
+_RELATIONS = "=<>≤≥≠"
+_NAME_ATOM = (r"(?:[a-zA-Z](?:_\w+)?(?:\^\{-1\})?(?:\([a-zA-Z](?:,[a-zA-Z])*\))?|[a-zA-Z]{2,3}|"
+              r"\|[a-zA-Z]+\||"
+              r"\([a-zA-Z](?:_\w+)?(?:[,;][a-zA-Z](?:_\w+)?)*\)|\\frac\{[a-zA-Z]+\}\{[a-zA-Z]+\})")
+_NAME = re.compile(rf"{_NAME_ATOM}(?::{_NAME_ATOM})?")
+
+
+def _answer_part(s: str) -> str:
+    """The answer a statement gives: a leading name dropped, the last part of an = chain, a
+    trailing \\approx dropped, a chain a < x <= b over one name as an interval."""
+    parts = _split_top(s, "=≈∈", keep=True)
+    if len(_split_top(s)) > 1 and parts.count("=") > 1:
+        return s  # "a = 1, b = 2": each element on its own
+    named = len(parts) >= 3 and bool(_NAME.fullmatch(parts[0]))
+    parts = parts[2:] if named else parts  # "x = 5", "x \in [0, 1]", "x \approx 11"
+    while len(parts) >= 3 and parts[-2] == "≈":
+        parts = parts[:-2]  # a trailing approximation
+    if len(parts) >= 3 and set(parts[1::2]) == {"="} and (named or len(parts) >= 5):
+        parts = parts[-1:]  # "x = 5 + 5 + 1 = 11"
+    s = "".join(parts)
+    tokens = _split_top(s, "<≤>≥", keep=True)
+    if len(tokens) == 5 and tokens[1] in ">≥" and tokens[3] in ">≥":
+        tokens = tokens[::-1]  # "7 >= x > -2" is "-2 < x <= 7"
+        tokens[1], tokens[3] = ({">": "<", "≥": "≤"}[t] for t in (tokens[1], tokens[3]))
+    if len(tokens) == 5 and _NAME.fullmatch(tokens[2]) and tokens[1] in "<≤" and tokens[3] in "<≤":
+        low, high = "(" if tokens[1] == "<" else "[", ")" if tokens[3] == "<" else "]"
+        return f"{low}{tokens[0]},{tokens[4]}{high}"
+    return s
+
+
+def _relation(s: str):
+    """'a OP b' as (difference, canonical op) with the difference positive-oriented: a - b for =, ≠,
+    > and ≥, b - a for < and ≤ (which become > and ≥); None when s is not one relation."""
+    tokens = _split_top(s, _RELATIONS, keep=True)
+    if len(tokens) != 3 or not tokens[0] or not tokens[2]:
+        return None
+    left, op, right = tokens
+    if op in "<≤":
+        left, right, op = right, left, {"<": ">", "≤": "≥"}[op]
+    return f"({left})-({right})", op
 
 
 def _unordered_equal(ps: list[str], gs: list[str], depth: int, deadline: float) -> bool:
@@ -177,39 +331,54 @@ def _unordered_equal(ps: list[str], gs: list[str], depth: int, deadline: float) 
 
 # ---- symbolic (sympy, in a killable worker process) ------------------------------------------
 
-_FUNCS = {"sqrt", "pi", "oo", "log", "ln", "sin", "cos", "tan", "exp", "E", "I", "Abs"}
+_FUNCTIONS = set("sqrt pi oo log sin cos tan sec csc cot asin acos atan sinh cosh tanh exp".split())
+_GREEK = set("alpha beta gamma delta epsilon zeta eta theta iota kappa lamda mu nu xi rho sigma "
+             "tau upsilon phi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi "
+             "Omega".split())
+_FUNCTION_NAMES = "|".join(sorted(_FUNCTIONS - {"pi", "oo"}, key=len, reverse=True))
+
+
+def _split_name(match: re.Match) -> str:
+    """A run of letters is a product of one-letter symbols, ending in a function or Greek name
+    where it ends in one ("isqrt" is i*sqrt)."""
+    name = match.group(0)
+    known = next((k for k in range(len(name)) if name[k:] in _FUNCTIONS | _GREEK), len(name))
+    return "*".join(list(name[:known]) + ([name[known:]] if known < len(name) else []))
 
 
 def to_sympy_str(s: str) -> str | None:
     """LaTeX -> a sympy expression string over a small allow-list, or None (unknown commands,
     odd characters)."""
-    if len(s) > MAX_SYMBOLIC_LEN or s.count("{") > 40:
+    if len(s) > MAX_SYMBOLIC_LEN or s.count("{") > 40 or re.search(r"\d_|__", s):
         return None
-    s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\div", "/")
-    s = (s.replace("\\infty", "oo").replace("\\pi", "pi").replace("\\ln", "log")
-         .replace("\\log", "log"))
-    s = re.sub(r"\\(sin|cos|tan|exp)", r"\1", s)
-    for _ in range(40):  # innermost-first rewrites of \frac and \sqrt; bounded
+    s = re.sub(r"\\(?:var)?(epsilon|phi|theta)", r"\\\1", s).replace("\\lambda", "\\lamda")
+    s = re.sub(r"\\(ln|log|arc(?=sin|cos|tan)|exp|" + _TRIG + r"h?)(?![a-zA-Z])",
+               lambda m: m[1].replace("arc", "a").replace("ln", "log"), s)
+    argument = r"(\\[a-zA-Z]+|[a-zA-Z](?:_\w+)?|\d+(?:\.\d+)?)(?![a-zA-Z])"
+    s = re.sub(rf"(?<![a-zA-Z])({_FUNCTION_NAMES}){argument}", r"\1(\2)", s)  # \sin x -> sin(x)
+    for latex, python in (("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("\\infty", "oo")):
+        s = s.replace(latex, python)
+    s = re.sub(r"\\([a-zA-Z]+)", lambda m: m[1] if m[1] in _GREEK or m[1] == "pi" else m[0], s)
+    for _ in range(40):  # innermost-first rewrites of \frac, \sqrt, powers and braces; bounded
         t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
         t = re.sub(r"\\sqrt\[([^{}\[\]]*)\]\{([^{}]*)\}", r"((\2)**(1/(\1)))", t)
         t = re.sub(r"\\sqrt\{([^{}]*)\}", r"sqrt(\1)", t)
+        t = re.sub(rf"(?<![a-zA-Z\\])({_FUNCTION_NAMES})\{{([^{{}}]*)\}}", r"\1(\2)", t)
         t = re.sub(r"\^\{([^{}]*)\}", r"**(\1)", t)
-        # plain grouping, not a command's argument
-        t = re.sub(r"(?<![}\]a-zA-Z])\{([^{}]*)\}", r"(\1)", t)
+        t = re.sub(r"(?<![}\]a-zA-Z])\{([^{}]*)\}", r"(\1)", t)  # plain grouping, not an argument
         if t == s:
             break
         s = t
-    s = s.replace("^", "**")
-    if "\\" in s or "__" in s or not re.fullmatch(r"[0-9a-zA-Z+\-*/(). ]*", s) or not s.strip():
+    s = s.replace("^", "**").replace("[", "(").replace("]", ")").replace("'", "_p")
+    power = rf"(?<![a-zA-Z])({_FUNCTION_NAMES})\*\*\((\d+)\)\(([^()]*)\)"
+    s = re.sub(power, r"(\1(\3))**\2", s)  # tan^2(y) -> (tan(y))**2
+    if "\\" in s or not re.fullmatch(r"[0-9a-zA-Z_+\-*/(). ]*", s) or not s.strip():
         return None
-    for name in re.findall(r"[a-zA-Z]+", s):
-        if len(name) > 1 and name not in _FUNCS:
-            return None
-    return s
+    return re.sub(r"(?<![_a-zA-Z])[a-zA-Z]+", _split_name, s)
 
 
 _WORKER_CODE = r'''
-import resource, sys
+import resource, string, sys
 try:
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
 except Exception:
@@ -218,17 +387,26 @@ import sympy
 from sympy.parsing.sympy_parser import (parse_expr, standard_transformations,
                                         implicit_multiplication_application, convert_xor)
 T = standard_transformations + (implicit_multiplication_application, convert_xor)
-NS = {"ln": sympy.log, "E": sympy.E, "I": sympy.I, "pi": sympy.pi, "oo": sympy.oo}
+NS = {c: sympy.Symbol(c) for c in string.ascii_letters}
+NS.update({"e": sympy.E, "i": sympy.I, "pi": sympy.pi, "oo": sympy.oo})
+NS.update({g: sympy.Symbol(g) for g in sys.argv[1].split(",")})
+def parse(text):
+    return parse_expr(text, local_dict=dict(NS), transformations=T)
 sys.stdout.write("ready\n"); sys.stdout.flush()
 for line in sys.stdin:
     try:
-        a, b = line.rstrip("\n").split("\t")
-        x, y = (parse_expr(a, local_dict=dict(NS), transformations=T),
-                parse_expr(b, local_dict=dict(NS), transformations=T))
-        ok = x == y or sympy.simplify(x - y) == 0
+        mode, a, b = line.rstrip("\n").split("\t")
+        x, y = parse(a), parse(b)
+        if mode == "equal":
+            out = "1" if x == y or sympy.simplify(x - y) == 0 else "0"
+        elif mode == "ratio":  # the sign of x / y when it is a nonzero real constant, else 0
+            q = sympy.simplify(x / y)
+            out = ("+" if q > 0 else "-") if q.is_number and q.is_real and q != 0 else "0"
+        else:  # near:TOLERANCE, x exact and y a decimal
+            out = "1" if abs(sympy.N(x - y, 30)) <= sympy.Rational(mode[5:]) else "0"
     except BaseException:
-        ok = False
-    sys.stdout.write("1\n" if ok else "0\n"); sys.stdout.flush()
+        out = "0"
+    sys.stdout.write(out + "\n"); sys.stdout.flush()
 '''
 
 
@@ -241,49 +419,44 @@ class _Worker:
         self.proc, self.ready = None, False
 
     def start(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_CODE], stdin=subprocess.PIPE,
+        command = [sys.executable, "-c", _WORKER_CODE, ",".join(_GREEK)]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      bufsize=1)
         self.ready = False
 
     def wait_ready(self, timeout: float) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
         if not self.ready:
             self.ready = self._read_line(timeout) == "ready\n"
         return self.ready
 
     def _read_line(self, timeout: float) -> str | None:
-        import selectors
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if not sel.select(max(0.0, timeout)):
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            if not selector.select(max(0.0, timeout)):
                 return None
         return self.proc.stdout.readline()
 
-    def restart(self):
-        self.proc.kill()
-        self.proc.wait()
-        self.start()
-
-    def equal(self, a: str, b: str, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        if self.proc is None or self.proc.poll() is not None:
-            self.start()
-        if not self.wait_ready(end - time.monotonic()):
-            return False  # still starting: this answer is lost, the worker is kept
+    def ask(self, request: str, timeout: float) -> str | None:
+        """The worker's answer to one request line, or None (and a fresh process) when it
+        overran."""
         try:
-            self.proc.stdin.write(f"{a}\t{b}\n")
+            self.proc.stdin.write(request + "\n")
             self.proc.stdin.flush()
-            line = self._read_line(end - time.monotonic())
+            line = self._read_line(timeout)
         except (OSError, ValueError):
             line = None
         if not line:
-            self.restart()  # overran (or died)
-            _count_error()
-            return False
-        return line.strip() == "1"
+            self.proc.kill()
+            self.proc.wait()
+            self.start()
+            return None
+        return line.strip()
 
 
-# symbolic checks that overran their time, and exceptions caught (read by reward_errors())
+# checks that overran their time or met no ready worker, and exceptions caught (reward_errors())
 _ERRORS = [0]
 
 
@@ -318,56 +491,118 @@ def start_workers(n: int = 2):
                 _POOL.put(w)
 
 
-def _symbolic_equal(a: str, b: str, deadline: float) -> bool:
+def _ready_worker(deadline: float) -> _Worker | None:
+    """A worker that has finished starting: a ready one from the pool when there is one, else the
+    first one, waited for until the deadline. None (the worker returned) when none is ready."""
+    try:
+        worker = _POOL.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        return None
+    if not worker.wait_ready(0.0):
+        try:
+            other = _POOL.get_nowait()
+            if other.wait_ready(0.0):
+                worker, other = other, worker
+            _POOL.put(other)
+        except queue.Empty:
+            pass
+    if worker.wait_ready(deadline - time.monotonic()):
+        return worker
+    _POOL.put(worker)
+    return None
+
+
+def _symbolic(mode: str, a: str, b: str, deadline: float) -> str:
+    """The worker's answer for (mode, a, b), or "0"; an answer not computed counts as an error."""
     sa, sb = to_sympy_str(a), to_sympy_str(b)
     if sa is None or sb is None:
-        return False
+        return "0"
     start_workers()
+    worker = _ready_worker(deadline)
+    if worker is None:
+        _count_error()
+        return "0"
     try:
-        w = _POOL.get(timeout=max(0.0, deadline - time.monotonic()))
-    except queue.Empty:
-        return False
-    try:
-        return w.equal(sa, sb, max(0.05, min(SYMPY_TIMEOUT, deadline - time.monotonic())))
+        budget = max(0.05, min(SYMPY_TIMEOUT, deadline - time.monotonic()))
+        answer = worker.ask(f"{mode}\t{sa}\t{sb}", budget)
     finally:
-        _POOL.put(w)
+        _POOL.put(worker)
+    if answer is None:
+        _count_error()
+    return answer or "0"
 
 
 # ---- equivalence -----------------------------------------------------------------------------
 
-def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
-    if depth > 3 or time.monotonic() > deadline:
+def _relations_equal(a: str, b: str, deadline: float) -> bool:
+    ra, rb = _relation(a), _relation(b)
+    if ra is None or rb is None or ra[1] != rb[1]:
         return False
+    sign = _symbolic("ratio", ra[0], rb[0], deadline)
+    return sign == "+" or (sign == "-" and ra[1] in "=≠")
+
+
+def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
+    if depth > 4 or time.monotonic() > deadline:
+        return False
+    if max(len(pred), len(gt)) > MAX_ANSWER_LEN:
+        return bool(gt.strip()) and pred.strip() == gt.strip()
     a, b = normalize(pred), normalize(gt)
+    if not b:
+        return False  # an empty gold accepts nothing
     if a == b:
         return True
-    if not a or not b:
+    if not a:
         return False
+    both_relations = all(any(c in _RELATIONS for c in s) for s in (a, b))
+    if both_relations and _relations_equal(a, b, deadline):
+        return True
+    a, b = _answer_part(a), _answer_part(b)
+    if a == b:
+        return True
     na, nb = to_number(a), to_number(b)
     if na is not None and nb is not None:
-        return na == nb
+        tolerance = _decimal_tolerance(a) or _decimal_tolerance(b)
+        return na == nb or tolerance is not None and abs(na - nb) <= tolerance
+    if "\\pm" in a + b:
+        a, b = _expand_plus_minus(a), _expand_plus_minus(b)
+    if a.startswith("\\mat(") or b.startswith("\\mat("):
+        rows_a, rows_b = (_split_top(m[5:-1], ";") for m in (a, b))
+        cells_a, cells_b = ([_split_top(r) for r in rows] for rows in (rows_a, rows_b))
+        return (a.startswith("\\mat(") and b.startswith("\\mat(") and [len(r) for r in cells_a] == [
+            len(r) for r in cells_b] and all(_equiv(x, y, depth + 1, deadline) for ra, rb in zip(
+                cells_a, cells_b) for x, y in zip(ra, rb)))
     ta, tb = _bracketed(a), _bracketed(b)
-    if tb is not None or ta is not None:
-        if ta is None or tb is None:
-            return False
-        if tb[0] == "{":  # a set: any order
-            return ta[0] == "{" and _unordered_equal(ta[2], tb[2], depth, deadline)
+    if ta is not None and tb is not None and "{" not in (ta[0], tb[0]):
         return ta[:2] == tb[:2] and len(ta[2]) == len(tb[2]) and all(
             _equiv(x, y, depth + 1, deadline) for x, y in zip(ta[2], tb[2]))
-    pa, pb = _split_top(a), _split_top(b)
-    if len(pb) > 1 or len(pa) > 1:  # "1,2,3": a list of answers, in any order
+    if ta is not None and tb is not None and (ta[0] == "{") != (tb[0] == "{"):
+        return False  # a set against an ordered tuple or interval
+    if (ta is None) != (tb is None) and "{" not in (ta or tb)[0]:
+        return False  # an ordered tuple or interval against something else
+    pa, pb = (t[2] if t is not None else _split_top(s, ",∪") for s, t in ((a, ta), (b, tb)))
+    if len(pa) > 64 or len(pb) > 64:
+        return False
+    pa, pb = (list(dict.fromkeys(normalize(x) for x in p)) for p in (pa, pb))  # repeats count once
+    if len(pb) > 1 or len(pa) > 1 or ta is not None:  # sets, lists and unions: any order
         return _unordered_equal(pa, pb, depth, deadline)
-    return _symbolic_equal(a, b, deadline)
+    for decimal, exact in ((a, b), (b, a)):
+        tolerance = _decimal_tolerance(decimal)
+        if tolerance is not None:
+            return _symbolic(f"near:{tolerance}", exact, decimal, deadline) == "1"
+    return _symbolic("equal", a, b, deadline) == "1"
 
 
 def is_equiv(pred: str | None, gt: str) -> bool:
-    """True when a careful grader would accept pred for gt. Never raises; returns within about a
-    second."""
+    """True when a careful grader would accept pred for gt (each an answer, or a text read by
+    final_answer). Never raises; returns within about a second."""
     if pred is None or gt is None:
         return False
     try:
-        return _equiv(str(pred), str(gt), 0, time.monotonic() + SYMPY_TIMEOUT)
+        deadline = time.monotonic() + SYMPY_TIMEOUT
+        return _equiv(final_answer(str(pred)), final_answer(str(gt)), 0, deadline)
     except Exception:
+        _count_error()
         return False
 
 
@@ -380,7 +615,8 @@ def math_reward(text: str, gt) -> float:
             return 0.0
         golds = gt if isinstance(gt, (list, tuple)) else [gt]
         deadline = time.monotonic() + SYMPY_TIMEOUT  # one budget for all acceptable answers
-        return float(any(_equiv(pred, str(g), 0, deadline) for g in golds if g is not None))
+        golds = [final_answer(str(g)) for g in golds if g is not None]
+        return float(any(_equiv(pred, g, 0, deadline) for g in golds))
     except Exception:
         _count_error()
         return 0.0
