@@ -144,6 +144,24 @@ def _configs(names, options, one):
             for r in rows]
 
 
+def _fitting(configs, element_size: int, shared_limit: int):
+    """The configurations whose operand tiles, num_stages deep, fit the shared memory per block:
+        num_stages (BLOCK_M + BLOCK_N) BLOCK_K element_size <= shared_limit
+    (the pipeline's buffers of both operands, one stage fewer where Triton keeps fewer in flight).
+    The tiles are sized for 16-bit operands; fp32 ones skip the largest."""
+    def shared(config):
+        rows, cols, depth = config.kwargs.values()
+        return config.num_stages * (rows + cols) * depth * element_size
+    return [config for config in configs if shared(config) <= shared_limit]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Autotune's early prune: the configurations that fit this GPU for these operands."""
+    operand = next(iter(named_args.values()))
+    limit = torch.cuda.get_device_properties(operand.device).shared_memory_per_block_optin
+    return _fitting(configs, operand.element_size(), limit)
+
+
 def _bucket(n: int) -> int:
     """Autotune key for a token count: the next power of two (one tuning per size class)."""
     return 1 << max(0, int(n) - 1).bit_length()
@@ -198,7 +216,7 @@ def _build_kernels():
                                       [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
                                        (64, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)],
                                       (16, 64, 32, 4, 1)),
-                     key=["N_KEY", "V", "H"])
+                     key=["N_KEY", "V", "H"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def fwd_kernel(h_ptr, w_ptr, y_ptr, part_ptr, N, V, H, inv_t, N_KEY,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -235,7 +253,8 @@ def _build_kernels():
         tl.store(out + 2 * n_split * N, sz, mask=row_ok)
         tl.store(out + 3 * n_split * N, zy, mask=row_ok)
 
-    @triton.autotune(configs=_mm_configs(), key=["M_KEY", "VC", "H"])
+    @triton.autotune(configs=_mm_configs(), key=["M_KEY", "VC", "H"],
+                     prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def dz_kernel(h_ptr, w_ptr, dz_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
                   M, VC, H, v_off, inv_t, M_KEY,
@@ -258,7 +277,7 @@ def _build_kernels():
                  (dz * inv_t).to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.autotune(configs=_mm_configs(), key=["M_KEY", "N", "K_KEY", "A_COLS"],
-                     restore_value=["c_ptr"])
+                     restore_value=["c_ptr"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def mm_acc_kernel(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, M_KEY, K_KEY, A_COLS,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
