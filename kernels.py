@@ -145,10 +145,10 @@ def _configs(names, options, one):
 
 
 def _fitting(configs, element_size: int, shared_limit: int):
-    """The configurations whose operand tiles, num_stages deep, fit the shared memory per block:
+    """The configurations whose operand tiles fit the shared memory per block:
         num_stages (BLOCK_M + BLOCK_N) BLOCK_K element_size <= shared_limit
-    (the pipeline's buffers of both operands, one stage fewer where Triton keeps fewer in flight).
-    The tiles are sized for 16-bit operands; fp32 ones skip the largest."""
+    (the pipeline's buffers of both operand tiles; Triton allocates one stage fewer on sm_80 and
+    for fp32 operands). The tiles are sized for 16-bit operands; fp32 ones skip the largest."""
     def shared(config):
         rows, cols, depth = config.kwargs.values()
         return config.num_stages * (rows + cols) * depth * element_size
@@ -183,8 +183,8 @@ def _build_kernels():
 
     @triton.jit
     def _rows_dot_rows(a_rows, b_rows, row_ok, col_ok, K, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr):
         """acc[BLOCK_M, BLOCK_N] = a[rows, :K] b[cols, :K]^T in fp32, from pointers to the rows'
         starts (a_rows [BLOCK_M, 1], b_rows [BLOCK_N, 1]), BLOCK_K columns at a time."""
         # UPCAST: fp32 operands (the CPU interpreter has no bf16 arithmetic); on a GPU bf16/fp16
@@ -237,8 +237,8 @@ def _build_kernels():
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < v_hi
             acc = _rows_dot_rows(h_ptr + rows.to(tl.int64)[:, None] * H,
-                                w_ptr + cols.to(tl.int64)[:, None] * H, row_ok, col_ok, H,
-                                BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
+                                 w_ptr + cols.to(tl.int64)[:, None] * H, row_ok, col_ok, H,
+                                 BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
             z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))  # columns past the split
             m_new = tl.maximum(m, tl.max(z, 1))                         # add nothing
             scale = tl.exp(m - m_new)
@@ -264,7 +264,7 @@ def _build_kernels():
         for tokens h[M, H] and vocabulary rows W[VC, H] (columns v_off...), E[z] = lse - ent."""
         rows, cols, row_ok, col_ok = _tile(M, VC, BLOCK_M, BLOCK_N)
         z = _rows_dot_rows(h_ptr + rows[:, None] * H, w_ptr + cols[:, None] * H, row_ok, col_ok, H,
-                          BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * inv_t
+                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * inv_t
         label = tl.load(y_ptr + rows, mask=row_ok, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         ez = lse - tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
