@@ -151,7 +151,8 @@ def compile_one(dtype_name, capability, launch_index, config_index):
 
     index, autotuner, arguments = distinct_launches(dtype_name)[launch_index]
     config = autotuner.configs[config_index]
-    row = dict(kernel=launch_name(index, arguments), dtype=dtype_name, sm=capability, config=tile_name(config))
+    row = dict(kernel=launch_name(index, arguments), dtype=dtype_name, sm=capability,
+               config=tile_name(config))
     start = cpu_seconds()
     try:
         source, options = compile_args(autotuner, arguments, config, capability)
@@ -225,6 +226,7 @@ def test_prune_keeps_the_tiles_that_fit(monkeypatch):
     configs = kernels._mm_configs()
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: SimpleNamespace(shared_memory_per_block_optin=SHARED_LIMIT[80]))
-    for dtype, want in ((torch.bfloat16, [tile_name(c) for c in configs]), (torch.float32, ["128x128x32 w4 s4"])):
+    every = [tile_name(config) for config in configs]
+    for dtype, want in ((torch.bfloat16, every), (torch.float32, ["128x128x32 w4 s4"])):
         arguments = dict(a_ptr=torch.empty(1, dtype=dtype), b_ptr=torch.empty(1, dtype=dtype))
         assert [tile_name(c) for c in kernels._prune(configs, arguments, UPCAST=False)] == want
