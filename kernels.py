@@ -144,13 +144,27 @@ def _configs(names, options, one):
             for r in rows]
 
 
+def _fitting(configs, element_size: int, shared_limit: int):
+    """The configurations whose operand tiles fit the shared memory per block:
+        num_stages (BLOCK_M + BLOCK_N) BLOCK_K element_size <= shared_limit
+    (the pipeline's buffers of both operand tiles; Triton allocates one stage fewer on sm_80 and
+    for fp32 operands). The tiles are sized for 16-bit operands; fp32 ones skip the largest."""
+    def shared(config):
+        rows, cols, depth = config.kwargs.values()
+        return config.num_stages * (rows + cols) * depth * element_size
+    return [config for config in configs if shared(config) <= shared_limit]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Autotune's early prune: the configurations that fit this GPU for these operands."""
+    operand = next(iter(named_args.values()))
+    limit = torch.cuda.get_device_properties(operand.device).shared_memory_per_block_optin
+    return _fitting(configs, operand.element_size(), limit)
+
+
 def _bucket(n: int) -> int:
     """Autotune key for a token count: the next power of two (one tuning per size class)."""
     return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _build_kernels():
-    return _build_fwd(), _build_dz(), _build_mm_acc()
 
 
 def _mm_configs():
@@ -161,23 +175,53 @@ def _mm_configs():
                     (32, 32, 16, 4, 1))
 
 
-def _build_fwd():
+def _build_kernels():
+    """-> (fwd_kernel, dz_kernel, mm_acc_kernel), each under its autotuner."""
+    global _rows_dot_rows, _tile  # the interpreter looks a kernel's callees up in module globals
     import triton
     import triton.language as tl
 
-    fwd_cfgs = _configs(("BLOCK_N", "BLOCK_V", "BLOCK_H"),
-                        [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
-                         (64, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)],
-                        (16, 64, 32, 4, 1))
+    @triton.jit
+    def _rows_dot_rows(a_rows, b_rows, row_ok, col_ok, K, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr):
+        """acc[BLOCK_M, BLOCK_N] = a[rows, :K] b[cols, :K]^T in fp32, from pointers to the rows'
+        starts (a_rows [BLOCK_M, 1], b_rows [BLOCK_N, 1]), BLOCK_K columns at a time."""
+        # UPCAST: fp32 operands (the CPU interpreter has no bf16 arithmetic); on a GPU bf16/fp16
+        # tiles go to the tensor cores as they are, fp32 tiles in full "ieee" precision
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kk < K
+            a = tl.load(a_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_rows + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
+        return acc
 
-    @triton.autotune(configs=fwd_cfgs, key=["N_KEY", "V", "H"])
+    @triton.jit
+    def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's tile of an [M, N] output -> (rows, cols, row_ok, col_ok); programs walk
+        the tiles 8 row blocks at a time (L2 reuse)."""
+        pid, n_n = tl.program_id(0), tl.cdiv(N, BLOCK_N)
+        first = pid // (8 * n_n) * 8
+        size = tl.minimum(tl.cdiv(M, BLOCK_M) - first, 8)
+        pm, pn = first + (pid % (8 * n_n)) % size, (pid % (8 * n_n)) // size
+        rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        return rows, cols, rows < M, cols < N
+
+    @triton.autotune(configs=_configs(("BLOCK_N", "BLOCK_V", "BLOCK_H"),
+                                      [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+                                       (64, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)],
+                                      (16, 64, 32, 4, 1)),
+                     key=["N_KEY", "V", "H"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def fwd_kernel(h_ptr, w_ptr, y_ptr, part_ptr, N, V, H, inv_t, N_KEY,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        # UPCAST: fp32 operands (the CPU interpreter has no bf16 arithmetic); on a GPU bf16/fp16
-        # tiles go to the tensor cores as they are, fp32 tiles in full "ieee" precision, always
-        # accumulating in fp32. part: [4, splits, N] = (m, s, sz, zy) of this split
+        """part[:, split, rows] = (m, s, sz, zy) of this program's tokens over its vocabulary split."""
         pid, sid, n_split = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         v_per = tl.cdiv(tl.cdiv(V, n_split), BLOCK_V) * BLOCK_V
         v_lo = sid * v_per
@@ -192,17 +236,9 @@ def _build_fwd():
         for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             col_ok = cols < v_hi
-            acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-            for h0 in range(0, H, BLOCK_H):
-                hk = h0 + tl.arange(0, BLOCK_H)
-                hk_ok = hk < H
-                a = tl.load(h_ptr + rows.to(tl.int64)[:, None] * H + hk[None, :],
-                            mask=row_ok[:, None] & hk_ok[None, :], other=0.0)
-                b = tl.load(w_ptr + cols.to(tl.int64)[:, None] * H + hk[None, :],
-                            mask=col_ok[:, None] & hk_ok[None, :], other=0.0)
-                if UPCAST:
-                    a, b = a.to(tl.float32), b.to(tl.float32)
-                acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
+            acc = _rows_dot_rows(h_ptr + rows.to(tl.int64)[:, None] * H,
+                                 w_ptr + cols.to(tl.int64)[:, None] * H, row_ok, col_ok, H,
+                                 BLOCK_N, BLOCK_V, BLOCK_H, UPCAST, PRECISION)
             z = tl.where(col_ok[None, :], acc * inv_t, float("-inf"))  # columns past the split
             m_new = tl.maximum(m, tl.max(z, 1))                         # add nothing
             scale = tl.exp(m - m_new)
@@ -217,14 +253,8 @@ def _build_fwd():
         tl.store(out + 2 * n_split * N, sz, mask=row_ok)
         tl.store(out + 3 * n_split * N, zy, mask=row_ok)
 
-    return fwd_kernel
-
-
-def _build_dz():
-    import triton
-    import triton.language as tl
-
-    @triton.autotune(configs=_mm_configs(), key=["M_KEY", "VC", "H"])
+    @triton.autotune(configs=_mm_configs(), key=["M_KEY", "VC", "H"],
+                     prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def dz_kernel(h_ptr, w_ptr, dz_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
                   M, VC, H, v_off, inv_t, M_KEY,
@@ -232,25 +262,9 @@ def _build_dz():
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """dz[M, VC] = (g_lp (onehot - p) - g_ent p (z - E[z])) / T, z = h W^T / T, p = e^(z-lse)
         for tokens h[M, H] and vocabulary rows W[VC, H] (columns v_off...), E[z] = lse - ent."""
-        # program -> (row block, column block), 8 row blocks at a time (L2 reuse)
-        pid, n_n = tl.program_id(0), tl.cdiv(VC, BLOCK_N)
-        first = pid // (8 * n_n) * 8
-        size = tl.minimum(tl.cdiv(M, BLOCK_M) - first, 8)
-        pm, pn = first + (pid % (8 * n_n)) % size, (pid % (8 * n_n)) // size
-        rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok, col_ok = rows < M, cols < VC
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(h_ptr + rows[:, None] * H + kk[None, :],
-                        mask=row_ok[:, None] & (kk < H)[None, :], other=0.0)
-            b = tl.load(w_ptr + cols[:, None] * H + kk[None, :],
-                        mask=col_ok[:, None] & (kk < H)[None, :], other=0.0)
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
-        z = acc * inv_t
+        rows, cols, row_ok, col_ok = _tile(M, VC, BLOCK_M, BLOCK_N)
+        z = _rows_dot_rows(h_ptr + rows[:, None] * H, w_ptr + cols[:, None] * H, row_ok, col_ok, H,
+                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION) * inv_t
         label = tl.load(y_ptr + rows, mask=row_ok, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         ez = lse - tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
@@ -262,15 +276,8 @@ def _build_dz():
         tl.store(dz_ptr + rows[:, None] * VC + cols[None, :],
                  (dz * inv_t).to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    return dz_kernel
-
-
-def _build_mm_acc():
-    import triton
-    import triton.language as tl
-
     @triton.autotune(configs=_mm_configs(), key=["M_KEY", "N", "K_KEY", "A_COLS"],
-                     restore_value=["c_ptr"])
+                     restore_value=["c_ptr"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def mm_acc_kernel(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, M_KEY, K_KEY, A_COLS,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -278,14 +285,7 @@ def _build_mm_acc():
         """c[M, N] += a[M, K] b[K, N] into a contiguous fp32 c, inside the matmul (no product
         tensor); a and b by strides (a transposed view is a stride swap). A_COLS: a's layout, a
         tuning key only."""
-        # program -> (row block, column block), 8 row blocks at a time (L2 reuse)
-        pid, n_n = tl.program_id(0), tl.cdiv(N, BLOCK_N)
-        first = pid // (8 * n_n) * 8
-        size = tl.minimum(tl.cdiv(M, BLOCK_M) - first, 8)
-        pm, pn = first + (pid % (8 * n_n)) % size, (pid % (8 * n_n)) // size
-        rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok, col_ok = rows < M, cols < N
+        rows, cols, row_ok, col_ok = _tile(M, N, BLOCK_M, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
@@ -300,7 +300,7 @@ def _build_mm_acc():
         ok = row_ok[:, None] & col_ok[None, :]
         tl.store(c, tl.load(c, mask=ok, other=0.0) + acc, mask=ok)
 
-    return mm_acc_kernel
+    return fwd_kernel, dz_kernel, mm_acc_kernel
 
 
 def _kernels():
@@ -320,7 +320,7 @@ def _vocab_splits(n: int, device: torch.device) -> int:
 
 def _mode(t: torch.Tensor) -> dict:
     """Kernel flags: UPCAST (the interpreter computes in fp32) and PRECISION of tl.dot."""
-    return dict(UPCAST=not t.is_cuda, PRECISION="ieee" if t.dtype == torch.float32 else "tf32")
+    return dict(UPCAST=_interpreting(), PRECISION="ieee" if t.dtype == torch.float32 else "tf32")
 
 
 def _grid2d(m: int, n: int):

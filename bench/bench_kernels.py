@@ -94,6 +94,8 @@ def one(impl: str, n: int, dtype: str, reps: int) -> dict:
         times.append(time.perf_counter() - t)
     out = {"impl": impl, "n": n, "dtype": dtype, "time_s": sorted(times)[len(times) // 2],
            "extra_gb": max(extra, 0) / 1e9}
+    if impl == "triton":
+        out["autotune"] = autotune_picks()
     if dev == "cuda":
         a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
         for _ in range(3):
@@ -107,6 +109,19 @@ def one(impl: str, n: int, dtype: str, reps: int) -> dict:
         out["floor_s"] = 8 * n * H * V / rate
         out["gemm_tflops"] = rate / 1e12
     return out
+
+
+def autotune_picks() -> dict:
+    """The tile autotune chose for each kernel and tuning key in this process: {kernel: {key: tile}}."""
+    import kernels
+
+    picks = {}
+    for name, tuner in zip(("fwd", "dz", "mm_acc"), kernels._kernels()):
+        for key, config in tuner.cache.items():
+            tile = "x".join(str(v) for v in config.kwargs.values())
+            keys = ",".join(f"{k}={v}" for k, v in zip(tuner.keys, key))
+            picks.setdefault(name, {})[keys] = f"{tile} w{config.num_warps} s{config.num_stages}"
+    return picks
 
 
 def main():
@@ -163,6 +178,10 @@ def main():
         print(f"{r['impl']:10s} {r['n']:6d} {r['time_s']:8.4f} {r['extra_gb']:9.3f} "
               f"{r.get('speedup_vs_naive', nan):8.2f} {r.get('speedup_vs_naive_bf16', nan):7.2f} "
               f"{r.get('memory_fraction_of_naive', nan):9.3f} {r.get('time_over_floor', nan):7.2f}")
+    for r in rows:
+        for kernel, picks in r.get("autotune", {}).items():
+            for key, tile in picks.items():
+                print(f"autotune N={r['n']} {kernel} ({key}): {tile}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 #   3. the whole test suite on this machine (multi-rank tests ask for --device cpu)
 #   4. the fused kernel benchmark at H=1536, V=151936, bf16, fwd+bwd: N=32K (naive bf16 matmul + fp32
 #      softmax, Triton, verl, Liger), then N=4K and 16K (also naive fp32 and the torch twin), against the
-#      8NHV matmul floor
+#      8NHV matmul floor; and the tile autotune picked for each Triton kernel and tuning key at each N
 #   5. the trainer alone on the 1.5B shape at 4K, 8K, 16K and 24K response tokens: tokens/s, peak, MFU
 #   6. the native engine (CUDA graphs, and the eager path before them) against transformers' generate on
 #      the 1.5B shape, bf16, 16 prompts x 4 samples x 256 tokens
@@ -66,7 +66,8 @@ timeout 110 python3 -m pytest -q -p no:cacheprovider $XDIST tests >> "$OUT/tests
 echo "tests exit $?" >> "$OUT/tests.log"
 echo "tests: $(grep -E '(passed|failed)' "$OUT/tests.log" | tail -1)" >> "$S"
 
-# 4. the fused kernel, bf16, against the naive versions, verl, Liger and the floor (32K first: the target)
+# 4. the fused kernel, bf16, against the naive versions, verl, Liger and the floor (32K first: the target);
+#    the table's "autotune N=... kernel (key): tile" lines reach the summary with it
 part "kernels"
 PYTHONPATH=${ANCHORS:-} timeout 60 python3 bench/bench_kernels.py --n 32768 --dtype bf16 --reps 3 \
   --impls naive-bf16,triton,verl,liger --out kernels-gpu-32k.json > "$RUN/k32.log" 2>&1
