@@ -177,7 +177,14 @@ def _mm_configs():
 
 def _build_kernels():
     """-> (fwd_kernel, dz_kernel, mm_acc_kernel), each under its autotuner."""
-    global _rows_dot_rows, _tile  # the interpreter looks a kernel's callees up in module globals
+    _build_device_functions()
+    return (_build_forward(), *_build_backward())
+
+
+def _build_device_functions():
+    """_rows_dot_rows and _tile, which the kernels call, as module globals (where the interpreter
+    looks a kernel's callees up)."""
+    global _rows_dot_rows, _tile
     import triton
     import triton.language as tl
 
@@ -212,16 +219,23 @@ def _build_kernels():
         cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         return rows, cols, rows < M, cols < N
 
+
+def _build_forward():
+    import triton
+    import triton.language as tl
+
     @triton.autotune(configs=_configs(("BLOCK_N", "BLOCK_V", "BLOCK_H"),
-                                      [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
-                                       (64, 256, 64, 8, 3), (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)],
+                                      [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
+                                       (128, 64, 64, 4, 4), (64, 256, 64, 8, 3),
+                                       (128, 128, 128, 8, 3), (64, 128, 128, 4, 3)],
                                       (16, 64, 32, 4, 1)),
                      key=["N_KEY", "V", "H"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def fwd_kernel(h_ptr, w_ptr, y_ptr, part_ptr, N, V, H, inv_t, N_KEY,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        """part[:, split, rows] = (m, s, sz, zy) of this program's tokens over its vocabulary split."""
+        """part[:, split, rows] = (m, s, sz, zy) of this program's tokens over its vocabulary
+        split."""
         pid, sid, n_split = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         v_per = tl.cdiv(tl.cdiv(V, n_split), BLOCK_V) * BLOCK_V
         v_lo = sid * v_per
@@ -252,6 +266,13 @@ def _build_kernels():
         tl.store(out + n_split * N, s, mask=row_ok)
         tl.store(out + 2 * n_split * N, sz, mask=row_ok)
         tl.store(out + 3 * n_split * N, zy, mask=row_ok)
+
+    return fwd_kernel
+
+
+def _build_backward():
+    import triton
+    import triton.language as tl
 
     @triton.autotune(configs=_mm_configs(), key=["M_KEY", "VC", "H"],
                      prune_configs_by={"early_config_prune": _prune})
@@ -300,7 +321,7 @@ def _build_kernels():
         ok = row_ok[:, None] & col_ok[None, :]
         tl.store(c, tl.load(c, mask=ok, other=0.0) + acc, mask=ok)
 
-    return fwd_kernel, dz_kernel, mm_acc_kernel
+    return dz_kernel, mm_acc_kernel
 
 
 def _kernels():
