@@ -67,6 +67,8 @@ _SPAN = re.compile(r"(?s:\$\$(.+?)\$\$)|\$([^$\n]+?)\$|\\\(([^\n]+?)\\\)|(?s:\\\
 _TAIL = re.compile(r"\.?\s*(?:I hope it is correct.*|<\|im_start\|>.*)?$", re.S)
 _STATED = re.compile(r"(?:final answer is:?\s+((?:(?!\.\s).)*?)|\bis\s+(\$[^$]*\$|-?[\d.,/]+))\s*$",
                      re.S | re.I)
+_SHORT_GAP = re.compile(r"(?=.*\b(?:and|or)\b)[^\n.;:!?]{0,40}", re.S)  # "\boxed{1} papers and \boxed{2}": one list
+_PROSE = re.compile(r"(?<![A-Za-z'\\])(?:[A-Za-z']{2,}+\s+){3}")
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
@@ -103,7 +105,12 @@ def extract_answer(text: str) -> str | None:
             content, end = _box_at(text, start)
             if content is None and not answers:
                 return None
-            joined = not answers or _CONNECTORS.fullmatch(text[end:limit])
+            gap = text[end:limit]
+            if not answers:  # a final answer stated after the last box replaces it
+                stated = _STATED.search(gap[:_TAIL.search(gap).start()])
+                if stated and stated.group(1):
+                    return stated.group(1)
+            joined = not answers or _CONNECTORS.fullmatch(gap) or _SHORT_GAP.fullmatch(gap)
             if content is None or end > limit or not joined:
                 break
             answers.insert(0, content)
@@ -124,13 +131,16 @@ def final_answer(text: str) -> str:
     text = (stated.group(1) or stated.group(2)) if stated else text
     hidden = text.replace("\\$", "\0")  # an escaped dollar sign does not open math
     spans = list(_SPAN.finditer(hidden))
+    last_sentence = re.split(r"(?<=[.!?$])\s+(?=[A-Z])", hidden)[-1]
+    for prose in (hidden, last_sentence):  # prose without math: its last number
+        if not _SPAN.search(prose) and (prose is hidden or "$" not in prose) and _NUMBER.search(prose) \
+                and _PROSE.search(prose):
+            return _NUMBER.findall(prose)[-1]
     gaps = [hidden[x.end():y.start()] for x, y in zip(spans, spans[1:])]
-    prose = re.search(r"(?<![A-Za-z'])(?:[A-Za-z']{2,}+\s+){3}", text)
-    if not spans and prose and _NUMBER.search(text):
-        return _NUMBER.findall(text)[-1]  # prose without math: its last number
-    if not spans or not all(_CONNECTORS.fullmatch(g) for g in gaps):
+    math = [next(g for g in span.groups() if g is not None) for span in spans]
+    if (not spans or hidden.count("$") % 2 or not all(_CONNECTORS.fullmatch(g) for g in gaps)
+            or any(_CONNECTORS.fullmatch(m) for m in math)):  # "12 $ and $13": dollars close, then open
         return text
-    math = (next(g for g in span.groups() if g is not None) for span in spans)
     return ", ".join(math).replace("\0", "\\$")
 
 
@@ -199,10 +209,10 @@ def normalize(s: str) -> str:
         s = s.replace(" ", "")  # 1 000 -> 1000
     if "^" in s:
         s = re.sub(r"(?<=[\d}])\s+(?=\d)", "\\\\cdot ", s)  # 2^6 3^5: a product
-    s = s.replace("{,}", ",")
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+    s = re.sub(r"\s*\{\s*,\s*\}\s*", ",", s)  # 14{,}916 and 14 {, }916
+    if re.fullmatch(r"-?[1-9]\d{0,2}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")  # 1,000 -> 1000, but "32, 349" is a list
-    s = s.replace(" ", "")
+    s = _GREEK_SPACE.sub(r"\\\1*", s).replace(" ", "")  # \pi c is \pi*c, not \pic
     s = re.sub(r"(?<![\d}])\.(?=\d)", "0.", s).rstrip(".")  # .5 -> 0.5
     s = re.sub(r"^[(\[](\\mat\(.*\))[)\]]$", r"\1", s)
     return s[1:-1] if re.fullmatch(r"\{[^{}]*\}", s) else s
@@ -228,7 +238,7 @@ def to_number(s: str) -> Fraction | None:
 def _decimal_tolerance(s: str) -> Fraction | None:
     """Half a unit in the last place of a decimal written with at least 6 significant digits."""
     match = re.fullmatch(r"-?(\d+)\.(\d+)", s)
-    if not match or len((match[1] + match[2]).lstrip("0")) < 6:
+    if not match or len((match[1] + match[2]).lstrip("0")) < 5:
         return None
     return Fraction(1, 2 * 10 ** len(match[2]))
 
@@ -248,17 +258,22 @@ def _split_top(s: str, separators: str = ",", keep: bool = False) -> list[str]:
     return parts + ["".join(current)]
 
 
+def _encloses(s: str) -> bool:
+    """The bracket that opens s closes at its end."""
+    depth = 0
+    for c in s[:-1]:
+        depth += (c in "([{") - (c in ")]}")
+        if depth <= 0:
+            return False
+    return s[-1:] in ")]}"
+
+
 def _bracketed(s: str):
     """'(1,2]' -> ('(', ']', ['1', '2']); '\\{1,2\\}' -> ('{', '}', ...); None when not a
     bracketed list."""
     if s.startswith("\\{") and s.endswith("\\}"):
         return "{", "}", _split_top(s[2:-2])
-    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
-        depth = 0
-        for c in s[1:-1]:  # "(1)+(2)" is not a tuple: the outer pair must enclose everything
-            depth += (c in "([{") - (c in ")]}")
-            if depth < 0:
-                return None
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s):  # "(1)+(2)" is no tuple
         parts = _split_top(s[1:-1])
         if len(parts) > 1:
             return s[0], s[-1], parts
@@ -292,7 +307,8 @@ def _answer_part(s: str) -> str:
     parts = parts[2:] if named else parts  # "x = 5", "x \in [0, 1]", "x \approx 11"
     while len(parts) >= 3 and parts[-2] == "≈":
         parts = parts[:-2]  # a trailing approximation
-    if len(parts) >= 3 and set(parts[1::2]) == {"="} and (named or len(parts) >= 5):
+    numbers = all(to_number(p) is not None for p in parts[::2])  # "\frac{20}{18} = \frac{10}{9}"
+    if len(parts) >= 3 and set(parts[1::2]) == {"="} and (named or numbers or len(parts) >= 5):
         parts = parts[-1:]  # "x = 5 + 5 + 1 = 11"
     s = "".join(parts)
     tokens = _split_top(s, "<≤>≥", keep=True)
@@ -335,6 +351,7 @@ _FUNCTIONS = set("sqrt pi oo log sin cos tan sec csc cot asin acos atan sinh cos
 _GREEK = set("alpha beta gamma delta epsilon zeta eta theta iota kappa lamda mu nu xi rho sigma "
              "tau upsilon phi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi "
              "Omega".split())
+_GREEK_SPACE = re.compile(r"\\(pi|%s)\s+(?=[a-zA-Z\\])" % "|".join(_GREEK | {"lambda"}))
 _FUNCTION_NAMES = "|".join(sorted(_FUNCTIONS - {"pi", "oo"}, key=len, reverse=True))
 
 
@@ -342,17 +359,19 @@ def _split_name(match: re.Match) -> str:
     """A run of letters is a product of one-letter symbols, ending in a function or Greek name
     where it ends in one ("isqrt" is i*sqrt)."""
     name = match.group(0)
-    known = next((k for k in range(len(name)) if name[k:] in _FUNCTIONS | _GREEK), len(name))
+    known = next((k for k in range(len(name)) if name[k:] in _FUNCTIONS | _GREEK | {"Matrix"}), len(name))
     return "*".join(list(name[:known]) + ([name[known:]] if known < len(name) else []))
 
 
 def to_sympy_str(s: str) -> str | None:
     """LaTeX -> a sympy expression string over a small allow-list, or None (unknown commands,
     odd characters)."""
+    s = re.sub(r"\\mat\(([^()]*)\)", lambda m: "Matrix(((" + m[1].replace(";", "),(") + ")))", s)
     if len(s) > MAX_SYMBOLIC_LEN or s.count("{") > 40 or re.search(r"\d_|__", s):
         return None
     s = re.sub(r"\\(?:var)?(epsilon|phi|theta)", r"\\\1", s).replace("\\lambda", "\\lamda")
-    s = re.sub(r"\\(ln|log|arc(?=sin|cos|tan)|exp|" + _TRIG + r"h?)(?![a-zA-Z])",
+    s = re.sub(r"\\(d?dot|hat|bar|tilde|vec)\{([a-zA-Z])\}", r"\2_\1", re.sub(r"\b(?:np|math)\.", "\\\\", s))
+    s = re.sub(r"\\(ln|log|arc(?:sin|cos|tan)|exp|" + _TRIG + r"h?)(?![a-zA-Z])",
                lambda m: m[1].replace("arc", "a").replace("ln", "log"), s)
     argument = r"(\\[a-zA-Z]+|[a-zA-Z](?:_\w+)?|\d+(?:\.\d+)?)(?![a-zA-Z])"
     s = re.sub(rf"(?<![a-zA-Z])({_FUNCTION_NAMES}){argument}", r"\1(\2)", s)  # \sin x -> sin(x)
@@ -372,8 +391,9 @@ def to_sympy_str(s: str) -> str | None:
     s = s.replace("^", "**").replace("[", "(").replace("]", ")").replace("'", "_p")
     power = rf"(?<![a-zA-Z])({_FUNCTION_NAMES})\*\*\((\d+)\)\(([^()]*)\)"
     s = re.sub(power, r"(\1(\3))**\2", s)  # tan^2(y) -> (tan(y))**2
-    if "\\" in s or not re.fullmatch(r"[0-9a-zA-Z_+\-*/(). ]*", s) or not s.strip():
+    if "\\" in s or not re.fullmatch(r"[0-9a-zA-Z_+\-*/(). ]*", s.replace(",", "")) or not s.strip():
         return None
+    s = re.sub(r"(_\d+)(?=[a-zA-Z])", r"\1*", s)  # x_0\cos(t) is x_0*cos(t)
     return re.sub(r"(?<![_a-zA-Z])[a-zA-Z]+", _split_name, s)
 
 
@@ -384,9 +404,9 @@ try:
 except Exception:
     pass
 import sympy
-from sympy.parsing.sympy_parser import (parse_expr, standard_transformations,
+from sympy.parsing.sympy_parser import (parse_expr, standard_transformations, rationalize,
                                         implicit_multiplication_application, convert_xor)
-T = standard_transformations + (implicit_multiplication_application, convert_xor)
+T = standard_transformations + (implicit_multiplication_application, convert_xor, rationalize)
 NS = {c: sympy.Symbol(c) for c in string.ascii_letters}
 NS.update({"e": sympy.E, "i": sympy.I, "pi": sympy.pi, "oo": sympy.oo})
 NS.update({g: sympy.Symbol(g) for g in sys.argv[1].split(",")})
@@ -398,7 +418,8 @@ for line in sys.stdin:
         mode, a, b = line.rstrip("\n").split("\t")
         x, y = parse(a), parse(b)
         if mode == "equal":
-            out = "1" if x == y or sympy.simplify(x - y) == 0 else "0"
+            d = x == y or sympy.simplify(x - y)
+            out = "1" if d is True or d == 0 or getattr(d, "is_zero_matrix", False) else "0"
         elif mode == "ratio":  # the sign of x / y when it is a nonzero real constant, else 0
             q = sympy.simplify(x / y)
             out = ("+" if q > 0 else "-") if q.is_number and q.is_real and q != 0 else "0"
@@ -560,18 +581,22 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
     a, b = _answer_part(a), _answer_part(b)
     if a == b:
         return True
+    if re.fullmatch(r"-?\d+,\d+", pred.strip()) and a.replace(",", ".") == b:
+        return True  # a decimal comma in the prediction against a decimal point in the gold
     na, nb = to_number(a), to_number(b)
     if na is not None and nb is not None:
         tolerance = _decimal_tolerance(a) or _decimal_tolerance(b)
         return na == nb or tolerance is not None and abs(na - nb) <= tolerance
     if "\\pm" in a + b:
         a, b = _expand_plus_minus(a), _expand_plus_minus(b)
-    if a.startswith("\\mat(") or b.startswith("\\mat("):
+    whole = [m.startswith("\\mat(") and _encloses(m[4:]) for m in (a, b)]
+    if whole[0] and whole[1]:
         rows_a, rows_b = (_split_top(m[5:-1], ";") for m in (a, b))
         cells_a, cells_b = ([_split_top(r) for r in rows] for rows in (rows_a, rows_b))
-        return (a.startswith("\\mat(") and b.startswith("\\mat(") and [len(r) for r in cells_a] == [
-            len(r) for r in cells_b] and all(_equiv(x, y, depth + 1, deadline) for ra, rb in zip(
-                cells_a, cells_b) for x, y in zip(ra, rb)))
+        return [len(r) for r in cells_a] == [len(r) for r in cells_b] and all(_equiv(x, y, depth + 1, deadline) for ra, rb in zip(
+                cells_a, cells_b) for x, y in zip(ra, rb))
+    if whole[0] or whole[1] or "\\mat(" in a + b:  # matrix arithmetic: sympy's
+        return "\\mat(" in a and "\\mat(" in b and _symbolic("equal", a, b, deadline) == "1"
     ta, tb = _bracketed(a), _bracketed(b)
     if ta is not None and tb is not None and "{" not in (ta[0], tb[0]):
         return ta[:2] == tb[:2] and len(ta[2]) == len(tb[2]) and all(
