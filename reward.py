@@ -4,40 +4,47 @@
 
 Conventions (each chosen so that a wrong answer never scores 1):
   - The answer of a response is its last \\boxed{} (or \\fbox{}, \\framebox{}), after </think> when
-    there is one. Several boxes at the end separated only by "and", "or", commas or spacing are
-    one list answer ("\\boxed{1} and \\boxed{2}" is "1, 2"); a box followed by prose and another
-    box counts the last only. A response without a box scores 0 in math_reward. is_equiv and the
-    gold answers read an unboxed text as its math: what follows its last "final answer is" or "is"
-    at its end (before "I hope it is correct"), of that its one $...$ (or \\(...\\), \\[...\\])
-    span, or several spans separated only by connecting words as a list; prose without math gives
-    its last number; prose between several spans is not read. Inline math does not cross a line.
+    there is one; a "final answer is X" stated after it replaces it. Boxes before it separated only
+    by commas, spacing or a short phrase with "and" or "or" on one line are one list answer
+    ("\\boxed{1} papers and \\boxed{2}" is "1, 2"); prose with other words or a sentence end between
+    boxes is not. A response without a box scores 0 in math_reward.
+  - is_equiv and the gold answers read an unboxed text as its math: what follows its last "final
+    answer is" or "is" at its end (before "I hope it is correct"), of that its one $...$ (or
+    \\(...\\), \\[...\\]) span, or spans separated only by connecting words as a list. Prose whose
+    last sentence (or all of it) has no math gives that part's last number. Odd dollar signs
+    ("$221,$8$") or a span of connecting words only ("12 $ and $13") mean the dollars are no spans:
+    the text as it is.
   - An empty or blank gold answer accepts nothing.
   - A leading name is dropped: "x = 5", "(x, y) = (3, 2)", "f(x) = 2x+3", "h^{-1}(x) = ...", "|AB| =
-    5", "A:B = 2:1", "x \\in [-2, 7]", "x \\approx 11". In a chain "a = b = c" the last part is
-    the answer, and a trailing "\\approx 0.577" is dropped.
+    5", "A:B = 2:1", "x \\in [-2, 7]", "x \\approx 11". In a chain "a = b = c" and in "number =
+    number" the last part is the answer ("7 = 11a+c" is an equation); a trailing "\\approx 0.577" is
+    dropped.
   - Relations are compared as relations: a - b (or b - a for < and <=) must be a constant multiple
     of the other side's, positive for inequalities, nonzero for equations ("2x+4y-3=0" is
     "y=-x/2+3/4"); a chain "a < x <= b" over one name is the interval (a, b], so "0 < f(x) < 1" is
     (0, 1).
-  - Numbers are exact: integers, decimals, fractions, a\\times10^{b}, 8.7e8, and mixed numbers
-    ("1\\frac{4}{5}" and "1 1/2" are 9/5 and 3/2). A decimal stands for an exact value only when
-    it has at least 6 significant digits and equals the value rounded to the digits written
-    (0.0833333 for 1/12; never 0.33 for 1/3 nor 1.414 for \\sqrt{2}). A comma between digits is a
-    list separator or, in groups of three, a thousands separator, never a decimal comma.
+  - Numbers are exact: integers, decimals, fractions, a\\times10^{b}, 8.7e8, mixed numbers
+    ("1\\frac{4}{5}" and "1 1/2" are 9/5 and 3/2); decimals inside expressions are the rationals
+    written (10\\sqrt{10.5} is 5\\sqrt{42}). A decimal stands for an irrational or repeating value
+    only with at least 5 significant digits, rounded right (0.083333 for 1/12, 2.6667 for 8/3; never
+    0.33 for 1/3 nor 1.414 for \\sqrt{2}). In a gold a comma between digits is a list separator or,
+    in groups of three after a nonzero digit, a thousands separator; a prediction "1,22" is read as
+    1.22 against a gold 1.22 only.
   - Tuples and intervals keep order and brackets; sets, bare lists, unions and \\pm expansions ("1
-    \\pm \\sqrt{19}" is "1+\\sqrt{19}, 1-\\sqrt{19}") match in any order, element by element. A
-    set matches a bare list of the same elements, never an ordered tuple; a
-    repeated element of a set or list counts once.
-  - Matrices (pmatrix, bmatrix, matrix, array) are compared entry by entry, as numbers or
-    expressions.
+    \\pm \\sqrt{19}" is "1+\\sqrt{19}, 1-\\sqrt{19}") match in any order, element by element. A set
+    matches a bare list of the same elements, never an ordered tuple; a repeated element counts
+    once.
+  - Matrices (pmatrix, bmatrix, matrix, array) are compared entry by entry; sums and products of
+    matrices go to sympy.
   - Units and words after an answer are dropped (cm, miles, square units, percent, \\%, \\$,
     degrees, a trailing \\text{...} without digits, "and" or "or"); base subscripts 4210_7 and
     4210_{7} are one.
   - Expressions go to sympy: \\frac, \\cfrac, \\sqrt, ^, \\cdot, \\times, \\pi, \\infty,
-    trigonometric functions (degrees as \\pi/180), logarithms, Greek letters, i the imaginary
-    unit, e Euler's number, implicit products ("2^6 3^5 5^4" is a product, never a tower); a - b
-    must simplify to 0. Each check runs in a worker process killed after a time limit; a check not
-    computed counts in reward_errors().
+    trigonometric functions (degrees as \\pi/180; np.arcsin is \\arcsin), logarithms, Greek letters,
+    \\dot{x} and the like as names, i the imaginary unit, e Euler's number, implicit products ("2^6
+    3^5 5^4" is a product, never a tower; "\\pi c" is \\pi times c); a - b must simplify to 0. Each
+    check runs in a worker process killed after a time limit; a check not computed counts in
+    reward_errors().
 Nothing here raises or hangs: every call returns within about a second, from any thread or process.
 """
 from __future__ import annotations
@@ -63,16 +70,17 @@ _POOL_LOCK = threading.Lock()
 _BOX = ("\\boxed", "\\fbox", "\\framebox")
 _CONNECTORS = re.compile(
     r"(?:\s|[,;&$]|\\[()\[\]]|\\q?quad|\\[,;: ]|and|or|\\text\{\s*(?:and|or)\s*\})*")
+_SHORT_GAP = re.compile(r"(?=.*\b(?:and|or)\b)[^\n.;:!?]{0,40}", re.S)  # \boxed{1} papers and
 _SPAN = re.compile(r"(?s:\$\$(.+?)\$\$)|\$([^$\n]+?)\$|\\\(([^\n]+?)\\\)|(?s:\\\[(.+?)\\\])")
 _TAIL = re.compile(r"\.?\s*(?:I hope it is correct.*|<\|im_start\|>.*)?$", re.S)
 _STATED = re.compile(r"(?:final answer is:?\s+((?:(?!\.\s).)*?)|\bis\s+(\$[^$]*\$|-?[\d.,/]+))\s*$",
                      re.S | re.I)
+_PROSE = re.compile(r"(?<![A-Za-z'\\])(?:[A-Za-z']{2,}+\s+){3}")
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
 def _box_at(text: str, start: int) -> tuple[str | None, int]:
-    """The content of the box command at text[start] and the index just after it (None:
-    unclosed)."""
+    """The content of the box at text[start] and the index just after it (None: never closed)."""
     j = start + next(len(b) for b in _BOX if text.startswith(b, start))
     rest = text[j:]
     if not rest.lstrip().startswith("{"):
@@ -83,32 +91,28 @@ def _box_at(text: str, start: int) -> tuple[str | None, int]:
         depth += (text[end] == "{") - (text[end] == "}")
         if depth == 0:
             return text[k + 1:end].strip(), end + 1
-    return None, len(text)  # never closed: a cut-off answer
+    return None, len(text)  # a cut-off answer
 
 
 def extract_answer(text: str) -> str | None:
     """The last boxed answer, with the boxes just before it that only connecting words separate."""
     try:
-        if not isinstance(text, str):
-            return None
-        if "</think>" in text:
-            text = text.rsplit("</think>", 1)[1]
-        elif "<think>" in text:
+        if not isinstance(text, str) or ("<think>" in text and "</think>" not in text):
             return None  # the model never finished thinking
-        answers, limit = [], len(text)
-        while len(answers) < 20:
-            start = max(text.rfind(b, 0, limit) for b in _BOX)
-            if start < 0:
-                break
+        text, answers = text.rsplit("</think>", 1)[-1], []
+        limit = len(text)
+        while len(answers) < 20 and (start := max(text.rfind(b, 0, limit) for b in _BOX)) >= 0:
             content, end = _box_at(text, start)
-            if content is None and not answers:
-                return None
-            joined = not answers or _CONNECTORS.fullmatch(text[end:limit])
-            if content is None or end > limit or not joined:
+            gap = text[end:limit]
+            stated = None if answers else _STATED.search(gap[:_TAIL.search(gap).start()])
+            if stated and stated.group(1):
+                return stated.group(1)  # a final answer stated after the last box replaces it
+            if content is None or end > limit or answers and not (
+                    _CONNECTORS.fullmatch(gap) or _SHORT_GAP.fullmatch(gap)):
                 break
             answers.insert(0, content)
             limit = start
-        return ", ".join(answers) if answers else None
+        return ", ".join(answers) or None
     except Exception:
         return None
 
@@ -123,14 +127,18 @@ def final_answer(text: str) -> str:
     stated = _STATED.search(text)
     text = (stated.group(1) or stated.group(2)) if stated else text
     hidden = text.replace("\\$", "\0")  # an escaped dollar sign does not open math
+    last_sentence = re.split(r"(?<=[.!?$])\s+(?=[A-Z])", hidden)[-1]
+    for prose in (hidden, last_sentence):  # prose without math: its last number
+        numbers = _NUMBER.findall(prose)
+        if numbers and _PROSE.search(prose) and not _SPAN.search(prose) and (
+                prose is hidden or "$" not in prose):
+            return numbers[-1]
     spans = list(_SPAN.finditer(hidden))
     gaps = [hidden[x.end():y.start()] for x, y in zip(spans, spans[1:])]
-    prose = re.search(r"(?<![A-Za-z'])(?:[A-Za-z']{2,}+\s+){3}", text)
-    if not spans and prose and _NUMBER.search(text):
-        return _NUMBER.findall(text)[-1]  # prose without math: its last number
-    if not spans or not all(_CONNECTORS.fullmatch(g) for g in gaps):
+    math = [next(g for g in span.groups() if g is not None) for span in spans]
+    if not spans or hidden.count("$") % 2 or not all(_CONNECTORS.fullmatch(g) for g in gaps) or any(
+            _CONNECTORS.fullmatch(m) for m in math):  # "12 $ and $13": the dollars close, then open
         return text
-    math = (next(g for g in span.groups() if g is not None) for span in spans)
     return ", ".join(math).replace("\0", "\\$")
 
 
@@ -162,7 +170,9 @@ _RULES = [  # (pattern, replacement), in order; each a plain LaTeX convention
     (r"\\le(?:q|qslant)?(?![a-zA-Z])|<=|≤", "≤"), (r"\\ge(?:q|qslant)?(?![a-zA-Z])|>=|≥", "≥"),
     (r"\\neq?(?![a-zA-Z])|!=", "≠"), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
     (r"\\in(?![a-zA-Z])", "∈"), (r"\\cup(?![a-zA-Z])", "∪"), (r"\\approx(?![a-zA-Z])", "≈"),
-    (r"_\{(\w+)\}", r"_\1"), (r"\^\{?\\prime\}?", "'"),  # 4210_{7} -> 4210_7
+    (r"_\{(\w+)\}", r"_\1"), (r"\^\{?\\prime\}?", "'"),  # 4210_{7} -> 4210_7; \frac12, \sqrt2 below
+    (r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}"), (r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{"),
+    (r"\\frac\s*\{([^{}]*)\}\s*(\w)", r"\\frac{\1}{\2}"), (r"\\sqrt\s*(\w)", r"\\sqrt{\1}"),
 ]
 _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}", re.S)
 
@@ -170,14 +180,6 @@ _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\en
 def _matrix_text(match: re.Match) -> str:
     rows = [r for r in re.split(r"\\\\", match.group(2)) if r.strip()]
     return "\\mat(" + ";".join(",".join(c.strip() for c in r.split("&")) for r in rows) + ")"
-
-
-def _fix_fracs(s: str) -> str:
-    """\\frac12 -> \\frac{1}{2}, \\frac1{b} -> \\frac{1}{b}, \\sqrt2 -> \\sqrt{2}."""
-    s = re.sub(r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}", s)
-    s = re.sub(r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{", s)
-    s = re.sub(r"\\frac\s*\{([^{}]*)\}\s*(\w)", r"\\frac{\1}{\2}", s)
-    return re.sub(r"\\sqrt\s*(\w)", r"\\sqrt{\1}", s)
 
 
 def _mixed_number(s: str) -> str:
@@ -194,15 +196,15 @@ def normalize(s: str) -> str:
     s = _MATRIX.sub(_matrix_text, s)
     for pattern, replacement in _RULES:
         s = re.sub(pattern, replacement, s)
-    s = _mixed_number(_fix_fracs(s.strip()))
+    s = _mixed_number(s.strip())
     if re.fullmatch(r"-?\d{1,3}( \d{3})+(\.\d+)?", s):
         s = s.replace(" ", "")  # 1 000 -> 1000
     if "^" in s:
         s = re.sub(r"(?<=[\d}])\s+(?=\d)", "\\\\cdot ", s)  # 2^6 3^5: a product
-    s = s.replace("{,}", ",")
-    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s):
+    s = re.sub(r"\s*\{\s*,\s*\}\s*", ",", s)  # 14{,}916 and 14 {, }916
+    if re.fullmatch(r"-?[1-9]\d{0,2}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")  # 1,000 -> 1000, but "32, 349" is a list
-    s = s.replace(" ", "")
+    s = _GREEK_SPACE.sub(r"\\\1*", s).replace(" ", "")  # \pi c is \pi*c, not \pic
     s = re.sub(r"(?<![\d}])\.(?=\d)", "0.", s).rstrip(".")  # .5 -> 0.5
     s = re.sub(r"^[(\[](\\mat\(.*\))[)\]]$", r"\1", s)
     return s[1:-1] if re.fullmatch(r"\{[^{}]*\}", s) else s
@@ -211,8 +213,7 @@ def normalize(s: str) -> str:
 # ---- exact numbers ---------------------------------------------------------------------------
 
 def to_number(s: str) -> Fraction | None:
-    """An exact rational from an integer, decimal, a/b, \\frac{a}{b}, a\\times10^{b} or 8.7e8 (signs
-    allowed), else None."""
+    """An exact rational from an integer, a decimal, a/b, \\frac{a}{b}, a\\times10^{b}, 8.7e8."""
     number = r"-?\d+(?:\.\d+)?"
     fraction = rf"(-?)\\frac\{{({number})\}}\{{({number})\}}|({number})/({number})"
     if match := re.fullmatch(fraction, s):
@@ -226,9 +227,9 @@ def to_number(s: str) -> Fraction | None:
 
 
 def _decimal_tolerance(s: str) -> Fraction | None:
-    """Half a unit in the last place of a decimal written with at least 6 significant digits."""
+    """Half a unit in the last place of a decimal written with at least 5 significant digits."""
     match = re.fullmatch(r"-?(\d+)\.(\d+)", s)
-    if not match or len((match[1] + match[2]).lstrip("0")) < 6:
+    if not match or len((match[1] + match[2]).lstrip("0")) < 5:
         return None
     return Fraction(1, 2 * 10 ** len(match[2]))
 
@@ -248,17 +249,21 @@ def _split_top(s: str, separators: str = ",", keep: bool = False) -> list[str]:
     return parts + ["".join(current)]
 
 
+def _encloses(s: str) -> bool:
+    """The bracket that opens s closes at its end."""
+    depth = 0
+    for c in s[:-1]:
+        depth += (c in "([{") - (c in ")]}")
+        if depth <= 0:
+            return False
+    return s[-1:] in ")]}"
+
+
 def _bracketed(s: str):
-    """'(1,2]' -> ('(', ']', ['1', '2']); '\\{1,2\\}' -> ('{', '}', ...); None when not a
-    bracketed list."""
+    """'(1,2]' -> ('(', ']', ['1', '2']); '\\{1,2\\}' -> ('{', '}', ...); else None."""
     if s.startswith("\\{") and s.endswith("\\}"):
         return "{", "}", _split_top(s[2:-2])
-    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]":
-        depth = 0
-        for c in s[1:-1]:  # "(1)+(2)" is not a tuple: the outer pair must enclose everything
-            depth += (c in "([{") - (c in ")]}")
-            if depth < 0:
-                return None
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s):  # "(1)+(2)" is no tuple
         parts = _split_top(s[1:-1])
         if len(parts) > 1:
             return s[0], s[-1], parts
@@ -283,8 +288,7 @@ _NAME = re.compile(rf"{_NAME_ATOM}(?::{_NAME_ATOM})?")
 
 
 def _answer_part(s: str) -> str:
-    """The answer a statement gives: a leading name dropped, the last part of an = chain, a
-    trailing \\approx dropped, a chain a < x <= b over one name as an interval."""
+    """A statement's answer: no leading name, an = chain's last part, a < x <= b as an interval."""
     parts = _split_top(s, "=≈∈", keep=True)
     if len(_split_top(s)) > 1 and parts.count("=") > 1:
         return s  # "a = 1, b = 2": each element on its own
@@ -292,22 +296,22 @@ def _answer_part(s: str) -> str:
     parts = parts[2:] if named else parts  # "x = 5", "x \in [0, 1]", "x \approx 11"
     while len(parts) >= 3 and parts[-2] == "≈":
         parts = parts[:-2]  # a trailing approximation
-    if len(parts) >= 3 and set(parts[1::2]) == {"="} and (named or len(parts) >= 5):
+    numbers = all(to_number(p) is not None for p in parts[::2])  # "\frac{20}{18} = \frac{10}{9}"
+    if len(parts) >= 3 and set(parts[1::2]) == {"="} and (named or numbers or len(parts) >= 5):
         parts = parts[-1:]  # "x = 5 + 5 + 1 = 11"
     s = "".join(parts)
     tokens = _split_top(s, "<≤>≥", keep=True)
     if len(tokens) == 5 and tokens[1] in ">≥" and tokens[3] in ">≥":
         tokens = tokens[::-1]  # "7 >= x > -2" is "-2 < x <= 7"
         tokens[1], tokens[3] = ({">": "<", "≥": "≤"}[t] for t in (tokens[1], tokens[3]))
-    if len(tokens) == 5 and _NAME.fullmatch(tokens[2]) and tokens[1] in "<≤" and tokens[3] in "<≤":
+    if len(tokens) == 5 and _NAME.fullmatch(tokens[2]) and {tokens[1], tokens[3]} <= {"<", "≤"}:
         low, high = "(" if tokens[1] == "<" else "[", ")" if tokens[3] == "<" else "]"
         return f"{low}{tokens[0]},{tokens[4]}{high}"
     return s
 
 
 def _relation(s: str):
-    """'a OP b' as (difference, canonical op) with the difference positive-oriented: a - b for =, ≠,
-    > and ≥, b - a for < and ≤ (which become > and ≥); None when s is not one relation."""
+    """'a OP b' as (a - b, OP), < and ≤ turned into > and ≥; None when s is not one relation."""
     tokens = _split_top(s, _RELATIONS, keep=True)
     if len(tokens) != 3 or not tokens[0] or not tokens[2]:
         return None
@@ -335,6 +339,7 @@ _FUNCTIONS = set("sqrt pi oo log sin cos tan sec csc cot asin acos atan sinh cos
 _GREEK = set("alpha beta gamma delta epsilon zeta eta theta iota kappa lamda mu nu xi rho sigma "
              "tau upsilon phi chi psi omega Gamma Delta Theta Lambda Xi Sigma Phi Psi "
              "Omega".split())
+_GREEK_SPACE = re.compile(r"\\(pi|%s)\s+(?=[a-zA-Z\\])" % "|".join(_GREEK | {"lambda"}))
 _FUNCTION_NAMES = "|".join(sorted(_FUNCTIONS - {"pi", "oo"}, key=len, reverse=True))
 
 
@@ -342,17 +347,21 @@ def _split_name(match: re.Match) -> str:
     """A run of letters is a product of one-letter symbols, ending in a function or Greek name
     where it ends in one ("isqrt" is i*sqrt)."""
     name = match.group(0)
-    known = next((k for k in range(len(name)) if name[k:] in _FUNCTIONS | _GREEK), len(name))
+    names = _FUNCTIONS | _GREEK | {"Matrix"}
+    known = next((k for k in range(len(name)) if name[k:] in names), len(name))
     return "*".join(list(name[:known]) + ([name[known:]] if known < len(name) else []))
 
 
 def to_sympy_str(s: str) -> str | None:
     """LaTeX -> a sympy expression string over a small allow-list, or None (unknown commands,
     odd characters)."""
+    s = re.sub(r"\\mat\(([^()]*)\)", lambda m: "Matrix(((" + m[1].replace(";", "),(") + ")))", s)
     if len(s) > MAX_SYMBOLIC_LEN or s.count("{") > 40 or re.search(r"\d_|__", s):
         return None
     s = re.sub(r"\\(?:var)?(epsilon|phi|theta)", r"\\\1", s).replace("\\lambda", "\\lamda")
-    s = re.sub(r"\\(ln|log|arc(?=sin|cos|tan)|exp|" + _TRIG + r"h?)(?![a-zA-Z])",
+    s = re.sub(r"\b(?:np|math)\.", "\\\\", s)  # np.arcsin is \arcsin
+    s = re.sub(r"\\(d?dot|hat|bar|tilde|vec)\{([a-zA-Z])\}", r"\2_\1", s)  # \dot{x} is x_dot
+    s = re.sub(r"\\(ln|log|arc(?:sin|cos|tan)|exp|" + _TRIG + r"h?)(?![a-zA-Z])",
                lambda m: m[1].replace("arc", "a").replace("ln", "log"), s)
     argument = r"(\\[a-zA-Z]+|[a-zA-Z](?:_\w+)?|\d+(?:\.\d+)?)(?![a-zA-Z])"
     s = re.sub(rf"(?<![a-zA-Z])({_FUNCTION_NAMES}){argument}", r"\1(\2)", s)  # \sin x -> sin(x)
@@ -372,8 +381,9 @@ def to_sympy_str(s: str) -> str | None:
     s = s.replace("^", "**").replace("[", "(").replace("]", ")").replace("'", "_p")
     power = rf"(?<![a-zA-Z])({_FUNCTION_NAMES})\*\*\((\d+)\)\(([^()]*)\)"
     s = re.sub(power, r"(\1(\3))**\2", s)  # tan^2(y) -> (tan(y))**2
-    if "\\" in s or not re.fullmatch(r"[0-9a-zA-Z_+\-*/(). ]*", s) or not s.strip():
+    if "\\" in s or not re.fullmatch(r"[0-9a-zA-Z_+\-*/(). ,]*", s) or not s.strip():
         return None
+    s = re.sub(r"(_\d+)(?=[a-zA-Z])", r"\1*", s)  # x_0\cos(t) is x_0*cos(t)
     return re.sub(r"(?<![_a-zA-Z])[a-zA-Z]+", _split_name, s)
 
 
@@ -381,12 +391,12 @@ _WORKER_CODE = r'''
 import resource, string, sys
 try:
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-except Exception:
+except Exception:  # some systems refuse the limit
     pass
 import sympy
-from sympy.parsing.sympy_parser import (parse_expr, standard_transformations,
+from sympy.parsing.sympy_parser import (parse_expr, standard_transformations, rationalize,
                                         implicit_multiplication_application, convert_xor)
-T = standard_transformations + (implicit_multiplication_application, convert_xor)
+T = standard_transformations + (implicit_multiplication_application, convert_xor, rationalize)
 NS = {c: sympy.Symbol(c) for c in string.ascii_letters}
 NS.update({"e": sympy.E, "i": sympy.I, "pi": sympy.pi, "oo": sympy.oo})
 NS.update({g: sympy.Symbol(g) for g in sys.argv[1].split(",")})
@@ -398,7 +408,8 @@ for line in sys.stdin:
         mode, a, b = line.rstrip("\n").split("\t")
         x, y = parse(a), parse(b)
         if mode == "equal":
-            out = "1" if x == y or sympy.simplify(x - y) == 0 else "0"
+            d = x == y or sympy.simplify(x - y)
+            out = "1" if d is True or d == 0 or getattr(d, "is_zero_matrix", False) else "0"
         elif mode == "ratio":  # the sign of x / y when it is a nonzero real constant, else 0
             q = sympy.simplify(x / y)
             out = ("+" if q > 0 else "-") if q.is_number and q.is_real and q != 0 else "0"
@@ -411,18 +422,16 @@ for line in sys.stdin:
 
 
 class _Worker:
-    """A python process running sympy; a request that overruns its time is answered False and the
-    process is killed and replaced (the new one warms up in the background). Pipes and a
-    subprocess, so it works from threads and from daemonic worker processes alike."""
+    """A python process running sympy, killed and replaced when a request overruns its time (the new
+    one starts in the background); pipes work from threads and from daemonic processes alike."""
 
     def __init__(self):
         self.proc, self.ready = None, False
 
     def start(self):
-        command = [sys.executable, "-c", _WORKER_CODE, ",".join(_GREEK)]
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     bufsize=1)
+        pipe, command = subprocess.PIPE, [sys.executable, "-c", _WORKER_CODE, ",".join(_GREEK)]
+        self.proc = subprocess.Popen(command, stdin=pipe, stdout=pipe, stderr=subprocess.DEVNULL,
+                                     text=True, bufsize=1)
         self.ready = False
 
     def wait_ready(self, timeout: float) -> bool:
@@ -440,8 +449,7 @@ class _Worker:
         return self.proc.stdout.readline()
 
     def ask(self, request: str, timeout: float) -> str | None:
-        """The worker's answer to one request line, or None (and a fresh process) when it
-        overran."""
+        """The answer to one request line, or None (and a fresh process) when it overran."""
         try:
             self.proc.stdin.write(request + "\n")
             self.proc.stdin.flush()
@@ -477,8 +485,7 @@ _POOL_PID = None
 
 
 def start_workers(n: int = 2):
-    """Start n sympy workers now (the trainer does this at start-up, so no scoring call pays for
-    it)."""
+    """Start n sympy workers now (the trainer does so at start-up: no scoring call pays for it)."""
     global _POOL, _POOL_PID
     with _POOL_LOCK:
         if _POOL is None or _POOL_PID != os.getpid():  # a forked child gets its own workers
@@ -560,18 +567,23 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
     a, b = _answer_part(a), _answer_part(b)
     if a == b:
         return True
+    if re.fullmatch(r"-?\d+,\d+", pred.strip()) and a.replace(",", ".") == b:
+        return True  # a decimal comma in the prediction against a decimal point in the gold
     na, nb = to_number(a), to_number(b)
     if na is not None and nb is not None:
         tolerance = _decimal_tolerance(a) or _decimal_tolerance(b)
         return na == nb or tolerance is not None and abs(na - nb) <= tolerance
     if "\\pm" in a + b:
         a, b = _expand_plus_minus(a), _expand_plus_minus(b)
-    if a.startswith("\\mat(") or b.startswith("\\mat("):
+    whole = [m.startswith("\\mat(") and _encloses(m[4:]) for m in (a, b)]
+    if whole[0] and whole[1]:
         rows_a, rows_b = (_split_top(m[5:-1], ";") for m in (a, b))
         cells_a, cells_b = ([_split_top(r) for r in rows] for rows in (rows_a, rows_b))
-        return (a.startswith("\\mat(") and b.startswith("\\mat(") and [len(r) for r in cells_a] == [
-            len(r) for r in cells_b] and all(_equiv(x, y, depth + 1, deadline) for ra, rb in zip(
-                cells_a, cells_b) for x, y in zip(ra, rb)))
+        pairs = [(x, y) for ra, rb in zip(cells_a, cells_b) for x, y in zip(ra, rb)]
+        same_shape = [len(r) for r in cells_a] == [len(r) for r in cells_b]
+        return same_shape and all(_equiv(x, y, depth + 1, deadline) for x, y in pairs)
+    if whole[0] or whole[1] or "\\mat(" in a + b:  # matrix arithmetic: sympy's
+        return "\\mat(" in a and "\\mat(" in b and _symbolic("equal", a, b, deadline) == "1"
     ta, tb = _bracketed(a), _bracketed(b)
     if ta is not None and tb is not None and "{" not in (ta[0], tb[0]):
         return ta[:2] == tb[:2] and len(ta[2]) == len(tb[2]) and all(
@@ -594,8 +606,7 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
 
 
 def is_equiv(pred: str | None, gt: str) -> bool:
-    """True when a careful grader would accept pred for gt (each an answer, or a text read by
-    final_answer). Never raises; returns within about a second."""
+    """True when a careful grader would accept pred for gt (answers, or texts: final_answer)."""
     if pred is None or gt is None:
         return False
     try:
@@ -607,8 +618,7 @@ def is_equiv(pred: str | None, gt: str) -> bool:
 
 
 def math_reward(text: str, gt) -> float:
-    """1.0 when the last boxed answer of text matches gt (a string, a number or a list of
-    acceptable answers)."""
+    """1.0 when the last boxed answer of text matches gt (a string, a number or a list of them)."""
     try:
         pred = extract_answer(text)
         if pred is None:
@@ -623,8 +633,7 @@ def math_reward(text: str, gt) -> float:
 
 
 def score_batch(texts: list[str], gts: list, threads: int = 4) -> list[float]:
-    """math_reward over a batch in threads; the symbolic checks among them run in parallel in the
-    sympy workers (started on first need, or ahead by start_workers(n))."""
+    """math_reward over a batch in threads; their symbolic checks run in parallel in the workers."""
     if len(texts) < 16:
         return [math_reward(t, g) for t, g in zip(texts, gts)]
     with ThreadPoolExecutor(threads) as ex:
@@ -632,8 +641,7 @@ def score_batch(texts: list[str], gts: list, threads: int = 4) -> list[float]:
 
 
 def score_completions(comps, answers: list, decode) -> list[float]:
-    """Rewards of sampled completions (objects with response_ids and finish_reason), answers[i]
-    for comps[i]: math_reward of the decoded response, and 0 for a response cut at the budget (it
-    never finished)."""
+    """math_reward of each decoded completion (response_ids, finish_reason) against answers[i];
+    0 for a response cut at the token budget (it never finished)."""
     scores = score_batch([decode(c.response_ids) for c in comps], answers)
     return [0.0 if c.finish_reason == "length" else s for c, s in zip(comps, scores)]

@@ -203,43 +203,42 @@ def speed() -> dict:
 # ---- report ----------------------------------------------------------------------------------
 
 # Why ours disagrees with a label: the convention of reward.py's docstring that explains it.
-DECIMAL_COMMA = "a comma between digits is a list or thousands separator, never a decimal comma"
-PROSE = "prose without math gives its last number only when it has no $...$ span; here it has one"
-LAST_BOX = "the last \\boxed{} is the answer; boxes with prose between them are not joined"
-DECIMALS = "a decimal stands for an exact value only with at least 6 significant digits"
+DECIMAL_COMMA = "a comma in a gold is a list or thousands separator (OlympiadBench golds such as 1,3 are lists)"
 EXPLAINED = {
-    "test_number_extraction:70": DECIMAL_COMMA, "test_number_extraction:71": DECIMAL_COMMA,
-    "test_number_extraction:72": DECIMAL_COMMA, "test_number_extraction:87": DECIMAL_COMMA,
-    "test_latex_notation:138": "an equation between two numbers (1/2 = 10/9) is not read as its right side",
-    "test_latex_notation_math:200": "the gold's last box is 14{,}916, the prediction states 14 {, }916 in prose "
-                                    "after a wrong reading; its last number is taken and the spaced {, } is a list",
-    "test_latex_notation_math:205": "the gold is a whole solution whose last box is \\boxed{12\\text{ and }13}; "
-                                    "the prediction's stated answer is in quotes around two spans",
-    "test_matrix_extraction:506": "no arithmetic on matrices: a sum of two matrices is not its value",
-    "test_matrix_extraction:512": "no arithmetic on matrices: a product of two matrices is not its value",
-    "test_complex_math_expressions:586": DECIMALS + " (0.33 for 1/3, the label uses 2-digit rounding)",
-    "test_complex_math_expressions:605": DECIMALS + " (2.6667 for 8/3, the label uses 2-digit rounding)",
-    "test_math_extraction_edge_cases:627": PROSE, "test_math_extraction_edge_cases:651": PROSE,
-    "test_math_extraction_edge_cases:689": "an expression with a decimal inside (10\\sqrt{10.5}) is not equal to "
-                                           "an exact one (5\\sqrt{42}) under exact simplification",
-    "test_math_extraction_additional_cases:728": PROSE, "test_math_extraction_additional_cases:756": PROSE,
+    "test_number_extraction:71": DECIMAL_COMMA, "test_number_extraction:87": DECIMAL_COMMA,
+    "test_number_extraction:72": "a prediction that is neither math nor prose (one word, a lone $) is read as "
+                                 "it is, not searched for a number",
+    "test_complex_math_expressions:586": "a decimal stands for an exact value only with at least 5 significant "
+                                         "digits (0.33 for 1/3; the label uses 2-digit rounding)",
     "test_math_extraction_additional_cases:754": "an ordered pair (1,3) is not the set {1,3}",
-    "test_math_extraction_additional_cases:810": LAST_BOX + " (the prediction boxes 200 before its final sentence)",
     "test_set_rel_assymetry:907": "the issue's table makes -2 <= x <= 7 and x in [-2,7] equal both ways; "
                                   "math-verify labels this row 0 only when allow_set_relation_comp is off and "
                                   "labels the same pair 1 when it is on",
-    "test_boxed:8": "the gold is a doubly escaped string (\\\\boxed{35 cm} ++++++ \\\\boxed{4}) that is "
-                    "no LaTeX answer",
+    "test_boxed:8": "boxes are joined only by commas, spacing or a short phrase with 'and' or 'or' "
+                    "(here '++++++'; the label of test_open_thoughts:154 rejects 'no no no no no')",
     "test_numina_cases:24": "an absolute-value inequality (1 <= |z| <= 3/2) is not solved into a union",
-    "test_numina_cases:54": "assignments separated by ';' (p=5,q=2;p=7,q=2) are not read as tuples",
+    "test_numina_cases:54": "assignments separated by ';' (p=5,q=2;p=7,q=2) are not read as tuples: the "
+                            "order of the names would be a guess",
     "test_numina_cases:121": "'W(x)=1orW(x)=-1' without spaces is not split on 'or' (it would split words)",
-    "test_open_thoughts:79": LAST_BOX + " (\\text{ for part (a) and })",
-    "test_open_thoughts:134": LAST_BOX + " (y_2 = between the boxes)",
-    "test_open_thoughts:149": LAST_BOX + " (the gold's 'papers and')",
     "test_strict_variable_comparison:8": "variables are not renamed: f(x) is not f(y) (math-verify's strict=False)",
     "test_string_extraction:20": "\\sum is not evaluated or compared as a sum",
     "test_string_extraction:28": "the label is wrong: 1 - 1/e is not 1 + 1/e",
 }
+# Why a Minerva reference solution scores 0 against its gold (checked one by one against the problems).
+EARLIER = ("the gold answers Subproblem 0, whose solution the problem text quotes; the reference solution "
+           "answers the final sub-question, whose answer the data does not hold")
+MINERVA_EXPLAINED = {i: EARLIER for i in (41, 55, 60, 71, 80, 84, 94, 96, 100, 104, 106, 122, 127, 128, 131,
+                                          138, 142, 152, 153, 163, 165, 202, 215, 218, 219, 222, 229, 236,
+                                          238, 251, 258, 266)}
+MINERVA_EXPLAINED.update({
+    129: "the solution is wrong: 4/(s^2(s^2+4)) = 1/s^2 - 1/(s^2+4) gives t - sin(2t)/2, it boxes t + sin(2t)/2",
+    156: "two values: 0.529/2 = 0.2645, the gold rounds to 0.265 and the solution to 0.264",
+    158: "the solution boxes the mantissa 4.4677 of the gold 4.4677 x 10^14 Hz",
+    168: "the solution boxes 0.822 for the gold 8.224 x 10^-19 J (no power of ten)",
+    170: "the solution is wrong: the coefficient of CO in 2CO + O2 -> 2CO2 is 2, it boxes 1",
+    193: "the solution boxes the lattice constant 361 pm; the gold is 353 pm",
+    253: "the last box is an intermediate value (erfc(0.20) = 0.7773); the gold 6.43 x 10^16 is unboxed",
+})
 
 def markdown(result: dict) -> str:
     lines = ["# The verifier against Math-Verify's own labelled cases and the benchmark files", "",
@@ -264,8 +263,13 @@ def markdown(result: dict) -> str:
     lines += ["", f"Benchmark golds against themselves: {b['golds_scoring_1_against_themselves']}; AIME reference "
               f"solutions: {b['aime_reference_solutions_scoring_1']}; Minerva reference solutions: "
               f"{b['minerva_reference_solutions_scoring_1']}.", "",
-              "Minerva reference solutions that score 0 (gold, and the solution's last box):", ""]
-    lines += [f"- {f['index']}: `{str(f['answer'][0]).strip()}` vs `{f['boxed']}`" for f in b["minerva_failures"]]
+              "Minerva reference solutions that score 0 (gold, the solution's last box, and why). "
+              f"{sum(r == EARLIER for r in MINERVA_EXPLAINED.values())} answer another sub-question than "
+              f"their gold and {sum(r != EARLIER for r in MINERVA_EXPLAINED.values())} disagree with it in "
+              "value or form, so the issue's target of 260 cannot be met without accepting wrong answers; "
+              "every solution whose last box states its gold's answer to the same question scores 1:", ""]
+    lines += [f"- {f['index']}: `{str(f['answer'][0]).strip()}` vs `{f['boxed']}`: "
+              f"{MINERVA_EXPLAINED.get(f['index'], 'not explained yet')}" for f in b["minerva_failures"]]
     lines += [""]
     if "speed" in result:
         s = result["speed"]

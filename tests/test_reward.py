@@ -80,7 +80,11 @@ HOSTILE = ["9^{9^{9^{9^{9}}}}", "10^{10^{10^{10}}}", "{" * 5000 + "1" + "}" * 50
            "factorial(100000)", "\\frac{" * 300 + "1" + "}{2}" * 300, ", ".join(str(i) for i in range(3000))]
 
 
-@pytest.mark.parametrize("s", HOSTILE, ids=range(len(HOSTILE)))
+SLOW_BY_DESIGN = {0, 1, 12}  # each runs into the time limit several times (about 5 s in all)
+
+
+@pytest.mark.parametrize("s", [pytest.param(h, marks=pytest.mark.slow) if i in SLOW_BY_DESIGN else h
+                               for i, h in enumerate(HOSTILE)], ids=range(len(HOSTILE)))
 def test_hostile_inputs_return_fast(s):
     for a, b in ((s, "1"), ("1", s), (s, s + "1")):
         t = time.monotonic()
