@@ -76,8 +76,7 @@ def _row(row, where) -> Problem:
 
 
 def load_problems(path: str) -> list[Problem]:
-    """Read a JSON list, JSONL or parquet problem file; any bad record stops here with file, line
-    and field."""
+    """Load a JSON, JSONL or parquet problem file; a bad record stops it with file, line, field."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such problem file")
     if path.endswith(".parquet"):
@@ -146,8 +145,7 @@ def format_prompt(problem: str, template: str) -> str:
 
 
 class Tokenizer:
-    """tokenizer.json through `tokenizers`; EOS ids from generation_config.json, else
-    config.json."""
+    """tokenizer.json via `tokenizers`; EOS ids from generation_config.json, else config.json."""
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer as HFTokenizer
@@ -202,8 +200,7 @@ def encode_problems(problems: list[Problem], tok: Tokenizer, template: str, max_
 # ---- FastCuRL's split ------------------------------------------------------------------------
 
 def split_by_length(problems: list[Problem], template: str = "r1"):
-    """Cut at the mean user-turn length (characters): L1 = len <= mean (short), L3 = len > mean
-    (long), L2 = all."""
+    """Cut at the mean user-turn length m (characters): L1 = len <= m, L3 = len > m, L2 = all."""
     lens = [len(user_turn(p.problem, template)) for p in problems]
     mean = sum(lens) / len(lens)
     l1 = [p for p, n in zip(problems, lens) if n <= mean]

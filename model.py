@@ -73,9 +73,7 @@ class Config:
     def to_hf(self) -> dict:
         d = asdict(self)
         arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[self.model_type]
-        d["architectures"] = [arch]
-        d["hidden_act"] = "silu"
-        d["use_cache"] = True
+        d.update(architectures=[arch], hidden_act="silu", use_cache=True)
         if self.model_type == "qwen2":
             d.pop("attention_bias")
             d.update(use_sliding_window=False, sliding_window=None,
@@ -83,11 +81,6 @@ class Config:
         else:
             d["mlp_bias"] = False
         return d
-
-    @property
-    def eos_ids(self) -> list[int]:
-        e = self.eos_token_id
-        return [] if e is None else [e] if isinstance(e, int) else list(e)
 
 
 class RMSNorm(nn.Module):
@@ -99,15 +92,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dt = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dt)
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 def rope(pos: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin [B, 1, T, D] for integer positions [B, T]: angle_i = pos / theta^(2i/D),
-    duplicated halves."""
+    """pos [B, T] -> cos, sin [B, 1, T, D]: angle_i = pos / theta^(2i/D), halves duplicated."""
     inv_freq = 1.0 / theta ** (
         torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     ang = pos.float()[..., None] * inv_freq
@@ -122,8 +113,7 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Static cache [L, B, Hkv, Tmax, D]; all rows share one write column (prompts are
-    left-padded)."""
+    """Static cache [L, B, Hkv, Tmax, D]; all rows share one write column (prompts left-padded)."""
 
     def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -138,8 +128,7 @@ class KVCache:
         return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
 
     def select(self, rows: torch.Tensor):
-        """Keep (or repeat) batch rows, e.g. expand one prompt to n samples or drop finished
-        sequences."""
+        """Keep (or repeat) batch rows: expand a prompt to n samples, drop finished sequences."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
@@ -164,9 +153,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
         d = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, d).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, d).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)
+        q, k, v = (proj(x).view(B, T, -1, d).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -248,8 +236,7 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden):
-        """z = h W^T in fp32 (only for a few positions: training uses
-        kernels.fused_logprob_entropy)."""
+        """z = h W^T in fp32, for a few positions (training uses kernels.fused_logprob_entropy)."""
         return hidden.float() @ self.lm_head.weight.float().T
 
     def num_params(self) -> int:
@@ -269,16 +256,15 @@ class Transformer(nn.Module):
         model.to(dtype)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        # tied head appears once, as model.embed_tokens.weight
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters())  # a tied head once, as model.embed_tokens.weight
         seen = set()
         for file in checkpoint_files(path):
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                        # some tied checkpoints store the head too; it equals the embedding
+                    # skip a computed buffer, and the head a tied checkpoint may store (it equals
+                    # the embedding)
+                    tied_head = name == "lm_head.weight" and cfg.tie_word_embeddings
+                    if name.endswith("rotary_emb.inv_freq") or tied_head:
                         continue
                     if name not in params:
                         raise ValueError(f"{file}: unexpected tensor {name!r} "
