@@ -259,13 +259,11 @@ class Transformer(nn.Module):
         params = dict(model.named_parameters())  # a tied head once, as model.embed_tokens.weight
         seen = set()
         for file in checkpoint_files(path):
-            with safe_open(file, framework="pt", device="cpu") as f:
+            with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
                 for name in f.keys():
-                    # skip a computed buffer, and the head a tied checkpoint may store (it equals
-                    # the embedding)
-                    tied_head = name == "lm_head.weight" and cfg.tie_word_embeddings
-                    if name.endswith("rotary_emb.inv_freq") or tied_head:
-                        continue
+                    if name.endswith("rotary_emb.inv_freq") or (
+                            name == "lm_head.weight" and cfg.tie_word_embeddings):
+                        continue  # a computed buffer; a tied checkpoint's copy of the embedding
                     if name not in params:
                         raise ValueError(f"{file}: unexpected tensor {name!r} "
                                          f"for a {cfg.model_type} model")
@@ -273,8 +271,7 @@ class Transformer(nn.Module):
                     if t.shape != params[name].shape:
                         raise ValueError(f"{file}: {name} has shape {tuple(t.shape)}, "
                                          f"config.json implies {tuple(params[name].shape)}")
-                    with torch.no_grad():
-                        params[name].copy_(t)
+                    params[name].copy_(t)
                     seen.add(name)
         missing = sorted(set(params) - seen)
         if missing:
@@ -284,8 +281,7 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, path: str, state_dict=None, max_shard_bytes: int = 5 << 30,
                         dtype=None):
-        """Write config.json + model.safetensors (or shards + index) that transformers and vLLM
-        load.
+        """Write config.json + model.safetensors (or shards + index), for transformers and vLLM.
 
         `state_dict` may be an iterator of (name, tensor), e.g. fsdp.full_state_dict, so the caller
         never holds a second full copy; by default the module's own parameters are written.
@@ -293,41 +289,39 @@ class Transformer(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
-        cfg = self.config.to_hf()
         items = state_dict if state_dict is not None else self.state_dict().items()
         dtype = dtype or next(self.parameters()).dtype
-        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-        # shards are written as they fill (never more than one shard in memory), renamed once
-        # counted
-        written, cur, size = [], {}, 0
+        # shards are written as they fill (never more than one in memory), renamed once counted
+        shards, cur, size, total = [], {}, 0, 0
 
         def flush():
-            fn = os.path.join(path, f"model-part{len(written) + 1:05d}.safetensors")
+            fn = os.path.join(path, f"model-part{len(shards) + 1:05d}.safetensors")
             save_file(cur, fn, metadata={"format": "pt"})
-            written.append((fn, {n: t.numel() * t.element_size() for n, t in cur.items()}))
+            shards.append((fn, list(cur)))
 
         for name, t in items:
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             t = t.detach().to("cpu", dtype).contiguous()
-            if cur and size + t.numel() * t.element_size() > max_shard_bytes:
+            nbytes = t.numel() * t.element_size()
+            if cur and size + nbytes > max_shard_bytes:
                 flush()
                 cur, size = {}, 0
-            cur[name], size = t, size + t.numel() * t.element_size()
+            cur[name], size, total = t, size + nbytes, total + nbytes
         flush()
-        if len(written) == 1:
-            os.replace(written[0][0], os.path.join(path, "model.safetensors"))
+        if len(shards) == 1:
+            os.replace(shards[0][0], os.path.join(path, "model.safetensors"))
         else:
-            weight_map, total = {}, 0
-            for i, (tmp, sizes) in enumerate(written):
-                fn = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            weight_map = {}
+            for i, (tmp, names) in enumerate(shards):
+                fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 os.replace(tmp, os.path.join(path, fn))
-                for n, b in sizes.items():
-                    weight_map[n] = fn
-                    total += b
+                weight_map.update(dict.fromkeys(names, fn))
             with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
                           indent=2)
+        cfg = self.config.to_hf()
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
 
