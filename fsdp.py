@@ -53,7 +53,7 @@ def setup_dist(device: str = "auto") -> tuple[int, int, torch.device]:
         dev = torch.device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return _rank(None), _world(None), dev
+    return _rank(), _world(), dev
 
 
 def comm_device() -> torch.device:
@@ -95,23 +95,22 @@ _gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_
 _scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _world(pg):
-    return dist.get_world_size(pg) if dist.is_initialized() else 1
+def _world():
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _rank(pg):
-    return dist.get_rank(pg) if dist.is_initialized() else 0
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 class Unit:
-    """One flat-sharded group of parameters (one block, or the root's leftovers)."""
+    """One flat-sharded group of parameters (one block, or the root's leftovers); with `reshard`
+    its gathered parameters are freed after the forward, else kept until the backward."""
 
-    def __init__(self, owner: nn.Module, params: list, pg, param_dtype, reduce_dtype,
-                 reshard_after_forward):
-        # params: [(name_in_full_model, tensor, [(module, attr), ...])]; a tied parameter has
-        # several homes
-        self.pg, self.W, rank = pg, _world(pg), _rank(pg)
-        self.reduce_dtype, self.reshard_after_forward = reduce_dtype, reshard_after_forward
+    def __init__(self, owner: nn.Module, params: list, param_dtype, reduce_dtype, reshard: bool):
+        # params: [(name in the full model, tensor, homes [(module, attr), ...], several if tied)]
+        self.W, rank = _world(), _rank()
+        self.reduce_dtype, self.reshard = reduce_dtype, reshard
         self.entries, off = [], 0
         for name, p, homes in params:
             self.entries.append((name, off, p.shape, homes))
@@ -148,7 +147,7 @@ class Unit:
         if self.W == 1:
             self.full.data.copy_(src)
         else:
-            _gather_flat(self.full.data, src, group=self.pg)
+            _gather_flat(self.full.data, src)
 
     def _set_views(self):
         """Set each attribute to its slice of `full` (views made in grad mode, for autograd)."""
@@ -169,7 +168,7 @@ class Unit:
             return output
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(self._pre_backward)
-        if self.reshard_after_forward:
+        if self.reshard:
             self._free()  # gathered again for the backward, if one comes
         return output
 
@@ -189,7 +188,7 @@ class Unit:
             piece = g
         else:
             piece = torch.empty(n, dtype=self.reduce_dtype, device=g.device)
-            _scatter_flat(piece, g, op=dist.ReduceOp.SUM, group=self.pg)
+            _scatter_flat(piece, g, op=dist.ReduceOp.SUM)
             piece /= self.W
         piece = piece.to(self.shard.dtype)
         self.shard.grad = piece if self.shard.grad is None else self.shard.grad + piece
@@ -203,13 +202,12 @@ class Unit:
         if self.W == 1:
             buf.copy_(self.shard.detach())
         else:
-            _gather_flat(buf, self.shard.detach().contiguous(), group=self.pg)
+            _gather_flat(buf, self.shard.detach().contiguous())
         for name, o, shape, _ in self.entries:
             yield name, buf[o:o + math.prod(shape)].view(shape)
 
 
-def shard(module: nn.Module, process_group=None, param_dtype=None, reduce_dtype=torch.float32,
-          reshard_after_forward=True) -> nn.Module:
+def shard(module: nn.Module, param_dtype=None, reduce_dtype=torch.float32) -> nn.Module:
     """Shard a model.Transformer in place (one unit per block + the root) and return it."""
     names = {}
     for mname, mod in module.named_modules():
@@ -221,9 +219,8 @@ def shard(module: nn.Module, process_group=None, param_dtype=None, reduce_dtype=
     for blk in module.model.layers:
         ids = {id(p) for p in blk.parameters()}
         params = [names.pop(k) for k in list(names) if k in ids]
-        units.append((blk, Unit(blk, params, process_group, param_dtype, reduce_dtype,
-                                reshard_after_forward)))
-    root = Unit(module, list(names.values()), process_group, param_dtype, reduce_dtype, False)
+        units.append((blk, Unit(blk, params, param_dtype, reduce_dtype, reshard=True)))
+    root = Unit(module, list(names.values()), param_dtype, reduce_dtype, reshard=False)
     units.append((module, root))
     for mod, u in units:
         mod.register_forward_pre_hook(lambda m, args, u=u: u.pre_forward())
@@ -248,7 +245,7 @@ def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
         if u.shard.grad is not None:
             sq += u.shard.grad.float().pow(2).sum()
     if units[0].W > 1:
-        dist.all_reduce(sq, group=units[0].pg)
+        dist.all_reduce(sq)
     total = sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for u in units:

@@ -295,9 +295,7 @@ class VLLMEngine:
         kw = dict(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed + rank,
                   gpu_memory_utilization=gpu_memory_utilization or (0.4 if cuda else 0.15),
                   enforce_eager=not cuda, logprobs_mode="processed_logprobs",
-                  enable_prefix_caching=True)
-        if self.sleep_level:
-            kw["enable_sleep_mode"] = True
+                  enable_prefix_caching=True, enable_sleep_mode=bool(self.sleep_level))
         if world > 1:
             kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world)
         self.llm = LLM(**kw)
