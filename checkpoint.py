@@ -36,17 +36,6 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate()}
-
-
-def set_rng_state(s: dict):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-
-
 WHOLE_FILE_LIMIT = 64 << 20  # bytes: larger files are hashed by samples (digest)
 SAMPLES, SAMPLE_BYTES = 1024, 64 << 10
 
@@ -86,12 +75,16 @@ def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: 
             pass
     barrier()
     # each rank's own view of the loop's state too: the ranks must agree on it (tests compare)
-    torch.save({"rng": rng_state(), "trainer": trainer.state_dict(), "extra": extra},
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+           "python": random.getstate()}
+    torch.save({"rng": rng, "trainer": trainer.state_dict(), "extra": extra},
                os.path.join(tmp, f"rank{rank}.pt"))
     barrier()
     if rank == 0:
         files = sorted(os.listdir(tmp))
-        mode = 0o666 & ~_umask()  # as any file the user writes (safetensors' temp files are 0600)
+        umask = os.umask(0o022)  # read by setting, then set back
+        os.umask(umask)
+        mode = 0o666 & ~umask  # as any file the user writes (safetensors' temp files are 0600)
         for fn in files:
             with open(os.path.join(tmp, fn), "rb+") as f:
                 os.fsync(f.fileno())
@@ -127,12 +120,6 @@ def step_dirs(stage_dir: str) -> list[str]:
         return []
     ds = [d for d in os.listdir(stage_dir) if d.startswith("step") and d[4:].isdigit()]
     return [os.path.join(stage_dir, d) for d in sorted(ds, key=lambda d: int(d[4:]))]
-
-
-def _umask() -> int:
-    u = os.umask(0o022)
-    os.umask(u)
-    return u
 
 
 def check_checkpoint(path: str, content: bool = False) -> str | None:
@@ -209,6 +196,8 @@ def restore(path: str, trainer, sampler, rank: int) -> dict:
     state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
     mine = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=False)
     trainer.load_state_dict(mine["trainer"])
-    set_rng_state(mine["rng"])
+    torch.set_rng_state(mine["rng"]["torch"])
+    np.random.set_state(mine["rng"]["numpy"])
+    random.setstate(mine["rng"]["python"])
     sampler.load_state(state["sampler"])
     return state["state"]

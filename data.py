@@ -76,8 +76,7 @@ def _row(row, where) -> Problem:
 
 
 def load_problems(path: str) -> list[Problem]:
-    """Read a JSON list, JSONL or parquet problem file; any bad record stops here with file, line
-    and field."""
+    """Load a JSON, JSONL or parquet problem file; a bad record stops it with file, line, field."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such problem file")
     if path.endswith(".parquet"):
@@ -96,8 +95,7 @@ def load_problems(path: str) -> list[Problem]:
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
             raise ValueError(f"{path}:{line}: bytes that are not UTF-8 ({e.reason})") from None
-        stripped = text.lstrip()
-        if stripped.startswith("["):
+        if text.lstrip().startswith("["):
             try:
                 rows = json.loads(text)
             except json.JSONDecodeError as e:
@@ -130,7 +128,7 @@ def write_jsonl(path: str, problems: list[Problem]):
 
 def user_turn(problem: str, template: str) -> str:
     """The text of the user's turn, whose length FastCuRL's split is measured on."""
-    return problem if template == "toy" else problem + R1_SUFFIX if template == "r1" else problem
+    return problem + R1_SUFFIX if template == "r1" else problem
 
 
 def format_prompt(problem: str, template: str) -> str:
@@ -146,8 +144,7 @@ def format_prompt(problem: str, template: str) -> str:
 
 
 class Tokenizer:
-    """tokenizer.json through `tokenizers`; EOS ids from generation_config.json, else
-    config.json."""
+    """tokenizer.json via `tokenizers`; EOS ids from generation_config.json, else config.json."""
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer as HFTokenizer
@@ -169,8 +166,7 @@ class Tokenizer:
         self.pad_id = next((vocab[t] for t in ("<pad>", "<|endoftext|>", "<｜end▁of▁sentence｜>")
                             if t in vocab),
                            self.eos_ids[0] if self.eos_ids else 0)
-        unk = getattr(self.tok.model, "unk_token", None)
-        # byte-level vocabularies have none
+        unk = getattr(self.tok.model, "unk_token", None)  # byte-level vocabularies have none
         self.unk_id = self.tok.token_to_id(unk) if unk else None
         self.template = ("r1" if "<｜Assistant｜>" in vocab else "qwen" if "<|im_start|>" in vocab
                          else "toy" if "\\boxed{" in vocab else "qwen")
@@ -202,8 +198,7 @@ def encode_problems(problems: list[Problem], tok: Tokenizer, template: str, max_
 # ---- FastCuRL's split ------------------------------------------------------------------------
 
 def split_by_length(problems: list[Problem], template: str = "r1"):
-    """Cut at the mean user-turn length (characters): L1 = len <= mean (short), L3 = len > mean
-    (long), L2 = all."""
+    """Cut at the mean user-turn length m (characters): L1 = len <= m, L3 = len > m, L2 = all."""
     lens = [len(user_turn(p.problem, template)) for p in problems]
     mean = sum(lens) / len(lens)
     l1 = [p for p, n in zip(problems, lens) if n <= mean]
@@ -220,7 +215,7 @@ def histogram(lens: list[int], bins: int = 12, width: int = 40) -> str:
     top = max(counts)
     return "\n".join(f"{lo + i * step:6d}-{lo + (i + 1) * step - 1:<6d} {c:7d} "
                      f"{'#' * round(width * c / top)}"
-                     for i, c in enumerate(counts) if c or i < bins)
+                     for i, c in enumerate(counts))
 
 
 # ---- the batch sampler -----------------------------------------------------------------------
@@ -235,8 +230,7 @@ class Sampler:
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
         if batch_size % world:
-            raise ValueError(
-                f"batch size {batch_size} is not divisible by the world size {world}")
+            raise ValueError(f"batch size {batch_size} is not divisible by the world size {world}")
         if n < batch_size:
             raise ValueError(f"{n} prompts cannot fill a batch of {batch_size}")
         self.n, self.bs, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
@@ -269,10 +263,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sp = sub.add_parser("split", help="cut a problem file at the mean prompt length into L1/L2/L3")
-    sp.add_argument("file")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--template", default="r1", choices=["r1", "qwen", "toy"])
+    split = sub.add_parser("split", help="cut a problem file at the mean prompt length: L1/L2/L3")
+    split.add_argument("file")
+    split.add_argument("--out", required=True)
+    split.add_argument("--template", default="r1", choices=["r1", "qwen", "toy"])
     a = ap.parse_args(argv)
     try:
         probs = load_problems(a.file)

@@ -40,13 +40,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - p
 
 
-def evaluate_file(engine, tok, template: str, path: str, *, k: int = 16,
-                  temperature: float = 0.6, top_p: float = 1.0, max_tokens: int = 32768,
-                  max_prompt: int = 1024, seed: int = 0, rank: int = 0, world: int = 1,
-                  problems: list | None = None, limit: int | None = None) -> dict:
-    """Score one problem file (or its problems, already loaded; the first `limit` of them); under
-    several ranks each takes problems rank::world and rank 0 gets all."""
-    probs = (problems if problems is not None else data.load_problems(path))[:limit]
+def evaluate_file(engine, tok, template: str, path: str, *, problems: list, k: int,
+                  temperature: float, top_p: float = 1.0, max_tokens: int, max_prompt: int,
+                  seed: int = 0, rank: int = 0, world: int = 1, limit: int | None = None) -> dict:
+    """Score the first `limit` problems of the file at `path`; under several ranks each takes
+    problems rank::world and rank 0 gets all."""
+    probs = problems[:limit]
     mine = list(range(rank, len(probs), world))
     enc, dropped = data.encode_problems([probs[i] for i in mine], tok, template, 10 ** 9)
     long = [len(ids) > max_prompt for ids, _ in enc]
@@ -134,7 +133,9 @@ def main(argv=None):
         raise SystemExit(f"[fastcurl] --max-prompt {max_prompt} + --max-tokens {max_tokens} "
                          f"exceeds {a.model}'s max_position_embeddings {positions}")
     if a.out and rank == 0:
-        check_out_file(a.out)
+        out_dir = os.path.dirname(os.path.abspath(a.out))
+        if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+            raise SystemExit(f"[fastcurl] --out {a.out}: {out_dir} is not a writable folder")
     model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=device)
     model.eval()
     kind, why = choose_engine(a.rollout, model.config)
@@ -155,12 +156,6 @@ def main(argv=None):
                     json.dump({"model": a.model, "results": results}, f, indent=2)
                 os.replace(a.out + ".tmp", a.out)
     close_dist(engine)
-
-
-def check_out_file(path: str):
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d) or not os.access(d, os.W_OK):
-        raise SystemExit(f"[fastcurl] --out {path}: {d} is not a writable folder")
 
 
 def print_row(r: dict, k: int, header: bool):

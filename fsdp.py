@@ -36,8 +36,7 @@ import torch.nn as nn
 # Every collective in this project takes tensors on comm_device(), the one place that knows which.
 
 def setup_dist(device: str = "auto") -> tuple[int, int, torch.device]:
-    """Join the torchrun job (if any) -> (rank, world, compute device).
-    device: auto | cuda | cpu."""
+    """Join the torchrun job (if any) -> (rank, world, compute device); device: auto|cuda|cpu."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
@@ -54,12 +53,11 @@ def setup_dist(device: str = "auto") -> tuple[int, int, torch.device]:
         dev = torch.device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return _rank(None), _world(None), dev
+    return _rank(), _world(), dev
 
 
 def comm_device() -> torch.device:
-    """Where tensors handed to a collective live: the current GPU under NCCL, else the CPU
-    (gloo)."""
+    """Where a collective's tensors live: the current GPU under NCCL, else the CPU (gloo)."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
@@ -71,8 +69,7 @@ def barrier():
 
 
 def close_dist(engine=None):
-    """Leave torch.distributed cleanly; a vLLM engine tears down its own groups (and the world)
-    at exit."""
+    """Leave torch.distributed cleanly; a vLLM engine ends its own groups (and the world) itself."""
     barrier()
     if dist.is_initialized() and getattr(engine, "name", "") != "vllm":
         dist.destroy_process_group()
@@ -98,40 +95,37 @@ _gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_
 _scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _world(pg):
-    return dist.get_world_size(pg) if dist.is_initialized() else 1
+def _world():
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _rank(pg):
-    return dist.get_rank(pg) if dist.is_initialized() else 0
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 class Unit:
-    """One flat-sharded group of parameters (one block, or the root's leftovers)."""
+    """One flat-sharded group of parameters (one block, or the root's leftovers); with `reshard`
+    its gathered parameters are freed after the forward, else kept until the backward."""
 
-    def __init__(self, owner: nn.Module, params: list, pg, param_dtype, reduce_dtype,
-                 reshard_after_forward):
-        # params: [(name_in_full_model, tensor, [(module, attr), ...])]; a tied parameter has
-        # several homes
-        self.pg, self.W, self.rank = pg, _world(pg), _rank(pg)
-        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
-        self.reshard_after_forward = reshard_after_forward
+    def __init__(self, owner: nn.Module, params: list, param_dtype, reduce_dtype, reshard: bool):
+        # params: [(name in the full model, tensor, homes [(module, attr), ...], several if tied)]
+        self.W, rank = _world(), _rank()
+        self.reduce_dtype, self.reshard = reduce_dtype, reshard
         self.entries, off = [], 0
         for name, p, homes in params:
             self.entries.append((name, off, p.shape, homes))
             off += p.numel()
-        self.numel = off
         self.padded = math.ceil(off / self.W) * self.W
         n = self.padded // self.W
         flat = torch.zeros(self.padded, dtype=torch.float32, device=params[0][1].device)
-        for (name, o, shape, _), (_, p, _) in zip(self.entries, params):
+        for (_, o, _, _), (_, p, _) in zip(self.entries, params):
             flat[o:o + p.numel()] = p.detach().reshape(-1).float()
-        self.shard = nn.Parameter(flat[self.rank * n:(self.rank + 1) * n].clone())
-        dt = param_dtype or torch.float32
-        self.full = torch.zeros(self.padded, dtype=dt, device=flat.device, requires_grad=True)
+        self.shard = nn.Parameter(flat[rank * n:(rank + 1) * n].clone())
+        self.full = torch.zeros(self.padded, dtype=param_dtype or torch.float32, device=flat.device,
+                                requires_grad=True)
         self.full.register_post_accumulate_grad_hook(self._reduce_grad)
         self.in_backward = False
-        for name, o, shape, homes in self.entries:
+        for _, _, _, homes in self.entries:
             for mod, attr in homes:
                 del mod._parameters[attr]
         self._set_views()
@@ -146,22 +140,19 @@ class Unit:
         self.full.untyped_storage().resize_(0)
 
     def gather(self):
-        """All-gather the full flat parameter into `full` (its .data: the autograd version stays
-        as it was)."""
+        """All-gather the flat parameter into `full`.data (autograd's version stays as it was)."""
         if not self.gathered():
             self.full.untyped_storage().resize_(self.padded * self.full.element_size())
         src = self.shard.detach().to(self.full.dtype)
         if self.W == 1:
             self.full.data.copy_(src)
         else:
-            _gather_flat(self.full.data, src, group=self.pg)
+            _gather_flat(self.full.data, src)
 
     def _set_views(self):
-        """Point each module attribute at its slice of `full` (under grad mode: views autograd can
-        follow)."""
-        for name, o, shape, homes in self.entries:
-            n = math.prod(shape)
-            v = self.full[o:o + n].view(shape)
+        """Set each attribute to its slice of `full` (views made in grad mode, for autograd)."""
+        for _, o, shape, homes in self.entries:
+            v = self.full[o:o + math.prod(shape)].view(shape)
             for mod, attr in homes:
                 setattr(mod, attr, v)
 
@@ -177,10 +168,8 @@ class Unit:
             return output
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(self._pre_backward)
-            if self.reshard_after_forward:
-                self._free()
-        elif self.reshard_after_forward:
-            self._free()  # no backward will come
+        if self.reshard:
+            self._free()  # gathered again for the backward, if one comes
         return output
 
     def _pre_backward(self, grad):
@@ -191,8 +180,7 @@ class Unit:
         return grad
 
     def _reduce_grad(self, full):
-        """full.grad -> mean over ranks (reduce_dtype) -> this rank's slice, added into
-        shard.grad."""
+        """full.grad -> mean over ranks (reduce_dtype) -> this rank's slice, added to shard.grad."""
         g = full.grad.to(self.reduce_dtype)
         full.grad = None
         n = self.padded // self.W
@@ -200,7 +188,7 @@ class Unit:
             piece = g
         else:
             piece = torch.empty(n, dtype=self.reduce_dtype, device=g.device)
-            _scatter_flat(piece, g, op=dist.ReduceOp.SUM, group=self.pg)
+            _scatter_flat(piece, g, op=dist.ReduceOp.SUM)
             piece /= self.W
         piece = piece.to(self.shard.dtype)
         self.shard.grad = piece if self.shard.grad is None else self.shard.grad + piece
@@ -209,19 +197,17 @@ class Unit:
 
     # -- whole tensors -----------------------------------------------------------------------------
     def full_tensors(self):
-        """(name, fp32 tensor) of every parameter of the unit, gathered from all ranks (not
-        kept)."""
+        """(name, fp32 tensor) of each parameter of the unit, gathered from all ranks (not kept)."""
         buf = torch.empty(self.padded, dtype=torch.float32, device=self.shard.device)
         if self.W == 1:
             buf.copy_(self.shard.detach())
         else:
-            _gather_flat(buf, self.shard.detach().contiguous(), group=self.pg)
+            _gather_flat(buf, self.shard.detach().contiguous())
         for name, o, shape, _ in self.entries:
             yield name, buf[o:o + math.prod(shape)].view(shape)
 
 
-def shard(module: nn.Module, process_group=None, param_dtype=None, reduce_dtype=torch.float32,
-          reshard_after_forward=True) -> nn.Module:
+def shard(module: nn.Module, param_dtype=None, reduce_dtype=torch.float32) -> nn.Module:
     """Shard a model.Transformer in place (one unit per block + the root) and return it."""
     names = {}
     for mname, mod in module.named_modules():
@@ -229,20 +215,17 @@ def shard(module: nn.Module, process_group=None, param_dtype=None, reduce_dtype=
             if p is not None:
                 names.setdefault(
                     id(p), (f"{mname}.{attr}" if mname else attr, p, []))[2].append((mod, attr))
-    blocks = list(module.model.layers)
     units = []
-    for i, blk in enumerate(blocks):
+    for blk in module.model.layers:
         ids = {id(p) for p in blk.parameters()}
         params = [names.pop(k) for k in list(names) if k in ids]
-        units.append((blk, Unit(blk, params, process_group, param_dtype, reduce_dtype,
-                                reshard_after_forward)))
-    root = Unit(module, list(names.values()), process_group, param_dtype, reduce_dtype, False)
+        units.append((blk, Unit(blk, params, param_dtype, reduce_dtype, reshard=True)))
+    root = Unit(module, list(names.values()), param_dtype, reduce_dtype, reshard=False)
     units.append((module, root))
     for mod, u in units:
         mod.register_forward_pre_hook(lambda m, args, u=u: u.pre_forward())
         mod.register_forward_hook(lambda m, args, out, u=u: u.post_forward(out))
     module._fsdp_units = [u for _, u in units]
-    module._fsdp_names = [n for u in module._fsdp_units for n, *_ in u.entries]
     return module
 
 
@@ -252,8 +235,7 @@ def is_sharded(module) -> bool:
 
 
 def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
-    """Scale every shard's gradient so the global L2 norm (all shards, all ranks) is at most
-    max_norm."""
+    """Scale every shard's gradient so that the global L2 norm (all ranks) is at most max_norm."""
     if getattr(module, "_fsdp2", False):
         n = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
         return n.full_tensor() if hasattr(n, "full_tensor") else n
@@ -263,7 +245,7 @@ def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
         if u.shard.grad is not None:
             sq += u.shard.grad.float().pow(2).sum()
     if units[0].W > 1:
-        dist.all_reduce(sq, group=units[0].pg)
+        dist.all_reduce(sq)
     total = sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for u in units:
@@ -288,13 +270,8 @@ def full_state_dict(module: nn.Module):
                 yield "lm_head.weight", t
 
 
-def local_numel(module: nn.Module) -> int:
-    return sum(u.shard.numel() for u in module._fsdp_units)
-
-
 def local_bytes(module: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict:
-    """Bytes this rank holds in parameters, gradients and optimizer state (DTensors count their
-    local part)."""
+    """Bytes this rank holds in parameters, gradients, optimizer state (a DTensor's local part)."""
     def nbytes(t):
         t = t.to_local() if hasattr(t, "to_local") else t
         return t.numel() * t.element_size()
@@ -308,8 +285,7 @@ def local_bytes(module: nn.Module, opt: torch.optim.Optimizer | None = None) -> 
 
 
 def torch_fully_shard(module: nn.Module, param_dtype=None, reduce_dtype=torch.float32):
-    """The same units with torch's FSDP2 (`fully_shard`), for comparison and for those who prefer
-    it."""
+    """The same units with torch's FSDP2 `fully_shard`: for comparison, or for those who like it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)

@@ -73,9 +73,7 @@ class Config:
     def to_hf(self) -> dict:
         d = asdict(self)
         arch = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[self.model_type]
-        d["architectures"] = [arch]
-        d["hidden_act"] = "silu"
-        d["use_cache"] = True
+        d.update(architectures=[arch], hidden_act="silu", use_cache=True)
         if self.model_type == "qwen2":
             d.pop("attention_bias")
             d.update(use_sliding_window=False, sliding_window=None,
@@ -83,11 +81,6 @@ class Config:
         else:
             d["mlp_bias"] = False
         return d
-
-    @property
-    def eos_ids(self) -> list[int]:
-        e = self.eos_token_id
-        return [] if e is None else [e] if isinstance(e, int) else list(e)
 
 
 class RMSNorm(nn.Module):
@@ -99,15 +92,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dt = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dt)
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 def rope(pos: torch.Tensor, head_dim: int, theta: float):
-    """cos, sin [B, 1, T, D] for integer positions [B, T]: angle_i = pos / theta^(2i/D),
-    duplicated halves."""
+    """pos [B, T] -> cos, sin [B, 1, T, D]: angle_i = pos / theta^(2i/D), halves duplicated."""
     inv_freq = 1.0 / theta ** (
         torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     ang = pos.float()[..., None] * inv_freq
@@ -122,8 +113,7 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Static cache [L, B, Hkv, Tmax, D]; all rows share one write column (prompts are
-    left-padded)."""
+    """Static cache [L, B, Hkv, Tmax, D]; all rows share one write column (prompts left-padded)."""
 
     def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -138,8 +128,7 @@ class KVCache:
         return self.k[layer, :, :, :self.pos + t], self.v[layer, :, :, :self.pos + t]
 
     def select(self, rows: torch.Tensor):
-        """Keep (or repeat) batch rows, e.g. expand one prompt to n samples or drop finished
-        sequences."""
+        """Keep (or repeat) batch rows: expand a prompt to n samples, drop finished sequences."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
@@ -164,9 +153,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
         d = self.cfg.head_dim
-        q = self.q_proj(x).view(B, T, -1, d).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, d).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2)
+        q, k, v = (proj(x).view(B, T, -1, d).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
@@ -248,8 +236,7 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def logits(self, hidden):
-        """z = h W^T in fp32 (only for a few positions: training uses
-        kernels.fused_logprob_entropy)."""
+        """z = h W^T in fp32, for a few positions (training uses kernels.fused_logprob_entropy)."""
         return hidden.float() @ self.lm_head.weight.float().T
 
     def num_params(self) -> int:
@@ -269,17 +256,14 @@ class Transformer(nn.Module):
         model.to(dtype)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        # tied head appears once, as model.embed_tokens.weight
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters())  # a tied head once, as model.embed_tokens.weight
         seen = set()
         for file in checkpoint_files(path):
-            with safe_open(file, framework="pt", device="cpu") as f:
+            with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
                 for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue
-                    if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                        # some tied checkpoints store the head too; it equals the embedding
-                        continue
+                    if name.endswith("rotary_emb.inv_freq") or (
+                            name == "lm_head.weight" and cfg.tie_word_embeddings):
+                        continue  # a computed buffer; a tied checkpoint's copy of the embedding
                     if name not in params:
                         raise ValueError(f"{file}: unexpected tensor {name!r} "
                                          f"for a {cfg.model_type} model")
@@ -287,8 +271,7 @@ class Transformer(nn.Module):
                     if t.shape != params[name].shape:
                         raise ValueError(f"{file}: {name} has shape {tuple(t.shape)}, "
                                          f"config.json implies {tuple(params[name].shape)}")
-                    with torch.no_grad():
-                        params[name].copy_(t)
+                    params[name].copy_(t)
                     seen.add(name)
         missing = sorted(set(params) - seen)
         if missing:
@@ -298,8 +281,7 @@ class Transformer(nn.Module):
 
     def save_pretrained(self, path: str, state_dict=None, max_shard_bytes: int = 5 << 30,
                         dtype=None):
-        """Write config.json + model.safetensors (or shards + index) that transformers and vLLM
-        load.
+        """Write config.json + model.safetensors (or shards + index), for transformers and vLLM.
 
         `state_dict` may be an iterator of (name, tensor), e.g. fsdp.full_state_dict, so the caller
         never holds a second full copy; by default the module's own parameters are written.
@@ -307,41 +289,39 @@ class Transformer(nn.Module):
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
-        cfg = self.config.to_hf()
         items = state_dict if state_dict is not None else self.state_dict().items()
         dtype = dtype or next(self.parameters()).dtype
-        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-        # shards are written as they fill (never more than one shard in memory), renamed once
-        # counted
-        written, cur, size = [], {}, 0
+        # shards are written as they fill (never more than one in memory), renamed once counted
+        shards, cur, size, total = [], {}, 0, 0
 
         def flush():
-            fn = os.path.join(path, f"model-part{len(written) + 1:05d}.safetensors")
+            fn = os.path.join(path, f"model-part{len(shards) + 1:05d}.safetensors")
             save_file(cur, fn, metadata={"format": "pt"})
-            written.append((fn, {n: t.numel() * t.element_size() for n, t in cur.items()}))
+            shards.append((fn, list(cur)))
 
         for name, t in items:
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             t = t.detach().to("cpu", dtype).contiguous()
-            if cur and size + t.numel() * t.element_size() > max_shard_bytes:
+            nbytes = t.numel() * t.element_size()
+            if cur and size + nbytes > max_shard_bytes:
                 flush()
                 cur, size = {}, 0
-            cur[name], size = t, size + t.numel() * t.element_size()
+            cur[name], size, total = t, size + nbytes, total + nbytes
         flush()
-        if len(written) == 1:
-            os.replace(written[0][0], os.path.join(path, "model.safetensors"))
+        if len(shards) == 1:
+            os.replace(shards[0][0], os.path.join(path, "model.safetensors"))
         else:
-            weight_map, total = {}, 0
-            for i, (tmp, sizes) in enumerate(written):
-                fn = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            weight_map = {}
+            for i, (tmp, names) in enumerate(shards):
+                fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 os.replace(tmp, os.path.join(path, fn))
-                for n, b in sizes.items():
-                    weight_map[n] = fn
-                    total += b
+                weight_map.update(dict.fromkeys(names, fn))
             with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
                           indent=2)
+        cfg = self.config.to_hf()
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
 

@@ -35,8 +35,7 @@ class Completion:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
-    """-> (tokens [B], log-probs [B]) from logits [B, V]: greedy at temperature 0, else softmax(z/T)
-    cut to top-p."""
+    """logits [B, V] -> (tokens [B], log-probs [B]): argmax at T = 0, else softmax(z/T) in top-p."""
     # a diverged policy still samples
     logits = torch.nan_to_num(logits, nan=0.0, posinf=1e4, neginf=-1e4)
     if temperature == 0:
@@ -223,44 +222,37 @@ def _mm_f32_works(w: torch.Tensor) -> bool:
         return False
 
 
-class _StaticKV:
-    """The decode-time view of a model.KVCache: a step writes its key/value at column `col` (a
-    device tensor, not a Python int) and attention reads every column [B, Hkv, Tmax, D], the
-    unfilled ones masked out by the caller. Same shapes and buffers every step."""
-
-    def __init__(self, cache: KVCache):
-        self.k, self.v = cache.k, cache.v
-        self.col = torch.zeros(1, dtype=torch.long, device=cache.k.device)
-
-    def update(self, layer: int, k, v):
-        self.k[layer].index_copy_(2, self.col, k)
-        self.v[layer].index_copy_(2, self.col, v)
-        return self.k[layer], self.v[layer]
-
-
 class _StaticStep:
     """One decode step at static shapes for the cache's batch: inputs copied into fixed buffers
-    (token [B, 1], position [B, 1], mask [B, 1, 1, Tmax], column), logits [B, V] out. With
+    (token [B, 1], position [B, 1], mask [B, 1, 1, Tmax], column), logits [B, V] out. It is the
+    model's cache view too: a step writes its key/value at column `col` (a device tensor, not a
+    Python int) and attention reads every column [B, Hkv, Tmax, D], the unfilled ones masked. With
     `graph`, the step is recorded as a CUDA graph at its first call (after a warm-up run on a side
     stream; both write the same column the replay writes again, so recording changes nothing) and
     replayed after; without, it runs eagerly: the same kernels, the graph's CPU-testable twin."""
 
     def __init__(self, engine: TorchEngine, cache: KVCache, graph: bool):
         B, tmax, dev = cache.k.shape[1], cache.k.shape[3], cache.k.device
-        self.engine, self.kv, self.graph_on, self.graph = engine, _StaticKV(cache), graph, None
+        self.engine, self.graph_on, self.graph = engine, graph, None
+        self.k, self.v = cache.k, cache.v
+        self.col = torch.zeros(1, dtype=torch.long, device=dev)
         self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.mask = torch.zeros(B, 1, 1, tmax, dtype=torch.bool, device=dev)
 
+    def update(self, layer: int, k, v):
+        self.k[layer].index_copy_(2, self.col, k)
+        self.v[layer].index_copy_(2, self.col, v)
+        return self.k[layer], self.v[layer]
+
     def _run(self):
-        m = self.engine.model
-        return self.engine._logits(m(self.tok, self.pos, self.mask, self.kv)[:, -1])
+        return self.engine._logits(self.engine.model(self.tok, self.pos, self.mask, self)[:, -1])
 
     def __call__(self, tok, pos, valid, col: int):
         self.tok.copy_(tok[:, None])
         self.pos.copy_(pos[:, None])
         self.mask.copy_(valid[:, None, None, :])
-        self.kv.col.fill_(col)
+        self.col.fill_(col)
         if not self.graph_on:
             return self._run()
         if self.graph is None:
@@ -291,24 +283,19 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, model_dir: str, *, max_model_len: int, rank: int = 0, world: int = 1,
-                 seed: int = 0, dtype: str = "auto", gpu_memory_utilization: float | None = None,
-                 enforce_eager: bool | None = None, sleep_level: int | None = None):
-        import torch
+                 seed: int = 0, dtype: str = "auto", gpu_memory_utilization: float | None = None):
         vllm = import_vllm()
         from vllm import LLM
 
-        major, minor = (int(x) for x in vllm.__version__.split(".")[:2])
-        if (major, minor) < (0, 10):
+        if tuple(int(x) for x in vllm.__version__.split(".")[:2]) < (0, 10):
             raise RuntimeError(f"vllm {vllm.__version__} is too old for fastcurl's colocated "
                                f"engine: need >= 0.10")
         cuda = torch.cuda.is_available()
-        self.sleep_level = (1 if cuda else 0) if sleep_level is None else sleep_level
+        self.sleep_level = 1 if cuda else 0
         kw = dict(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed + rank,
                   gpu_memory_utilization=gpu_memory_utilization or (0.4 if cuda else 0.15),
-                  enforce_eager=(not cuda) if enforce_eager is None else enforce_eager,
-                  logprobs_mode="processed_logprobs", enable_prefix_caching=True)
-        if self.sleep_level:
-            kw["enable_sleep_mode"] = True
+                  enforce_eager=not cuda, logprobs_mode="processed_logprobs",
+                  enable_prefix_caching=True, enable_sleep_mode=bool(self.sleep_level))
         if world > 1:
             kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world)
         self.llm = LLM(**kw)
@@ -355,18 +342,6 @@ class VLLMEngine:
         reload(weights_iterator=((n, t.detach()) for n, t in named_tensors))
         self.llm.reset_prefix_cache()
 
-    def prompt_logprobs(self, seqs: list[list[int]]) -> list[list[float]]:
-        """log p(token_t | tokens_<t) for t >= 1 of each sequence, at temperature 1 (a check, not a
-        sampler)."""
-        from vllm import SamplingParams
-
-        self.wake_up()
-        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in seqs],
-                                 SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0),
-                                 use_tqdm=False)
-        return [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], s[1:])]
-                for o, s in zip(outs, seqs)]
-
 
 # ---- the engine factory ------------------------------------------------------------------------
 
@@ -403,8 +378,7 @@ def vllm_usable(cfg) -> str | None:
 
 
 def choose_engine(kind: str, cfg) -> tuple[str, str]:
-    """--rollout auto | torch | vllm -> ("vllm" | "torch", why): auto takes vLLM when it can serve
-    the model."""
+    """kind auto|torch|vllm -> ("vllm"|"torch", why): auto takes vLLM if it can serve the model."""
     why = vllm_usable(cfg) if kind in ("auto", "vllm") else "asked for torch"
     if kind == "vllm" and why:
         raise SystemExit(f"--rollout vllm: {why}")

@@ -36,6 +36,16 @@ def maxdiff(a, b):
     return max(float((x - torch.tensor(y)).abs().max()) for x, y in zip(a, b))
 
 
+def prompt_logprobs(eng, seqs):
+    """log p(token_t | tokens_<t) for t >= 1 of each sequence, from vLLM at temperature 1."""
+    from vllm import SamplingParams
+
+    eng.wake_up()
+    outs = eng.llm.generate([{"prompt_token_ids": list(s)} for s in seqs],
+                            SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)
+    return [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], s[1:])] for o, s in zip(outs, seqs)]
+
+
 def main():
     tok = data.Tokenizer(TOY)
     eng = VLLMEngine(TOY, max_model_len=256, dtype="float32")
@@ -50,7 +60,7 @@ def main():
     fixed = [c.prompt_ids + c.response_ids for c in comps[:6]]
 
     def vllm_vs_trainer():
-        got = eng.prompt_logprobs(fixed)
+        got = prompt_logprobs(eng, fixed)
         with torch.no_grad():
             mine = [torch.log_softmax(model.logits(model(torch.tensor([s]))[0, :-1]), -1)
                     .gather(-1, torch.tensor(s[1:])[:, None])[:, 0] for s in fixed]
