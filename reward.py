@@ -151,7 +151,16 @@ _UNIT_WORDS = (r"(?:units?|cm|centimeters?|m|meters?|km|kilometers?|mm|inches|in
 _TEXT = r"\\(?:text\w*|mbox|mathrm|textrm|operatorname|mathbf|mathit)\s*"
 _DEGREE = r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree)"
 _TRIG = r"(?:sin|cos|tan|sec|csc|cot)"
+
+
+def _matrix_text(match: re.Match) -> str:
+    rows = [r for r in re.split(r"\\\\", match.group(2)) if r.strip()]
+    return "\\mat(" + ";".join(",".join(c.strip() for c in r.split("&")) for r in rows) + ")"
+
+
 _RULES = [  # (pattern, replacement), in order; each a plain LaTeX convention
+    (r"(?<=\d)\s*;\s*(?=-?\d)", ","),  # (0;-2;6)
+    (r"(?s)\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}", _matrix_text),
     (r"\\\\(?=[a-zA-Z])", r"\\"), (r",\s*\\!\s*", ","), (r"\\!", ""),  # doubled escapes, 11,\! 111
     (r"\\[,;: ]|\\q?quad|~", " "),  # spacing
     (r"\\[dtc]frac", r"\\frac"), (r"\\left|\\right|\\displaystyle|\\[bB]igg?[lr]?", ""),
@@ -174,29 +183,17 @@ _RULES = [  # (pattern, replacement), in order; each a plain LaTeX convention
     (r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}"), (r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{"),
     (r"\\frac\s*\{([^{}]*)\}\s*(\w)", r"\\frac{\1}{\2}"), (r"\\sqrt\s*(\w)", r"\\sqrt{\1}"),
 ]
-_MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}", re.S)
-
-
-def _matrix_text(match: re.Match) -> str:
-    rows = [r for r in re.split(r"\\\\", match.group(2)) if r.strip()]
-    return "\\mat(" + ";".join(",".join(c.strip() for c in r.split("&")) for r in rows) + ")"
-
-
-def _mixed_number(s: str) -> str:
-    """w\\frac{n}{d} and "w n/d" with n < d are the mixed number w + n/d, as one fraction."""
-    match = re.fullmatch(r"(-?)(\d+)\s*(?:\\frac\{(\d+)\}\{(\d+)\}|\s(\d+)/(\d+))", s)
-    if not match:
-        return s
-    whole, num, den = int(match[2]), int(match[3] or match[5]), int(match[4] or match[6])
-    return f"{match[1]}\\frac{{{whole * den + num}}}{{{den}}}" if 0 < num < den else s
 
 
 def normalize(s: str) -> str:
-    s = re.sub(r"(?<=\d)\s*;\s*(?=-?\d)", ",", str(s).strip().replace("\n", " "))  # (0;-2;6)
-    s = _MATRIX.sub(_matrix_text, s)
+    s = str(s).strip().replace("\n", " ")
     for pattern, replacement in _RULES:
         s = re.sub(pattern, replacement, s)
-    s = _mixed_number(s.strip())
+    s = s.strip()
+    mixed = re.fullmatch(r"(-?)(\d+)\s*(?:\\frac\{(\d+)\}\{(\d+)\}|\s(\d+)/(\d+))", s)
+    if mixed:  # 1\frac{4}{5} and "1 1/2": w + n/d as one fraction when n < d
+        whole, num, den = int(mixed[2]), int(mixed[3] or mixed[5]), int(mixed[4] or mixed[6])
+        s = f"{mixed[1]}\\frac{{{whole * den + num}}}{{{den}}}" if 0 < num < den else s
     if re.fullmatch(r"-?\d{1,3}( \d{3})+(\.\d+)?", s):
         s = s.replace(" ", "")  # 1 000 -> 1000
     if "^" in s:
@@ -308,29 +305,6 @@ def _answer_part(s: str) -> str:
         low, high = "(" if tokens[1] == "<" else "[", ")" if tokens[3] == "<" else "]"
         return f"{low}{tokens[0]},{tokens[4]}{high}"
     return s
-
-
-def _relation(s: str):
-    """'a OP b' as (a - b, OP), < and ≤ turned into > and ≥; None when s is not one relation."""
-    tokens = _split_top(s, _RELATIONS, keep=True)
-    if len(tokens) != 3 or not tokens[0] or not tokens[2]:
-        return None
-    left, op, right = tokens
-    if op in "<≤":
-        left, right, op = right, left, {"<": ">", "≤": "≥"}[op]
-    return f"({left})-({right})", op
-
-
-def _unordered_equal(ps: list[str], gs: list[str], depth: int, deadline: float) -> bool:
-    if len(ps) != len(gs) or len(gs) > 64:
-        return False
-    left = list(gs)
-    for p in ps:
-        hit = next((i for i, g in enumerate(left) if _equiv(p, g, depth + 1, deadline)), None)
-        if hit is None:
-            return False
-        left.pop(hit)
-    return True
 
 
 # ---- symbolic (sympy, in a killable worker process) ------------------------------------------
@@ -542,11 +516,22 @@ def _symbolic(mode: str, a: str, b: str, deadline: float) -> str:
 # ---- equivalence -----------------------------------------------------------------------------
 
 def _relations_equal(a: str, b: str, deadline: float) -> bool:
-    ra, rb = _relation(a), _relation(b)
-    if ra is None or rb is None or ra[1] != rb[1]:
+    """Two relations 'left OP right', < and ≤ turned into > and ≥, with the same OP whose sides'
+    differences left - right are a constant multiple of each other."""
+    differences, ops = [], []
+    for relation in (a, b):
+        tokens = _split_top(relation, _RELATIONS, keep=True)
+        if len(tokens) != 3 or not tokens[0] or not tokens[2]:
+            return False
+        left, op, right = tokens
+        if op in "<≤":
+            left, right, op = right, left, {"<": ">", "≤": "≥"}[op]
+        differences.append(f"({left})-({right})")
+        ops.append(op)
+    if ops[0] != ops[1]:
         return False
-    sign = _symbolic("ratio", ra[0], rb[0], deadline)
-    return sign == "+" or (sign == "-" and ra[1] in "=≠")
+    sign = _symbolic("ratio", differences[0], differences[1], deadline)
+    return sign == "+" or (sign == "-" and ops[0] in "=≠")
 
 
 def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
@@ -561,8 +546,7 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
         return True
     if not a:
         return False
-    both_relations = all(any(c in _RELATIONS for c in s) for s in (a, b))
-    if both_relations and _relations_equal(a, b, deadline):
+    if _relations_equal(a, b, deadline):
         return True
     a, b = _answer_part(a), _answer_part(b)
     if a == b:
@@ -577,8 +561,7 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
         a, b = _expand_plus_minus(a), _expand_plus_minus(b)
     whole = [m.startswith("\\mat(") and _encloses(m[4:]) for m in (a, b)]
     if whole[0] and whole[1]:
-        rows_a, rows_b = (_split_top(m[5:-1], ";") for m in (a, b))
-        cells_a, cells_b = ([_split_top(r) for r in rows] for rows in (rows_a, rows_b))
+        cells_a, cells_b = ([_split_top(r) for r in _split_top(m[5:-1], ";")] for m in (a, b))
         pairs = [(x, y) for ra, rb in zip(cells_a, cells_b) for x, y in zip(ra, rb)]
         same_shape = [len(r) for r in cells_a] == [len(r) for r in cells_b]
         return same_shape and all(_equiv(x, y, depth + 1, deadline) for x, y in pairs)
@@ -597,7 +580,14 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
         return False
     pa, pb = (list(dict.fromkeys(normalize(x) for x in p)) for p in (pa, pb))  # repeats count once
     if len(pb) > 1 or len(pa) > 1 or ta is not None:  # sets, lists and unions: any order
-        return _unordered_equal(pa, pb, depth, deadline)
+        if len(pa) != len(pb):
+            return False
+        for x in pa:
+            hit = next((i for i, y in enumerate(pb) if _equiv(x, y, depth + 1, deadline)), None)
+            if hit is None:
+                return False
+            pb.pop(hit)
+        return True
     for decimal, exact in ((a, b), (b, a)):
         tolerance = _decimal_tolerance(decimal)
         if tolerance is not None:
