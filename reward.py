@@ -64,6 +64,9 @@ SYMPY_TIMEOUT = 0.8  # seconds for one answer's comparisons, symbolic ones inclu
 MAX_SYMBOLIC_LEN = 400  # characters; longer answers are compared as strings and numbers only
 MAX_ANSWER_LEN = 20_000  # characters; longer answers are compared as strings only
 _POOL_LOCK = threading.Lock()
+_POOL: queue.Queue | None = None  # the sympy workers of process _POOL_PID
+_POOL_PID = None
+_ERRORS = [0]  # checks that overran their time or met no ready worker, and exceptions caught
 
 # ---- extraction ------------------------------------------------------------------------------
 
@@ -371,16 +374,13 @@ import sympy
 from sympy.parsing.sympy_parser import (parse_expr, standard_transformations, rationalize,
                                         implicit_multiplication_application, convert_xor)
 T = standard_transformations + (implicit_multiplication_application, convert_xor, rationalize)
-NS = {c: sympy.Symbol(c) for c in string.ascii_letters}
+NS = {c: sympy.Symbol(c) for c in list(string.ascii_letters) + sys.argv[1].split(",")}
 NS.update({"e": sympy.E, "i": sympy.I, "pi": sympy.pi, "oo": sympy.oo})
-NS.update({g: sympy.Symbol(g) for g in sys.argv[1].split(",")})
-def parse(text):
-    return parse_expr(text, local_dict=dict(NS), transformations=T)
 sys.stdout.write("ready\n"); sys.stdout.flush()
 for line in sys.stdin:
     try:
         mode, a, b = line.rstrip("\n").split("\t")
-        x, y = parse(a), parse(b)
+        x, y = (parse_expr(t, local_dict=dict(NS), transformations=T) for t in (a, b))
         if mode == "equal":
             d = x == y or sympy.simplify(x - y)
             out = "1" if d is True or d == 0 or getattr(d, "is_zero_matrix", False) else "0"
@@ -400,7 +400,7 @@ class _Worker:
     one starts in the background); pipes work from threads and from daemonic processes alike."""
 
     def __init__(self):
-        self.proc, self.ready = None, False
+        self.start()
 
     def start(self):
         pipe, command = subprocess.PIPE, [sys.executable, "-c", _WORKER_CODE, ",".join(_GREEK)]
@@ -409,7 +409,7 @@ class _Worker:
         self.ready = False
 
     def wait_ready(self, timeout: float) -> bool:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc.poll() is not None:
             self.start()
         if not self.ready:
             self.ready = self._read_line(timeout) == "ready\n"
@@ -438,10 +438,6 @@ class _Worker:
         return line.strip()
 
 
-# checks that overran their time or met no ready worker, and exceptions caught (reward_errors())
-_ERRORS = [0]
-
-
 def _count_error():
     with _POOL_LOCK:
         _ERRORS[0] += 1
@@ -454,10 +450,6 @@ def reward_errors() -> int:
     return n
 
 
-_POOL: queue.Queue | None = None
-_POOL_PID = None
-
-
 def start_workers(n: int = 2):
     """Start n sympy workers now (the trainer does so at start-up: no scoring call pays for it)."""
     global _POOL, _POOL_PID
@@ -466,19 +458,23 @@ def start_workers(n: int = 2):
             _POOL, _POOL_PID = queue.Queue(), os.getpid()
             workers = [_Worker() for _ in range(n)]
             for w in workers:
-                w.start()
-            for w in workers:
                 w.wait_ready(30.0)
                 _POOL.put(w)
 
 
-def _ready_worker(deadline: float) -> _Worker | None:
-    """A worker that has finished starting: a ready one from the pool when there is one, else the
-    first one, waited for until the deadline. None (the worker returned) when none is ready."""
+def _symbolic(mode: str, a: str, b: str, deadline: float) -> str:
+    """The worker's answer for (mode, a, b), or "0"; an answer not computed counts as an error. The
+    worker is a ready one from the pool when there is one, else the first one, waited for until the
+    deadline."""
+    sa, sb = to_sympy_str(a), to_sympy_str(b)
+    if sa is None or sb is None:
+        return "0"
+    start_workers()
     try:
         worker = _POOL.get(timeout=max(0.0, deadline - time.monotonic()))
     except queue.Empty:
-        return None
+        _count_error()
+        return "0"
     if not worker.wait_ready(0.0):
         try:
             other = _POOL.get_nowait()
@@ -487,25 +483,11 @@ def _ready_worker(deadline: float) -> _Worker | None:
             _POOL.put(other)
         except queue.Empty:
             pass
-    if worker.wait_ready(deadline - time.monotonic()):
-        return worker
-    _POOL.put(worker)
-    return None
-
-
-def _symbolic(mode: str, a: str, b: str, deadline: float) -> str:
-    """The worker's answer for (mode, a, b), or "0"; an answer not computed counts as an error."""
-    sa, sb = to_sympy_str(a), to_sympy_str(b)
-    if sa is None or sb is None:
-        return "0"
-    start_workers()
-    worker = _ready_worker(deadline)
-    if worker is None:
-        _count_error()
-        return "0"
     try:
-        budget = max(0.05, min(SYMPY_TIMEOUT, deadline - time.monotonic()))
-        answer = worker.ask(f"{mode}\t{sa}\t{sb}", budget)
+        answer = None
+        if worker.wait_ready(deadline - time.monotonic()):
+            budget = max(0.05, min(SYMPY_TIMEOUT, deadline - time.monotonic()))
+            answer = worker.ask(f"{mode}\t{sa}\t{sb}", budget)
     finally:
         _POOL.put(worker)
     if answer is None:
