@@ -197,10 +197,8 @@ def normalize(s: str) -> str:
     if mixed:  # 1\frac{4}{5} and "1 1/2": w + n/d as one fraction when n < d
         whole, num, den = int(mixed[2]), int(mixed[3] or mixed[5]), int(mixed[4] or mixed[6])
         s = f"{mixed[1]}\\frac{{{whole * den + num}}}{{{den}}}" if 0 < num < den else s
-    if re.fullmatch(r"-?\d{1,3}( \d{3})+(\.\d+)?", s):
-        s = s.replace(" ", "")  # 1 000 -> 1000
-    if "^" in s:
-        s = re.sub(r"(?<=[\d}])\s+(?=\d)", "\\\\cdot ", s)  # 2^6 3^5: a product
+    s = s.replace(" ", "") if re.fullmatch(r"-?\d{1,3}( \d{3})+(\.\d+)?", s) else s  # 1 000
+    s = re.sub(r"(?<=[\d}])\s+(?=\d)", "\\\\cdot ", s) if "^" in s else s  # 2^6 3^5: a product
     s = re.sub(r"\s*\{\s*,\s*\}\s*", ",", s)  # 14{,}916 and 14 {, }916
     if re.fullmatch(r"-?[1-9]\d{0,2}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")  # 1,000 -> 1000, but "32, 349" is a list
@@ -330,8 +328,7 @@ def _split_name(match: re.Match) -> str:
 
 
 def to_sympy_str(s: str) -> str | None:
-    """LaTeX -> a sympy expression string over a small allow-list, or None (unknown commands,
-    odd characters)."""
+    """LaTeX -> a sympy expression string over a small allow-list, or None (unknown commands)."""
     s = re.sub(r"\\mat\(([^()]*)\)", lambda m: "Matrix(((" + m[1].replace(";", "),(") + ")))", s)
     if len(s) > MAX_SYMBOLIC_LEN or s.count("{") > 40 or re.search(r"\d_|__", s):
         return None
@@ -550,13 +547,10 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
     if whole[0] or whole[1] or "\\mat(" in a + b:  # matrix arithmetic: sympy's
         return "\\mat(" in a and "\\mat(" in b and _symbolic("equal", a, b, deadline) == "1"
     ta, tb = _bracketed(a), _bracketed(b)
-    if ta is not None and tb is not None and "{" not in (ta[0], tb[0]):
-        return ta[:2] == tb[:2] and len(ta[2]) == len(tb[2]) and all(
+    ordered = [t is not None and t[0] != "{" for t in (ta, tb)]
+    if any(ordered):  # a tuple or interval matches only one with the same brackets, in order
+        return all(ordered) and ta[:2] == tb[:2] and len(ta[2]) == len(tb[2]) and all(
             _equiv(x, y, depth + 1, deadline) for x, y in zip(ta[2], tb[2]))
-    if ta is not None and tb is not None and (ta[0] == "{") != (tb[0] == "{"):
-        return False  # a set against an ordered tuple or interval
-    if (ta is None) != (tb is None) and "{" not in (ta or tb)[0]:
-        return False  # an ordered tuple or interval against something else
     pa, pb = (t[2] if t is not None else _split_top(s, ",∪") for s, t in ((a, ta), (b, tb)))
     if len(pa) > 64 or len(pb) > 64:
         return False
