@@ -49,6 +49,7 @@ Nothing here raises or hangs: every call returns within about a second, from any
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -122,8 +123,7 @@ def extract_answer(text: str) -> str | None:
 
 def final_answer(text: str) -> str:
     """The answer a text states: its boxed answer, else its math (see the module docstring)."""
-    boxed = extract_answer(text)
-    if boxed is not None:
+    if (boxed := extract_answer(text)) is not None:
         return boxed
     text = text[-MAX_ANSWER_LEN:]  # a final answer is at the end
     text = text[:_TAIL.search(text).start()]
@@ -299,9 +299,8 @@ def _answer_part(s: str) -> str:
         parts = parts[-1:]  # "x = 5 + 5 + 1 = 11"
     s = "".join(parts)
     tokens = _split_top(s, "<≤>≥", keep=True)
-    if len(tokens) == 5 and tokens[1] in ">≥" and tokens[3] in ">≥":
-        tokens = tokens[::-1]  # "7 >= x > -2" is "-2 < x <= 7"
-        tokens[1], tokens[3] = ({">": "<", "≥": "≤"}[t] for t in (tokens[1], tokens[3]))
+    if len(tokens) == 5 and tokens[1] in ">≥" and tokens[3] in ">≥":  # 7 >= x > -2 is -2 < x <= 7
+        tokens = [{">": "<", "≥": "≤"}.get(t, t) for t in tokens[::-1]]
     if len(tokens) == 5 and _NAME.fullmatch(tokens[2]) and {tokens[1], tokens[3]} <= {"<", "≤"}:
         low, high = "(" if tokens[1] == "<" else "[", ")" if tokens[3] == "<" else "]"
         return f"{low}{tokens[0]},{tokens[4]}{high}"
@@ -362,18 +361,16 @@ def to_sympy_str(s: str) -> str | None:
 
 
 _WORKER_CODE = r'''
-import resource, string, sys
-try:
+import contextlib, resource, string, sys
+with contextlib.suppress(Exception):  # some systems refuse the limit
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-except Exception:  # some systems refuse the limit
-    pass
 import sympy
 from sympy.parsing.sympy_parser import (parse_expr, standard_transformations, rationalize,
                                         implicit_multiplication_application, convert_xor)
 T = standard_transformations + (implicit_multiplication_application, convert_xor, rationalize)
 NS = {c: sympy.Symbol(c) for c in list(string.ascii_letters) + sys.argv[1].split(",")}
 NS.update({"e": sympy.E, "i": sympy.I, "pi": sympy.pi, "oo": sympy.oo})
-sys.stdout.write("ready\n"); sys.stdout.flush()
+print("ready", flush=True)
 for line in sys.stdin:
     try:
         mode, a, b = line.rstrip("\n").split("\t")
@@ -388,7 +385,7 @@ for line in sys.stdin:
             out = "1" if abs(sympy.N(x - y, 30)) <= sympy.Rational(mode[5:]) else "0"
     except BaseException:
         out = "0"
-    sys.stdout.write(out + "\n"); sys.stdout.flush()
+    print(out, flush=True)
 '''
 
 
@@ -473,13 +470,11 @@ def _symbolic(mode: str, a: str, b: str, deadline: float) -> str:
         _count_error()
         return "0"
     if not worker.wait_ready(0.0):
-        try:
+        with contextlib.suppress(queue.Empty):
             other = _POOL.get_nowait()
             if other.wait_ready(0.0):
                 worker, other = other, worker
             _POOL.put(other)
-        except queue.Empty:
-            pass
     try:
         answer = None
         if worker.wait_ready(deadline - time.monotonic()):
