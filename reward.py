@@ -457,9 +457,8 @@ def start_workers(n: int = 2):
 
 
 def _symbolic(mode: str, a: str, b: str, deadline: float) -> str:
-    """The worker's answer for (mode, a, b), or "0"; an answer not computed counts as an error. The
-    worker is a ready one from the pool when there is one, else the first one, waited for until the
-    deadline."""
+    """The worker's answer for (mode, a, b), or "0", an error when not computed. It asks a ready
+    worker from the pool when there is one, else the first one, waited for until the deadline."""
     sa, sb = to_sympy_str(a), to_sympy_str(b)
     if sa is None or sb is None:
         return "0"
