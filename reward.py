@@ -49,6 +49,7 @@ Nothing here raises or hangs: every call returns within about a second, from any
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -64,6 +65,9 @@ SYMPY_TIMEOUT = 0.8  # seconds for one answer's comparisons, symbolic ones inclu
 MAX_SYMBOLIC_LEN = 400  # characters; longer answers are compared as strings and numbers only
 MAX_ANSWER_LEN = 20_000  # characters; longer answers are compared as strings only
 _POOL_LOCK = threading.Lock()
+_POOL: queue.Queue | None = None  # the sympy workers of process _POOL_PID
+_POOL_PID = None
+_ERRORS = [0]  # checks that overran their time or met no ready worker, and exceptions caught
 
 # ---- extraction ------------------------------------------------------------------------------
 
@@ -119,8 +123,7 @@ def extract_answer(text: str) -> str | None:
 
 def final_answer(text: str) -> str:
     """The answer a text states: its boxed answer, else its math (see the module docstring)."""
-    boxed = extract_answer(text)
-    if boxed is not None:
+    if (boxed := extract_answer(text)) is not None:
         return boxed
     text = text[-MAX_ANSWER_LEN:]  # a final answer is at the end
     text = text[:_TAIL.search(text).start()]
@@ -151,7 +154,16 @@ _UNIT_WORDS = (r"(?:units?|cm|centimeters?|m|meters?|km|kilometers?|mm|inches|in
 _TEXT = r"\\(?:text\w*|mbox|mathrm|textrm|operatorname|mathbf|mathit)\s*"
 _DEGREE = r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree)"
 _TRIG = r"(?:sin|cos|tan|sec|csc|cot)"
+
+
+def _matrix_text(match: re.Match) -> str:
+    rows = [r for r in re.split(r"\\\\", match.group(2)) if r.strip()]
+    return "\\mat(" + ";".join(",".join(c.strip() for c in r.split("&")) for r in rows) + ")"
+
+
 _RULES = [  # (pattern, replacement), in order; each a plain LaTeX convention
+    (r"(?<=\d)\s*;\s*(?=-?\d)", ","),  # (0;-2;6)
+    (r"(?s)\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}", _matrix_text),
     (r"\\\\(?=[a-zA-Z])", r"\\"), (r",\s*\\!\s*", ","), (r"\\!", ""),  # doubled escapes, 11,\! 111
     (r"\\[,;: ]|\\q?quad|~", " "),  # spacing
     (r"\\[dtc]frac", r"\\frac"), (r"\\left|\\right|\\displaystyle|\\[bB]igg?[lr]?", ""),
@@ -174,33 +186,19 @@ _RULES = [  # (pattern, replacement), in order; each a plain LaTeX convention
     (r"\\frac\s*(\d)\s*(\d)", r"\\frac{\1}{\2}"), (r"\\frac\s*(\d)\s*\{", r"\\frac{\1}{"),
     (r"\\frac\s*\{([^{}]*)\}\s*(\w)", r"\\frac{\1}{\2}"), (r"\\sqrt\s*(\w)", r"\\sqrt{\1}"),
 ]
-_MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}", re.S)
-
-
-def _matrix_text(match: re.Match) -> str:
-    rows = [r for r in re.split(r"\\\\", match.group(2)) if r.strip()]
-    return "\\mat(" + ";".join(",".join(c.strip() for c in r.split("&")) for r in rows) + ")"
-
-
-def _mixed_number(s: str) -> str:
-    """w\\frac{n}{d} and "w n/d" with n < d are the mixed number w + n/d, as one fraction."""
-    match = re.fullmatch(r"(-?)(\d+)\s*(?:\\frac\{(\d+)\}\{(\d+)\}|\s(\d+)/(\d+))", s)
-    if not match:
-        return s
-    whole, num, den = int(match[2]), int(match[3] or match[5]), int(match[4] or match[6])
-    return f"{match[1]}\\frac{{{whole * den + num}}}{{{den}}}" if 0 < num < den else s
 
 
 def normalize(s: str) -> str:
-    s = re.sub(r"(?<=\d)\s*;\s*(?=-?\d)", ",", str(s).strip().replace("\n", " "))  # (0;-2;6)
-    s = _MATRIX.sub(_matrix_text, s)
+    s = str(s).strip().replace("\n", " ")
     for pattern, replacement in _RULES:
         s = re.sub(pattern, replacement, s)
-    s = _mixed_number(s.strip())
-    if re.fullmatch(r"-?\d{1,3}( \d{3})+(\.\d+)?", s):
-        s = s.replace(" ", "")  # 1 000 -> 1000
-    if "^" in s:
-        s = re.sub(r"(?<=[\d}])\s+(?=\d)", "\\\\cdot ", s)  # 2^6 3^5: a product
+    s = s.strip()
+    mixed = re.fullmatch(r"(-?)(\d+)\s*(?:\\frac\{(\d+)\}\{(\d+)\}|\s(\d+)/(\d+))", s)
+    if mixed:  # 1\frac{4}{5} and "1 1/2": w + n/d as one fraction when n < d
+        whole, num, den = int(mixed[2]), int(mixed[3] or mixed[5]), int(mixed[4] or mixed[6])
+        s = f"{mixed[1]}\\frac{{{whole * den + num}}}{{{den}}}" if 0 < num < den else s
+    s = s.replace(" ", "") if re.fullmatch(r"-?\d{1,3}( \d{3})+(\.\d+)?", s) else s  # 1 000
+    s = re.sub(r"(?<=[\d}])\s+(?=\d)", "\\\\cdot ", s) if "^" in s else s  # 2^6 3^5: a product
     s = re.sub(r"\s*\{\s*,\s*\}\s*", ",", s)  # 14{,}916 and 14 {, }916
     if re.fullmatch(r"-?[1-9]\d{0,2}(,\d{3})+(\.\d+)?", s):
         s = s.replace(",", "")  # 1,000 -> 1000, but "32, 349" is a list
@@ -301,36 +299,12 @@ def _answer_part(s: str) -> str:
         parts = parts[-1:]  # "x = 5 + 5 + 1 = 11"
     s = "".join(parts)
     tokens = _split_top(s, "<≤>≥", keep=True)
-    if len(tokens) == 5 and tokens[1] in ">≥" and tokens[3] in ">≥":
-        tokens = tokens[::-1]  # "7 >= x > -2" is "-2 < x <= 7"
-        tokens[1], tokens[3] = ({">": "<", "≥": "≤"}[t] for t in (tokens[1], tokens[3]))
+    if len(tokens) == 5 and tokens[1] in ">≥" and tokens[3] in ">≥":  # 7 >= x > -2 is -2 < x <= 7
+        tokens = [{">": "<", "≥": "≤"}.get(t, t) for t in tokens[::-1]]
     if len(tokens) == 5 and _NAME.fullmatch(tokens[2]) and {tokens[1], tokens[3]} <= {"<", "≤"}:
         low, high = "(" if tokens[1] == "<" else "[", ")" if tokens[3] == "<" else "]"
         return f"{low}{tokens[0]},{tokens[4]}{high}"
     return s
-
-
-def _relation(s: str):
-    """'a OP b' as (a - b, OP), < and ≤ turned into > and ≥; None when s is not one relation."""
-    tokens = _split_top(s, _RELATIONS, keep=True)
-    if len(tokens) != 3 or not tokens[0] or not tokens[2]:
-        return None
-    left, op, right = tokens
-    if op in "<≤":
-        left, right, op = right, left, {"<": ">", "≤": "≥"}[op]
-    return f"({left})-({right})", op
-
-
-def _unordered_equal(ps: list[str], gs: list[str], depth: int, deadline: float) -> bool:
-    if len(ps) != len(gs) or len(gs) > 64:
-        return False
-    left = list(gs)
-    for p in ps:
-        hit = next((i for i, g in enumerate(left) if _equiv(p, g, depth + 1, deadline)), None)
-        if hit is None:
-            return False
-        left.pop(hit)
-    return True
 
 
 # ---- symbolic (sympy, in a killable worker process) ------------------------------------------
@@ -353,8 +327,7 @@ def _split_name(match: re.Match) -> str:
 
 
 def to_sympy_str(s: str) -> str | None:
-    """LaTeX -> a sympy expression string over a small allow-list, or None (unknown commands,
-    odd characters)."""
+    """LaTeX -> a sympy expression string over a small allow-list, or None (unknown commands)."""
     s = re.sub(r"\\mat\(([^()]*)\)", lambda m: "Matrix(((" + m[1].replace(";", "),(") + ")))", s)
     if len(s) > MAX_SYMBOLIC_LEN or s.count("{") > 40 or re.search(r"\d_|__", s):
         return None
@@ -388,25 +361,20 @@ def to_sympy_str(s: str) -> str | None:
 
 
 _WORKER_CODE = r'''
-import resource, string, sys
-try:
+import contextlib, resource, string, sys
+with contextlib.suppress(Exception):  # some systems refuse the limit
     resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-except Exception:  # some systems refuse the limit
-    pass
 import sympy
 from sympy.parsing.sympy_parser import (parse_expr, standard_transformations, rationalize,
                                         implicit_multiplication_application, convert_xor)
 T = standard_transformations + (implicit_multiplication_application, convert_xor, rationalize)
-NS = {c: sympy.Symbol(c) for c in string.ascii_letters}
+NS = {c: sympy.Symbol(c) for c in list(string.ascii_letters) + sys.argv[1].split(",")}
 NS.update({"e": sympy.E, "i": sympy.I, "pi": sympy.pi, "oo": sympy.oo})
-NS.update({g: sympy.Symbol(g) for g in sys.argv[1].split(",")})
-def parse(text):
-    return parse_expr(text, local_dict=dict(NS), transformations=T)
-sys.stdout.write("ready\n"); sys.stdout.flush()
+print("ready", flush=True)
 for line in sys.stdin:
     try:
         mode, a, b = line.rstrip("\n").split("\t")
-        x, y = parse(a), parse(b)
+        x, y = (parse_expr(t, local_dict=dict(NS), transformations=T) for t in (a, b))
         if mode == "equal":
             d = x == y or sympy.simplify(x - y)
             out = "1" if d is True or d == 0 or getattr(d, "is_zero_matrix", False) else "0"
@@ -417,7 +385,7 @@ for line in sys.stdin:
             out = "1" if abs(sympy.N(x - y, 30)) <= sympy.Rational(mode[5:]) else "0"
     except BaseException:
         out = "0"
-    sys.stdout.write(out + "\n"); sys.stdout.flush()
+    print(out, flush=True)
 '''
 
 
@@ -426,7 +394,7 @@ class _Worker:
     one starts in the background); pipes work from threads and from daemonic processes alike."""
 
     def __init__(self):
-        self.proc, self.ready = None, False
+        self.start()
 
     def start(self):
         pipe, command = subprocess.PIPE, [sys.executable, "-c", _WORKER_CODE, ",".join(_GREEK)]
@@ -435,7 +403,7 @@ class _Worker:
         self.ready = False
 
     def wait_ready(self, timeout: float) -> bool:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc.poll() is not None:
             self.start()
         if not self.ready:
             self.ready = self._read_line(timeout) == "ready\n"
@@ -464,10 +432,6 @@ class _Worker:
         return line.strip()
 
 
-# checks that overran their time or met no ready worker, and exceptions caught (reward_errors())
-_ERRORS = [0]
-
-
 def _count_error():
     with _POOL_LOCK:
         _ERRORS[0] += 1
@@ -480,10 +444,6 @@ def reward_errors() -> int:
     return n
 
 
-_POOL: queue.Queue | None = None
-_POOL_PID = None
-
-
 def start_workers(n: int = 2):
     """Start n sympy workers now (the trainer does so at start-up: no scoring call pays for it)."""
     global _POOL, _POOL_PID
@@ -492,46 +452,33 @@ def start_workers(n: int = 2):
             _POOL, _POOL_PID = queue.Queue(), os.getpid()
             workers = [_Worker() for _ in range(n)]
             for w in workers:
-                w.start()
-            for w in workers:
                 w.wait_ready(30.0)
                 _POOL.put(w)
 
 
-def _ready_worker(deadline: float) -> _Worker | None:
-    """A worker that has finished starting: a ready one from the pool when there is one, else the
-    first one, waited for until the deadline. None (the worker returned) when none is ready."""
-    try:
-        worker = _POOL.get(timeout=max(0.0, deadline - time.monotonic()))
-    except queue.Empty:
-        return None
-    if not worker.wait_ready(0.0):
-        try:
-            other = _POOL.get_nowait()
-            if other.wait_ready(0.0):
-                worker, other = other, worker
-            _POOL.put(other)
-        except queue.Empty:
-            pass
-    if worker.wait_ready(deadline - time.monotonic()):
-        return worker
-    _POOL.put(worker)
-    return None
-
-
 def _symbolic(mode: str, a: str, b: str, deadline: float) -> str:
-    """The worker's answer for (mode, a, b), or "0"; an answer not computed counts as an error."""
+    """The worker's answer for (mode, a, b), or "0", an error when not computed. It asks a ready
+    worker from the pool when there is one, else the first one, waited for until the deadline."""
     sa, sb = to_sympy_str(a), to_sympy_str(b)
     if sa is None or sb is None:
         return "0"
     start_workers()
-    worker = _ready_worker(deadline)
-    if worker is None:
+    try:
+        worker = _POOL.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
         _count_error()
         return "0"
+    if not worker.wait_ready(0.0):
+        with contextlib.suppress(queue.Empty):
+            other = _POOL.get_nowait()
+            if other.wait_ready(0.0):
+                worker, other = other, worker
+            _POOL.put(other)
     try:
-        budget = max(0.05, min(SYMPY_TIMEOUT, deadline - time.monotonic()))
-        answer = worker.ask(f"{mode}\t{sa}\t{sb}", budget)
+        answer = None
+        if worker.wait_ready(deadline - time.monotonic()):
+            budget = max(0.05, min(SYMPY_TIMEOUT, deadline - time.monotonic()))
+            answer = worker.ask(f"{mode}\t{sa}\t{sb}", budget)
     finally:
         _POOL.put(worker)
     if answer is None:
@@ -542,11 +489,22 @@ def _symbolic(mode: str, a: str, b: str, deadline: float) -> str:
 # ---- equivalence -----------------------------------------------------------------------------
 
 def _relations_equal(a: str, b: str, deadline: float) -> bool:
-    ra, rb = _relation(a), _relation(b)
-    if ra is None or rb is None or ra[1] != rb[1]:
+    """Two relations 'left OP right', < and ≤ turned into > and ≥, with the same OP whose sides'
+    differences left - right are a constant multiple of each other."""
+    differences, ops = [], []
+    for relation in (a, b):
+        tokens = _split_top(relation, _RELATIONS, keep=True)
+        if len(tokens) != 3 or not tokens[0] or not tokens[2]:
+            return False
+        left, op, right = tokens
+        if op in "<≤":
+            left, right, op = right, left, {"<": ">", "≤": "≥"}[op]
+        differences.append(f"({left})-({right})")
+        ops.append(op)
+    if ops[0] != ops[1]:
         return False
-    sign = _symbolic("ratio", ra[0], rb[0], deadline)
-    return sign == "+" or (sign == "-" and ra[1] in "=≠")
+    sign = _symbolic("ratio", differences[0], differences[1], deadline)
+    return sign == "+" or (sign == "-" and ops[0] in "=≠")
 
 
 def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
@@ -561,8 +519,7 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
         return True
     if not a:
         return False
-    both_relations = all(any(c in _RELATIONS for c in s) for s in (a, b))
-    if both_relations and _relations_equal(a, b, deadline):
+    if _relations_equal(a, b, deadline):
         return True
     a, b = _answer_part(a), _answer_part(b)
     if a == b:
@@ -577,27 +534,30 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
         a, b = _expand_plus_minus(a), _expand_plus_minus(b)
     whole = [m.startswith("\\mat(") and _encloses(m[4:]) for m in (a, b)]
     if whole[0] and whole[1]:
-        rows_a, rows_b = (_split_top(m[5:-1], ";") for m in (a, b))
-        cells_a, cells_b = ([_split_top(r) for r in rows] for rows in (rows_a, rows_b))
+        cells_a, cells_b = ([_split_top(r) for r in _split_top(m[5:-1], ";")] for m in (a, b))
         pairs = [(x, y) for ra, rb in zip(cells_a, cells_b) for x, y in zip(ra, rb)]
         same_shape = [len(r) for r in cells_a] == [len(r) for r in cells_b]
         return same_shape and all(_equiv(x, y, depth + 1, deadline) for x, y in pairs)
     if whole[0] or whole[1] or "\\mat(" in a + b:  # matrix arithmetic: sympy's
         return "\\mat(" in a and "\\mat(" in b and _symbolic("equal", a, b, deadline) == "1"
     ta, tb = _bracketed(a), _bracketed(b)
-    if ta is not None and tb is not None and "{" not in (ta[0], tb[0]):
-        return ta[:2] == tb[:2] and len(ta[2]) == len(tb[2]) and all(
+    ordered = [t is not None and t[0] != "{" for t in (ta, tb)]
+    if any(ordered):  # a tuple or interval matches only one with the same brackets, in order
+        return all(ordered) and ta[:2] == tb[:2] and len(ta[2]) == len(tb[2]) and all(
             _equiv(x, y, depth + 1, deadline) for x, y in zip(ta[2], tb[2]))
-    if ta is not None and tb is not None and (ta[0] == "{") != (tb[0] == "{"):
-        return False  # a set against an ordered tuple or interval
-    if (ta is None) != (tb is None) and "{" not in (ta or tb)[0]:
-        return False  # an ordered tuple or interval against something else
     pa, pb = (t[2] if t is not None else _split_top(s, ",∪") for s, t in ((a, ta), (b, tb)))
     if len(pa) > 64 or len(pb) > 64:
         return False
     pa, pb = (list(dict.fromkeys(normalize(x) for x in p)) for p in (pa, pb))  # repeats count once
     if len(pb) > 1 or len(pa) > 1 or ta is not None:  # sets, lists and unions: any order
-        return _unordered_equal(pa, pb, depth, deadline)
+        if len(pa) != len(pb):
+            return False
+        for x in pa:
+            hit = next((i for i, y in enumerate(pb) if _equiv(x, y, depth + 1, deadline)), None)
+            if hit is None:
+                return False
+            pb.pop(hit)
+        return True
     for decimal, exact in ((a, b), (b, a)):
         tolerance = _decimal_tolerance(decimal)
         if tolerance is not None:
