@@ -1,5 +1,4 @@
-"""Rollout engines with one interface: generate(prompts, n, ...) -> completions;
-update_weights(named_tensors).
+"""Rollout engines: generate(prompts, n, ...) -> completions and update_weights(named_tensors).
 
 TorchEngine samples from the policy module itself: prompts left-padded into one batch, one prefill,
 the prompt's KV cache copied to its n samples, then one decode step for all rows per token;
@@ -67,7 +66,6 @@ class TorchEngine:
         self.model, self.eos_ids, self.pad_id, self.max_rows = (model, list(eos_ids), pad_id,
                                                                 max_rows)
         on_cpu = model.lm_head.weight.device.type == "cpu"
-        # decode: "dynamic" | "static" | "graph" (module docstring); None: graphs on CUDA
         self.decode = decode or ("dynamic" if on_cpu else "graph")
         if self.decode not in ("dynamic", "static", "graph"):
             raise ValueError(f"decode must be dynamic, static or graph, not {self.decode!r}")
@@ -115,11 +113,10 @@ class TorchEngine:
             for n, m in mods:
                 m.__dict__.pop("forward", None)
 
-    def sleep(self):  # nothing to free: the engine is the policy (or a copy of its weights)
-        pass
+    def sleep(self):
+        """Nothing to free, nor to restore: the engine is the policy (or a copy of its weights)."""
 
-    def wake_up(self):
-        pass
+    wake_up = sleep
 
     def update_weights(self, named_tensors):
         params = dict(self.model.named_parameters())
@@ -277,8 +274,7 @@ class VLLMEngine:
     update_weights streams Hugging Face (name, tensor) pairs into the running engine, then resets
     the prefix cache. On a GPU the engine sleeps while the trainer works: level 1 keeps the weights
     in CPU memory, level 2 drops them (the full weights are sent after every step either way, so
-    both are safe).
-    """
+    both are safe)."""
 
     name = "vllm"
 
@@ -336,9 +332,8 @@ class VLLMEngine:
             reload = runner.reload_weights
         except AttributeError:
             import vllm
-            raise RuntimeError(f"vllm {vllm.__version__}: no in-process "
-                               f"model_runner.reload_weights to push weights into (fastcurl "
-                               f"targets vLLM 0.32 with the engine in this process)") from None
+            raise RuntimeError(f"vllm {vllm.__version__}: no in-process model_runner.reload_weights"
+                               " (fastcurl targets vLLM 0.32, engine in this process)") from None
         reload(weights_iterator=((n, t.detach()) for n, t in named_tensors))
         self.llm.reset_prefix_cache()
 
