@@ -75,8 +75,7 @@ class TorchEngine:
         can_pack = (torch.backends.mkldnn.is_available()
                     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
         self.packed = (on_cpu and can_pack) if packed is None else packed
-        # name -> ((data_ptr, version) of the weight it was packed from, packed weight)
-        self._packs = {}
+        self._packs = {}  # name -> ((data_ptr, version) of the weight packed, packed weight)
 
     # On a CPU every linear layer and the head run on oneDNN's pre-packed weights while decoding: at
     # decode shapes 1.4-2x faster than F.linear (64 rows x 896 -> 151936: 99 vs 202 ms). A weight is
@@ -144,12 +143,23 @@ class TorchEngine:
         B, P = len(prompts), max(len(p) for p in prompts)
         was_training = m.training
         m.eval()
-        last, cache, valid, pos = self._prefill(prompts, P + max_tokens)
+        # prefill: the prompts, left-padded [B, P], into a cache of P + max_tokens columns (valid:
+        # the filled ones); a pad attends to itself
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long, device=dev)
+        valid = torch.zeros(B, P + max_tokens, dtype=torch.bool, device=dev)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p, device=dev)
+            valid[i, P - len(p):P] = True
+        pos = (valid[:, :P].cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        mask = (causal & valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)
+        cache = KVCache(m.config, B, P + max_tokens, dev, m.lm_head.weight.dtype)
+        last = m(ids, pos, mask, cache)[:, -1]
+        cache.pos = P
         rows = torch.arange(B, device=dev).repeat_interleave(n)  # prompt i -> its n samples
         cache.select(rows)
         logits, valid, pos = self._logits(last[rows]), valid[rows], pos[rows, -1]
-        static = self.decode != "dynamic"
-        step = _StaticStep(self, cache, self.decode == "graph") if static else None
+        step = None if self.decode == "dynamic" else _StaticStep(self, cache, self.decode == "graph")
         live = torch.arange(B * n, device=dev)   # which output row each batch row is
         toks = torch.full((B * n, max_tokens), -1, dtype=torch.long, device=dev)
         lps = torch.zeros(B * n, max_tokens, device=dev)
@@ -167,7 +177,7 @@ class TorchEngine:
             if (~going).sum() * 4 >= len(live):
                 live, tok, pos, valid = live[going], tok[going], pos[going], valid[going]
                 cache.select(going.nonzero()[:, 0])
-                if static:  # a new batch size: new buffers (and a new graph)
+                if step is not None:  # a new batch size: new buffers (and a new graph)
                     step = _StaticStep(self, cache, step.graph_on)
             valid[:, P + t] = True
             pos = pos + 1
@@ -178,33 +188,10 @@ class TorchEngine:
                 logits = step(tok, pos, valid, P + t)
             cache.pos += 1
         m.train(was_training)
-        out = []
         toks, lps, done = toks.tolist(), lps.tolist(), done.tolist()
-        for r in range(B * n):
-            k = next((j for j, x in enumerate(toks[r]) if x < 0), max_tokens)
-            out.append(Completion(list(prompts[r // n]), toks[r][:k], lps[r][:k],
-                                  "stop" if done[r] else "length"))
-        return out
-
-    def _prefill(self, prompts, max_len):
-        """Left-padded prompts [B, P] through the model into a cache of max_len columns -> (last
-        hidden [B, H], cache, valid [B, max_len] (prompt columns), positions [B, P])."""
-        m = self.model
-        dev = m.lm_head.weight.device
-        B, P = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, P), self.pad_id, dtype=torch.long, device=dev)
-        valid = torch.zeros(B, max_len, dtype=torch.bool, device=dev)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p, device=dev)
-            valid[i, P - len(p):P] = True
-        pos = (valid[:, :P].cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        # pads see themselves
-        mask = (causal & valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)
-        cache = KVCache(m.config, B, max_len, dev, m.lm_head.weight.dtype)
-        last = m(ids, pos, mask, cache)[:, -1]
-        cache.pos = P
-        return last, cache, valid, pos
+        lengths = [row.index(-1) if -1 in row else max_tokens for row in toks]
+        return [Completion(list(prompts[r // n]), toks[r][:k], lps[r][:k],
+                           "stop" if done[r] else "length") for r, k in enumerate(lengths)]
 
 
 def _mm_f32_works(w: torch.Tensor) -> bool:
@@ -302,9 +289,9 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         self.wake_up()
-        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                            seed=seed, logprobs=0)
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp,
+        sampling = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                  seed=seed, logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling,
                                  use_tqdm=False)
         comps = []
         for p, o in zip(prompts, outs):

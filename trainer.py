@@ -229,9 +229,8 @@ def token_logprobs(model: Transformer, rows: Rows, temperature: float):
     hs = h.reshape(-1, h.shape[-1])[rows.resp_pos]
     sel = rows.mask.bool()
     lp, ent = fused_logprob_entropy(hs[sel], model.lm_head.weight, rows.resp_ids[sel], temperature)
-    logp = torch.zeros(rows.mask.shape, device=h.device).masked_scatter(sel, lp)
-    entropy = torch.zeros(rows.mask.shape, device=h.device).masked_scatter(sel, ent)
-    return logp, entropy
+    zeros = torch.zeros(rows.mask.shape, device=h.device)
+    return zeros.masked_scatter(sel, lp), zeros.masked_scatter(sel, ent)
 
 
 def stack_rows(d: dict, index: list[int], like: torch.Tensor):
@@ -329,10 +328,9 @@ class Trainer:
 
     def _reduce_and_clip(self) -> torch.Tensor:
         """Sum gradients over ranks (fsdp reduce-scattered them), clip them -> their global norm."""
-        m = self.model
         if self.sharded:
-            return fsdp.clip_grad_norm_(m, self.cfg.grad_clip)
-        params = [p for p in m.parameters() if p.requires_grad]
+            return fsdp.clip_grad_norm_(self.model, self.cfg.grad_clip)
+        params = [p for p in self.model.parameters() if p.requires_grad]
         if self.world > 1 and all(p.grad is None for p in params):
             for p in params:  # this rank had nothing to learn (every completion left out)
                 p.grad = torch.zeros_like(p)
@@ -341,7 +339,7 @@ class Trainer:
             flat = self._sum(torch.cat([g.flatten() for g in grads]))
             for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(summed.view_as(g))
-        return torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.grad_clip)
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
 
     def step(self, comps, adv: torch.Tensor, st, keep=None) -> dict:
         """comps: this rank's completions; adv [len(comps)]; st: the stage (lr, warmup, clip, kl,
