@@ -159,7 +159,8 @@ class TorchEngine:
         rows = torch.arange(B, device=dev).repeat_interleave(n)  # prompt i -> its n samples
         cache.select(rows)
         logits, valid, pos = self._logits(last[rows]), valid[rows], pos[rows, -1]
-        step = None if self.decode == "dynamic" else _StaticStep(self, cache, self.decode == "graph")
+        static = self.decode != "dynamic"
+        step = _StaticStep(self, cache, self.decode == "graph") if static else None
         live = torch.arange(B * n, device=dev)   # which output row each batch row is
         toks = torch.full((B * n, max_tokens), -1, dtype=torch.long, device=dev)
         lps = torch.zeros(B * n, max_tokens, device=dev)
@@ -177,7 +178,7 @@ class TorchEngine:
             if (~going).sum() * 4 >= len(live):
                 live, tok, pos, valid = live[going], tok[going], pos[going], valid[going]
                 cache.select(going.nonzero()[:, 0])
-                if step is not None:  # a new batch size: new buffers (and a new graph)
+                if static:  # a new batch size: new buffers (and a new graph)
                     step = _StaticStep(self, cache, step.graph_on)
             valid[:, P + t] = True
             pos = pos + 1
