@@ -1,5 +1,4 @@
-"""Rollout engines with one interface: generate(prompts, n, ...) -> completions;
-update_weights(named_tensors).
+"""Rollout engines: generate(prompts, n, ...) -> completions and update_weights(named_tensors).
 
 TorchEngine samples from the policy module itself: prompts left-padded into one batch, one prefill,
 the prompt's KV cache copied to its n samples, then one decode step for all rows per token;
@@ -67,7 +66,6 @@ class TorchEngine:
         self.model, self.eos_ids, self.pad_id, self.max_rows = (model, list(eos_ids), pad_id,
                                                                 max_rows)
         on_cpu = model.lm_head.weight.device.type == "cpu"
-        # decode: "dynamic" | "static" | "graph" (module docstring); None: graphs on CUDA
         self.decode = decode or ("dynamic" if on_cpu else "graph")
         if self.decode not in ("dynamic", "static", "graph"):
             raise ValueError(f"decode must be dynamic, static or graph, not {self.decode!r}")
@@ -77,8 +75,7 @@ class TorchEngine:
         can_pack = (torch.backends.mkldnn.is_available()
                     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
         self.packed = (on_cpu and can_pack) if packed is None else packed
-        # name -> ((data_ptr, version) of the weight it was packed from, packed weight)
-        self._packs = {}
+        self._packs = {}  # name -> ((data_ptr, version) of the weight packed, packed weight)
 
     # On a CPU every linear layer and the head run on oneDNN's pre-packed weights while decoding: at
     # decode shapes 1.4-2x faster than F.linear (64 rows x 896 -> 151936: 99 vs 202 ms). A weight is
@@ -115,11 +112,10 @@ class TorchEngine:
             for n, m in mods:
                 m.__dict__.pop("forward", None)
 
-    def sleep(self):  # nothing to free: the engine is the policy (or a copy of its weights)
-        pass
+    def sleep(self):
+        """Nothing to free, nor to restore: the engine is the policy (or a copy of its weights)."""
 
-    def wake_up(self):
-        pass
+    wake_up = sleep
 
     def update_weights(self, named_tensors):
         params = dict(self.model.named_parameters())
@@ -147,7 +143,19 @@ class TorchEngine:
         B, P = len(prompts), max(len(p) for p in prompts)
         was_training = m.training
         m.eval()
-        last, cache, valid, pos = self._prefill(prompts, P + max_tokens)
+        # prefill: the prompts, left-padded [B, P], into a cache of P + max_tokens columns (valid:
+        # the filled ones); a pad attends to itself
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long, device=dev)
+        valid = torch.zeros(B, P + max_tokens, dtype=torch.bool, device=dev)
+        for i, p in enumerate(prompts):
+            ids[i, P - len(p):] = torch.tensor(p, device=dev)
+            valid[i, P - len(p):P] = True
+        pos = (valid[:, :P].cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+        mask = (causal & valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)
+        cache = KVCache(m.config, B, P + max_tokens, dev, m.lm_head.weight.dtype)
+        last = m(ids, pos, mask, cache)[:, -1]
+        cache.pos = P
         rows = torch.arange(B, device=dev).repeat_interleave(n)  # prompt i -> its n samples
         cache.select(rows)
         logits, valid, pos = self._logits(last[rows]), valid[rows], pos[rows, -1]
@@ -181,33 +189,10 @@ class TorchEngine:
                 logits = step(tok, pos, valid, P + t)
             cache.pos += 1
         m.train(was_training)
-        out = []
         toks, lps, done = toks.tolist(), lps.tolist(), done.tolist()
-        for r in range(B * n):
-            k = next((j for j, x in enumerate(toks[r]) if x < 0), max_tokens)
-            out.append(Completion(list(prompts[r // n]), toks[r][:k], lps[r][:k],
-                                  "stop" if done[r] else "length"))
-        return out
-
-    def _prefill(self, prompts, max_len):
-        """Left-padded prompts [B, P] through the model into a cache of max_len columns -> (last
-        hidden [B, H], cache, valid [B, max_len] (prompt columns), positions [B, P])."""
-        m = self.model
-        dev = m.lm_head.weight.device
-        B, P = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, P), self.pad_id, dtype=torch.long, device=dev)
-        valid = torch.zeros(B, max_len, dtype=torch.bool, device=dev)
-        for i, p in enumerate(prompts):
-            ids[i, P - len(p):] = torch.tensor(p, device=dev)
-            valid[i, P - len(p):P] = True
-        pos = (valid[:, :P].cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-        # pads see themselves
-        mask = (causal & valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=dev)
-        cache = KVCache(m.config, B, max_len, dev, m.lm_head.weight.dtype)
-        last = m(ids, pos, mask, cache)[:, -1]
-        cache.pos = P
-        return last, cache, valid, pos
+        lengths = [row.index(-1) if -1 in row else max_tokens for row in toks]
+        return [Completion(list(prompts[r // n]), toks[r][:k], lps[r][:k],
+                           "stop" if done[r] else "length") for r, k in enumerate(lengths)]
 
 
 def _mm_f32_works(w: torch.Tensor) -> bool:
@@ -277,8 +262,7 @@ class VLLMEngine:
     update_weights streams Hugging Face (name, tensor) pairs into the running engine, then resets
     the prefix cache. On a GPU the engine sleeps while the trainer works: level 1 keeps the weights
     in CPU memory, level 2 drops them (the full weights are sent after every step either way, so
-    both are safe).
-    """
+    both are safe)."""
 
     name = "vllm"
 
@@ -306,9 +290,9 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         self.wake_up()
-        sp = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                            seed=seed, logprobs=0)
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp,
+        sampling = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                  seed=seed, logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling,
                                  use_tqdm=False)
         comps = []
         for p, o in zip(prompts, outs):
@@ -336,9 +320,8 @@ class VLLMEngine:
             reload = runner.reload_weights
         except AttributeError:
             import vllm
-            raise RuntimeError(f"vllm {vllm.__version__}: no in-process "
-                               f"model_runner.reload_weights to push weights into (fastcurl "
-                               f"targets vLLM 0.32 with the engine in this process)") from None
+            raise RuntimeError(f"vllm {vllm.__version__}: no in-process model_runner.reload_weights"
+                               " (fastcurl targets vLLM 0.32, engine in this process)") from None
         reload(weights_iterator=((n, t.detach()) for n, t in named_tensors))
         self.llm.reset_prefix_cache()
 

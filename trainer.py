@@ -33,8 +33,7 @@ from model import Packed, Transformer
 # ---- the GRPO math ---------------------------------------------------------------------------
 
 def group_advantages(rewards: torch.Tensor, group_size: int, norm: str = "std", eps: float = 1e-6):
-    """A = (r - mean_group) / (std_group + eps) with the unbiased std (as verl); all-equal groups
-    give 0."""
+    """A = (r - mean_group) / (std_group + eps), unbiased std (as verl); all-equal groups give 0."""
     r = rewards.float().view(-1, group_size)
     a = r - r.mean(-1, keepdim=True)
     if norm == "std":
@@ -103,8 +102,7 @@ def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, ref_log
 
     agg: "token-mean" = sum / number of tokens; "seq-mean" = mean over sequences of each one's token
     mean; "drgrpo" = sum / (B * T). `denom` replaces the denominator (tokens, sequences or B*T) with
-    a global one, so that micro-batches and data-parallel ranks add up to the loss of the whole
-    batch.
+    a global one, so that micro-batches and data-parallel ranks add up to the whole batch's loss.
     """
     mask = mask.float() if not mask.is_floating_point() else mask
     per_tok, clipped, ratio = policy_loss(logp, old_logp, adv, mask, loss, clip_low, clip_high)
@@ -180,9 +178,8 @@ def rollout_correction(gap, mask, mode: str, cap: float):
 
 @dataclasses.dataclass
 class Rows:
-    """A micro-batch in training layout: completions (prompt + response) packed back to back in one
-    row for the model, and their response tokens as a [B, R] batch (one completion per row) for the
-    loss."""
+    """A micro-batch in training layout: completions (prompt + response) back to back in one row
+    for the model, their response tokens as a [B, R] batch (a completion per row) for the loss."""
     ids: torch.Tensor       # [1, L] the packed tokens
     positions: torch.Tensor | None  # [1, L] positions, restarting at 0 in each completion
     packed: Packed | None   # the completions' lengths in the row (attention stays inside each)
@@ -199,62 +196,50 @@ def micro_batches(comps, token_budget: int, pad_id: int, device) -> list[Rows]:
     def length(i):
         return len(comps[i].prompt_ids) + len(comps[i].response_ids)
 
-    if not comps:
-        return []
-    groups, cur, used = [], [], 0
+    groups, used = [], 0
     for i in sorted(range(len(comps)), key=length):
-        if cur and used + length(i) > token_budget:
-            groups.append(cur)
-            cur, used = [], 0
-        cur.append(i)
+        if not groups or used + length(i) > token_budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
         used += length(i)
-    groups.append(cur)
     out, host = [], torch.device("cpu")
     for g in groups:
         R = max(max(len(comps[i].response_ids) for i in g), 1)
         resp_pos = torch.zeros(len(g), R, dtype=torch.long, device=host)
         rid = torch.zeros(len(g), R, dtype=torch.long, device=host)
         mask = torch.zeros(len(g), R, device=host)
-        ids, positions, lengths = [], [], []
+        ids, positions = [], []
         for b, i in enumerate(g):
             p, r = comps[i].prompt_ids, comps[i].response_ids
-            start = len(ids)
+            resp_pos[b, :len(r)] = torch.arange(len(r), device=host) + len(ids) + len(p) - 1
             ids += p + r
-            positions += range(len(p) + len(r))
-            lengths.append(len(p) + len(r))
-            resp_pos[b, :len(r)] = torch.arange(start + len(p) - 1, start + len(p) - 1 + len(r),
-                                                device=host)
+            positions += range(length(i))
             rid[b, :len(r)] = torch.tensor(r, dtype=torch.long, device=host)
             mask[b, :len(r)] = 1
         row = torch.tensor([ids, positions], dtype=torch.long, device=host).to(device)
-        out.append(Rows(row[:1], row[1:], Packed(lengths), resp_pos.to(device), rid.to(device),
-                        mask.to(device), g))
+        out.append(Rows(row[:1], row[1:], Packed([length(i) for i in g]), resp_pos.to(device),
+                        rid.to(device), mask.to(device), g))
     return out
 
 
 def token_logprobs(model: Transformer, rows: Rows, temperature: float):
-    """Log-probs and entropies [B, R] of the response tokens at the sampling temperature (fused, no
-    logits)."""
+    """Log-probs and entropies [B, R] of the response tokens at temperature T (fused: no logits)."""
     h = model(rows.ids, rows.positions, rows.packed)
     hs = h.reshape(-1, h.shape[-1])[rows.resp_pos]
     sel = rows.mask.bool()
     lp, ent = fused_logprob_entropy(hs[sel], model.lm_head.weight, rows.resp_ids[sel], temperature)
-    logp = torch.zeros(rows.mask.shape, device=h.device).masked_scatter(sel, lp)
-    entropy = torch.zeros(rows.mask.shape, device=h.device).masked_scatter(sel, ent)
-    return logp, entropy
+    zeros = torch.zeros(rows.mask.shape, device=h.device)
+    return zeros.masked_scatter(sel, lp), zeros.masked_scatter(sel, ent)
 
 
-def stack_rows(d: dict | None, index: list[int], like: torch.Tensor, fill: float = 0.0):
+def stack_rows(d: dict, index: list[int], like: torch.Tensor):
     """Per-completion 1-D tensors d[i] for i in index as a batch shaped like `like` [B, R], cut or
-    padded with `fill` (a completion missing from d, or an empty padding micro-batch, gets `fill`
-    throughout)."""
-    if d is None:
-        return None
-    out = torch.full(like.shape, fill, device=like.device)
+    padded with 0 (a completion missing from d, or a padding micro-batch, is 0 throughout)."""
+    out = torch.zeros(like.shape, device=like.device)
     for b, i in enumerate(index):
         if i in d:
-            t = d[i][:like.shape[1]]
-            out[b, :t.shape[0]] = t
+            out[b, :len(d[i])] = d[i][:out.shape[1]]
     return out
 
 
@@ -294,8 +279,7 @@ class Trainer:
     @staticmethod
     def lr_at(update: int, st) -> float:
         """The stage's lr with a linear warmup over its first st.warmup_steps updates."""
-        w = st.warmup_steps
-        return st.lr * (min(1.0, (update + 1) / w) if w else 1.0)
+        return st.lr * min(1.0, (update + 1) / max(st.warmup_steps, 1))
 
     def full_state_dict(self):
         """(name, full tensor) pairs; under fsdp every rank must consume them (all-gathered)."""
@@ -306,14 +290,14 @@ class Trainer:
             dist.all_reduce(x, op=op)
         return x
 
-    def _micro(self, comps, index=None) -> list[Rows]:
-        """Micro-batches of these completions; sharded models run collectives in every forward, so
-        all ranks get the same number of micro-batches (empty ones padded in: a pad row with no loss
-        tokens)."""
-        mbs = micro_batches(comps, self.cfg.token_budget, self.pad_id, self.device)
-        if index is not None:
-            for mb in mbs:
-                mb.index = [index[j] for j in mb.index]
+    def _micro(self, comps, index: list[int]) -> list[Rows]:
+        """Micro-batches of the completions comps[i], i in index; sharded models run collectives in
+        every forward, so all ranks get the same number of micro-batches (empty ones padded in: a
+        pad row with no loss tokens)."""
+        mbs = micro_batches([comps[i] for i in index], self.cfg.token_budget, self.pad_id,
+                            self.device)
+        for mb in mbs:
+            mb.index = [index[j] for j in mb.index]
         if self.sharded and self.world > 1:
             count = torch.tensor([float(len(mbs))], device=self.device)
             n = int(self._sum(count, dist.ReduceOp.MAX).item())
@@ -326,9 +310,7 @@ class Trainer:
     def _logprobs(self, model, mbs, temperature):
         out = {}
         for mb in mbs:
-            lp, _ = token_logprobs(model, mb, temperature)
-            for b, i in enumerate(mb.index):
-                out[i] = lp[b]
+            out.update(zip(mb.index, token_logprobs(model, mb, temperature)[0]))
         return out
 
     def _denominator(self, mbs, n_seqs: int, st):
@@ -345,23 +327,19 @@ class Trainer:
         return (denom / self.world if self.sharded else denom), total
 
     def _reduce_and_clip(self) -> torch.Tensor:
-        """Sum gradients over ranks (fsdp reduce-scattered them already), clip to the global norm;
-        -> the norm."""
-        m = self.model
+        """Sum gradients over ranks (fsdp reduce-scattered them), clip them -> their global norm."""
         if self.sharded:
-            return fsdp.clip_grad_norm_(m, self.cfg.grad_clip)
-        params = [p for p in m.parameters() if p.requires_grad]
+            return fsdp.clip_grad_norm_(self.model, self.cfg.grad_clip)
+        params = [p for p in self.model.parameters() if p.requires_grad]
         if self.world > 1 and all(p.grad is None for p in params):
             for p in params:  # this rank had nothing to learn (every completion left out)
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params if p.grad is not None]
         if self.world > 1:  # each rank's loss already carries the global denominator: sum, not mean
             flat = self._sum(torch.cat([g.flatten() for g in grads]))
-            off = 0
-            for g in grads:
-                g.copy_(flat[off:off + g.numel()].view_as(g))
-                off += g.numel()
-        return torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.grad_clip)
+            for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(summed.view_as(g))
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
 
     def step(self, comps, adv: torch.Tensor, st, keep=None) -> dict:
         """comps: this rank's completions; adv [len(comps)]; st: the stage (lr, warmup, clip, kl,
@@ -370,22 +348,20 @@ class Trainer:
         the step entirely (DAPO's overlong filtering): no forward, no policy/KL/entropy term, not
         in any denominator (tokens, sequences, B * T). Mini-batches are cut by position in comps
         before the left-out completions are dropped, so keep moves nothing into another update."""
-        m = self.model
-        m.train()
+        self.model.train()
         kept = [i for i in range(len(comps)) if keep is None or keep[i]]
         per = math.ceil(len(comps) / st.mini_batches)
         parts = [[i for i in kept if k * per <= i < (k + 1) * per] for k in range(st.mini_batches)]
-        mbs_all = self._micro([comps[i] for i in kept], kept)
+        mbs_all = self._micro(comps, kept)
         old = self.old_logprobs(mbs_all, st)
-        ref = None
-        if self.ref is not None and st.kl_coef:
-            ref = self._logprobs(self.ref, mbs_all, st.temperature)
+        use_ref = self.ref is not None and st.kl_coef
+        ref = self._logprobs(self.ref, mbs_all, st.temperature) if use_ref else None
         adv = adv.to(self.device)
         ent_coef = self._entropy_coef(st)
         sums = {k: torch.zeros((), device=self.device) for k in STAT_KEYS}
         gap, skipped, ran, grad_norm = {}, 0, 0, torch.zeros((), device=self.device)
         for part in parts:
-            mbs = mbs_all if st.mini_batches == 1 else self._micro([comps[i] for i in part], part)
+            mbs = mbs_all if st.mini_batches == 1 else self._micro(comps, part)
             denom, total = self._denominator(mbs, len(part), st)
             self.opt.zero_grad(set_to_none=True)
             if not bool(total > 0):  # no rank has a completion in this mini-batch: no update
@@ -422,9 +398,8 @@ class Trainer:
         trainer-minus-engine log-prob gap of its completions before any update: {index: [R]})."""
         logp, ent = token_logprobs(self.model, mb, st.temperature)
         old_logp = logp.detach() if old is None else stack_rows(old, mb.index, logp)
-        ref_logp = stack_rows(ref, mb.index, logp)
-        gap = {i: old_logp[b, :len(comps[i].logprobs)] - torch.tensor(comps[i].logprobs,
-                                                                       device=self.device)
+        ref_logp = None if ref is None else stack_rows(ref, mb.index, logp)
+        gap = {i: old_logp[b, :len(comps[i].logprobs)] - old_logp.new_tensor(comps[i].logprobs)
                for b, i in enumerate(mb.index) if comps[i].logprobs}
         weight, masked = None, None
         if st.correction != "none":  # a completion without engine log-probs: gap 0, weight 1
@@ -448,8 +423,7 @@ class Trainer:
         tok = sums.pop("tokens")
         keys = sorted(sums)
         tot = self._sum(torch.stack([tok] + [sums[k] for k in keys]).float())
-        diffs = torch.cat([d.abs() for d in gap.values()]) if gap else \
-            torch.zeros(1, device=self.device)
+        diffs = torch.cat([d.abs() for d in gap.values()] or [torch.zeros(1, device=self.device)])
         dsum = self._sum(torch.stack([diffs.sum(), diffs.new_tensor(float(diffs.numel()))]))
         dmax = self._sum(diffs.max().clone(), dist.ReduceOp.MAX)
         host = torch.cat([tot[1:] / tot[0].clamp(min=1), (dsum[0] / dsum[1].clamp(min=1))[None],
@@ -482,12 +456,10 @@ class Trainer:
 
     def _entropy_update(self, st, entropy: float):
         """The adaptive coefficient's move after a step (_entropy_coef); nothing when it is off."""
-        if not st.target_entropy:
-            return
-        d = st.entropy_lr if entropy < st.target_entropy else \
-            -st.entropy_lr if entropy > st.target_entropy else 0.0
-        self.ent_coef = min(max(self.ent_coef + d, 0.0), st.entropy_coef_max)
-        self.ent_active = entropy <= st.target_entropy
+        if st.target_entropy:
+            sign = (entropy < st.target_entropy) - (entropy > st.target_entropy)
+            self.ent_coef = min(max(self.ent_coef + st.entropy_lr * sign, 0.0), st.entropy_coef_max)
+            self.ent_active = entropy <= st.target_entropy
 
     def state_dict(self) -> dict:
         """This rank's optimizer state (its shards under fsdp), the update count and the adaptive
