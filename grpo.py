@@ -118,7 +118,6 @@ class StagePlan:
 class Plan:
     """The run, resolved from the command line."""
     options: Options
-    recipe: Recipe
     stages: list[StagePlan]     # those still to run, in order
     config: Config              # the model's
     tok: data.Tokenizer
@@ -209,7 +208,7 @@ def make_plan(options: Options, overrides: dict, rank: int, world: int, device) 
     todo = [p for p in plans if not p.complete]
     if not todo:
         return None
-    plan = Plan(options, recipe, todo, config, tok, template, eval_file, eval_problems, eval_tokens,
+    plan = Plan(options, todo, config, tok, template, eval_file, eval_problems, eval_tokens,
                 max_model_len, choose_engine(options.rollout, config),
                 options.token_budget or recipe.token_budget,
                 recipe.grad_checkpointing if options.grad_checkpointing is None
@@ -243,11 +242,11 @@ def read_inputs(options, src, data_file, eval_file, stages, max_prompt):
 def print_plan(plan: Plan, dropped: dict, mean_len: float):
     for p in plan.stages:
         s = p.settings
-        rules = [f"truncation <= {s.end_trunc}" if s.end_trunc is not None else "",
-                 f"plateau {s.end_plateau}" if s.end_plateau else "",
-                 f"held-out pass@1 >= {s.end_eval}" if s.end_eval is not None else "",
-                 f"{s.end_epochs} epoch(s)" if s.end_epochs else ""]
-        rules = [r for r in rules if r]
+        rules = [text for on, text in [
+            (s.end_trunc is not None, f"truncation <= {s.end_trunc}"),
+            (s.end_plateau, f"plateau {s.end_plateau}"),
+            (s.end_eval is not None, f"held-out pass@1 >= {s.end_eval}"),
+            (s.end_epochs, f"{s.end_epochs} epoch(s)")] if on]
         until = f" or until {', '.join(rules)} (window {s.end_window})" if rules else ""
         print(f"[fastcurl] recipe {plan.options.recipe} stage {p.number}: {s.split} "
               f"({len(p.prompts)} prompts, {dropped[p.number]} dropped over {s.max_prompt} tokens; "
@@ -291,9 +290,21 @@ def start_checkpoint(options: Options, recipe: Recipe, out: str, stage: int) -> 
 
 def find_earlier(options: Options, stage_plan: StagePlan, before: list, config: Config, rank: int):
     """An earlier run of this stage in its folder: complete (skipped), or a step checkpoint to
-    continue from (--resume); a stage after one still to run must not hold a run."""
+    continue from (--resume); a stage after one still to run must not hold a run. A folder that
+    holds a run without --resume, or a different run (run.json), stops with one line."""
     first_to_run = all(b.complete for b in before)
-    if holds_this_run(stage_plan.dir, stage_plan.identity, options.resume):
+    run_file = os.path.join(stage_plan.dir, "run.json")
+    if os.path.exists(run_file) or os.path.exists(os.path.join(stage_plan.dir, "metrics.jsonl")):
+        if not options.resume:
+            fail(f"{stage_plan.dir} already holds a run: pass --resume to continue it or choose "
+                 f"another --out")
+        if os.path.exists(run_file):
+            with open(run_file) as f:
+                old = json.load(f)
+            differ = [k for k in stage_plan.identity if old.get(k) != stage_plan.identity[k]]
+            if differ:
+                fail(f"{stage_plan.dir} holds a different run ({', '.join(differ)} differ: "
+                     f"{run_file}); resume it with the same arguments or choose another --out")
         if not first_to_run:
             fail(f"{stage_plan.dir} holds a run, but an earlier stage of the range is not "
                  f"complete: choose another --out")
@@ -313,25 +324,6 @@ def find_earlier(options: Options, stage_plan: StagePlan, before: list, config: 
         # nothing to resume (a crash before the first checkpoint, or a stage not begun)
         print(f"[fastcurl] --resume: no checkpoint in {stage_plan.dir} yet: stage "
               f"{stage_plan.number} starts from step 0", flush=True)
-
-
-def holds_this_run(stage_dir: str, identity: dict, resume: bool) -> bool:
-    """True when stage_dir holds this run and --resume was given; exits when it holds a run
-    otherwise."""
-    run_file = os.path.join(stage_dir, "run.json")
-    if not (os.path.exists(run_file) or os.path.exists(os.path.join(stage_dir, "metrics.jsonl"))):
-        return False
-    if not resume:
-        fail(f"{stage_dir} already holds a run: pass --resume to continue it or choose another "
-             f"--out")
-    if os.path.exists(run_file):
-        with open(run_file) as f:
-            old = json.load(f)
-        differ = [k for k in identity if old.get(k) != identity[k]]
-        if differ:
-            fail(f"{stage_dir} holds a different run ({', '.join(differ)} differ: {run_file}); "
-                 f"resume it with the same arguments or choose another --out")
-    return True
 
 
 def build(plan: Plan):
