@@ -110,8 +110,11 @@ def train_stage(plan, stage_plan, trainer, sampler, engine, state, stop) -> str:
             record["stage_end"] = state.end
         log.write(record, state)
         # 8. a checkpoint every --save-every steps, and on the way out
-        status = "nan" if state.skips_in_row >= options.max_skips else \
-            "stopped" if stop() else "done"
+        status = "done"
+        if state.skips_in_row >= options.max_skips:
+            status = "nan"
+        elif stop():  # a collective: every rank asks, at the same step
+            status = "stopped"
         periodic = options.save_every and state.step % options.save_every == 0
         if status != "done" or (periodic and not state.end):
             save(plan, stage_plan, trainer, sampler, state, f"step{state.step}")
