@@ -94,15 +94,16 @@ def train_stage(plan, stage_plan, trainer, sampler, engine, state, stop) -> str:
         # 4. the GRPO update, then 5. the new weights into the engine
         engine.sleep()  # vLLM on a GPU hands its memory to the trainer meanwhile
         stats = trainer.step(batch.completions, advantages, stage, keep=keep)
-        engine.update_weights(trainer.full_state_dict())
         t2 = time.time()
+        engine.update_weights(trainer.full_state_dict())
+        t3 = time.time()
         # 6. one metrics line over all ranks (and the held-out score every --eval-every steps)
         rollout = rollout_metrics(*batch.sampled, stage.n, plan.world)
         state.count(rollout, stats.pop("skipped_updates"), batch.rounds * stage.batch)
-        record = metrics_line(stage_plan, state, rollout, stats, batch, (t0, t1, t2))
+        record = metrics_line(stage_plan, state, rollout, stats, batch, (t0, t1, t2, t3))
         if options.eval_every and state.step % options.eval_every == 0:
             pass_at_1 = score_held_out(plan, stage, engine, options.eval_limit or None)["pass@1"]
-            record.update({"eval/pass@1": pass_at_1, "time/eval_s": time.time() - t2})
+            record.update({"eval/pass@1": pass_at_1, "time/eval_s": time.time() - t3})
             state.evals.append([state.step, pass_at_1])
         # 7. the stage's rules, on metrics of all ranks: every rank ends at the same step
         state.end = end_reason(stage, state, len(stage_plan.prompts)) or ""
@@ -286,12 +287,12 @@ def rollout_metrics(completions, rewards: torch.Tensor, n: int, world: int) -> d
 def metrics_line(stage_plan, state: StageState, rollout: dict, stats: dict, batch: Batch,
                  times: tuple) -> dict:
     """The step's metrics.jsonl record (names in the README)."""
-    t0, t1, t2 = times
+    t0, t1, t2, t3 = times
     record = {"step": state.step, "stage": stage_plan.number,
               **{k: v for k, v in rollout.items() if k not in ("tokens", "errors")}, **stats,
               "skipped_steps": state.skipped_steps, "reward/errors": state.reward_errors,
-              "time/rollout_s": t1 - t0, "time/train_s": t2 - t1,
-              "throughput/tokens_per_s": rollout["tokens"] / (t2 - t0)}
+              "time/rollout_s": t1 - t0, "time/train_s": t2 - t1, "time/sync_s": t3 - t2,
+              "throughput/tokens_per_s": rollout["tokens"] / (t3 - t0)}
     if stage_plan.settings.dynamic_sampling:
         record["dynamic/rounds"], record["dynamic/groups"] = batch.rounds, batch.groups
     return record

@@ -35,8 +35,9 @@ class Options:
     stage: str = setting("1", "a stage (2) or a range of stages run in one process (1-4)")
     recipe: str = setting(DEFAULT_RECIPE, "the stage table and its defaults",
                           choices=tuple(RECIPES))
-    model: str | None = setting(None, "stage 1's starting checkpoint, a Hugging Face folder "
-                                            "(default: the recipe's)")
+    model: str | None = setting(None, "the first stage's starting checkpoint, a Hugging Face "
+                                      "folder (default: the recipe's for stage 1, stage N-1's "
+                                      "final for stage N)")
     data: str | None = setting(None, "the problem file: JSON, JSONL or parquet (default: "
                                            "the recipe's)")
     eval_data: str | None = setting(None, "held-out problems scored at the end of each stage "
@@ -68,8 +69,15 @@ class Options:
                               range="[0, inf)")
     eval_limit: int = setting(64, "problems scored by --eval-every (0: all)", range="[0, inf)")
     eval_tokens: int | None = setting(None, "the held-out response budget (default: the "
-                                            "largest stage budget of the recipe, with this run's "
-                                            "overrides)", range="[1, inf)")
+                                            "largest response budget of the stages run)",
+                                      range="[1, inf)")
+    save_dtype: str = setting("source", "the dtype of a checkpoint's Hugging Face weights (source: "
+                                        "the starting checkpoint's); a resume reads fp32 master "
+                                        "weights kept beside them", choices=("source", "float32",
+                                                                              "bfloat16"))
+    vllm_memory: float | None = setting(None, "the fraction of the device's memory vLLM takes for "
+                                              "its weights and KV cache (default: 0.4 on a GPU, "
+                                              "0.15 on a CPU)", range="(0, 1]")
 
 
 def parse_args(argv=None) -> tuple[Options, dict[str, str]]:
@@ -179,18 +187,18 @@ def make_plan(options: Options, overrides: dict, rank: int, world: int, device) 
         fail("--eval-every and --end-eval need a held-out file: --eval-data (and --eval-k > 0)")
     if with_eval_rule and not options.eval_every:
         fail("--end-eval needs --eval-every K (the held-out score it reads)")
-    full = [stages.get(k + 1, s) for k, s in enumerate(recipe.stages)]  # with this run's overrides
-    eval_tokens = options.eval_tokens or eval_budget(full)
+    eval_tokens = options.eval_tokens or eval_budget(stages.values())
     config, tok, template, encoded, eval_problems, mean_len = read_inputs(
-        options, src, data_file, eval_file, stages, max(s.max_prompt for s in full))
+        options, src, data_file, eval_file, stages)
     max_model_len = 0
     for k, stage in stages.items():  # the longest sequence: a stage's budget or the eval's
         longest = max(stage.max_tokens, eval_tokens if eval_file else 0)
         max_model_len = max(max_model_len, stage.max_prompt + longest)
         if stage.max_prompt + longest > config.max_position_embeddings:
+            flag = "--max-tokens" if longest == stage.max_tokens else "--eval-tokens"
             fail(f"stage {k}: prompt budget {stage.max_prompt} + response budget {longest} exceeds "
                  f"the model's max_position_embeddings {config.max_position_embeddings} "
-                 f"(--max-prompt, --max-tokens)")
+                 f"(--max-prompt, {flag})")
         prompts, dropped = encoded[k]
         if len(prompts) < stage.batch:
             fail(f"{data_file}: split {stage.split} has {len(prompts)} prompts ({dropped} dropped "
@@ -218,7 +226,7 @@ def make_plan(options: Options, overrides: dict, rank: int, world: int, device) 
     return plan
 
 
-def read_inputs(options, src, data_file, eval_file, stages, max_prompt):
+def read_inputs(options, src, data_file, eval_file, stages):
     """The model's config, weights (checked) and tokenizer; the problems encoded per stage; the
     held-out problems -> (config, tok, template, {stage: (prompts, dropped)}, held-out problems,
     the mean prompt length). Each error names its file (and line and field)."""
@@ -233,7 +241,7 @@ def read_inputs(options, src, data_file, eval_file, stages, max_prompt):
         eval_problems = None
         if eval_file:
             eval_problems = data.load_problems(eval_file)
-            data.encode_problems(eval_problems, tok, template, max_prompt)
+            data.encode_problems(eval_problems, tok, template, 10 ** 9)  # its characters
     except (ValueError, OSError, ImportError) as e:
         fail(str(e))
     return config, tok, template, encoded, eval_problems, mean_len
@@ -252,7 +260,8 @@ def print_plan(plan: Plan, dropped: dict, mean_len: float):
               f"({len(p.prompts)} prompts, {dropped[p.number]} dropped over {s.max_prompt} tokens; "
               f"split at mean length {mean_len:.1f}), response budget {s.max_tokens}, batch "
               f"{s.batch} x n={s.n}, at most {s.steps} steps{until}, world {plan.world}, device "
-              f"{plan.device}, from {p.src}", flush=True)
+              f"{plan.device}, from {p.src}{' (--model)' if p.src == plan.options.model else ''}",
+              flush=True)
     print(f"[fastcurl] rollout engine: {plan.engine[0]} ({plan.engine[1]})", flush=True)
     if any(p.settings.n == 1 for p in plan.stages):
         print("[fastcurl] warning: --n-samples 1: each prompt's group is one sample, so every "
@@ -271,9 +280,9 @@ def check_writable(stage_dir: str):
 
 
 def start_checkpoint(options: Options, recipe: Recipe, out: str, stage: int) -> str:
-    """Stage 1 starts from --model (the recipe's model by default), stage N from stage N-1's
-    final."""
-    if stage == 1:
+    """The first stage of the run starts from --model; without it, stage 1 from the recipe's model
+    and stage N from stage N-1's final in --out."""
+    if stage == 1 or options.model:
         src = options.model or recipe.model
         if src is None:
             fail(f"--recipe {options.recipe} --stage 1 needs --model (a Hugging Face checkpoint "

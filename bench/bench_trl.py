@@ -74,7 +74,7 @@ def ours(steps: int, out: str, model_dir: str) -> dict:
            "--model", model_dir]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     rows = [json.loads(line) for line in open(os.path.join(out, "stage1", "metrics.jsonl"))]
-    step_s = [r["time/rollout_s"] + r["time/train_s"] for r in rows]
+    step_s = [r["time/rollout_s"] + r["time/train_s"] + r["time/sync_s"] for r in rows]
     res = summarise(step_s, [r["throughput/tokens_per_s"] * s for r, s in zip(rows, step_s)],
                     [r["response_len/mean"] for r in rows], [r["reward/mean"] for r in rows])
     res["phases_s"] = {k: statistics.median(r[f"time/{k}_s"] for r in rows[2:]) for k in ("rollout", "train")}
