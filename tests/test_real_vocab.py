@@ -58,11 +58,11 @@ def varied_texts(count: int = 400, seed: int = 0) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiktoken_encoding():
+def tiktoken_encoding(qwen_tiktoken):
     tiktoken = pytest.importorskip("tiktoken")
-    path = real_vocab.qwen_tiktoken_path()
-    return tiktoken.Encoding("qwen", pat_str=real_vocab.QWEN2_PATTERN,
-                             mergeable_ranks=real_vocab.load_ranks(path), special_tokens={})
+    ranks = real_vocab.load_ranks(qwen_tiktoken)
+    return tiktoken.Encoding("qwen", pat_str=real_vocab.QWEN2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={})
 
 
 def folder_tokenizer(folder):
