@@ -3,16 +3,14 @@
 GRPO, per prompt group of n samples with rewards r_1..r_n:
     A_i = (r_i - mean(r)) / (std(r) + eps)                              (group-normalised advantage)
     ratio_t = exp(logp_t - old_logp_t)
-    loss_t = w_t pg_t                                 (w_t: rollout correction, 1 without; below)
+    loss_t = w_t pg_t               (w_t: the rollout correction's weight, 1 without; see below)
              + kl_coef (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)   (k3 estimate of KL(pi||ref))
              - entropy_coef H_t
 aggregated over response tokens by token-mean, seq-mean or Dr.GRPO's sum / (B * T). The policy
-term pg_t is the stage's `loss`:
+term pg_t is the stage's `loss` (policy_loss has the details; rollout_correction the weights w_t):
     grpo   -min(ratio_t A, clip(ratio_t, 1 - clip_low, 1 + clip_high) A)          (token ratio)
     gspo   the same with the sequence ratio s_i = exp(mean_t (logp_t - old_logp_t))  (GSPO)
     cispo  -sg[min(ratio_t, 1 + clip_high)] A logp_t                   (MiniMax-M1's CISPO)
-(policy_loss has the details). The rollout correction w_t weighs each token's policy term against
-the gap between the trainer and the engine that sampled (rollout_correction).
 
 Every tensor here is made on the trainer's device (the model's), which under NCCL is also the device
 of the collectives (fsdp.comm_device); per-step metrics reach the host once, at the end of the step.
@@ -34,26 +32,23 @@ from model import Packed, Transformer
 
 def group_advantages(rewards: torch.Tensor, group_size: int, norm: str = "std", eps: float = 1e-6):
     """A = (r - mean_group) / (std_group + eps), unbiased std (as verl); all-equal groups give 0."""
+    if norm not in ("std", "none"):
+        raise ValueError(f"norm must be 'std' or 'none', not {norm!r}")
     r = rewards.float().view(-1, group_size)
     a = r - r.mean(-1, keepdim=True)
-    if norm == "std":
-        a = a / (r.std(-1, keepdim=True) + eps) if group_size > 1 else a
-    elif norm != "none":
-        raise ValueError(f"norm must be 'std' or 'none', not {norm!r}")
-    return a.view(-1)
+    return (a / (r.std(-1, keepdim=True) + eps) if norm == "std" and group_size > 1 else a).view(-1)
 
 
 LOSSES = ("grpo", "gspo", "cispo")
 CORRECTIONS = ("none", "tis-token", "tis-seq", "mask-token", "mask-seq")
 AGGS = ("token-mean", "seq-mean", "drgrpo")
-# what a step sums over micro-batches and ranks (grpo_loss's stats, the correction's left-out count)
-STAT_KEYS = ("pg_clipfrac", "ratio/mean", "kl/mean", "entropy/mean", "tokens",
+# a step's sums over micro-batches and ranks: the tokens, then token-weighted stats (metrics' order)
+STAT_KEYS = ("tokens", "entropy/mean", "kl/mean", "pg_clipfrac", "ratio/mean",
              "rollout/masked_frac")
 
 
 def policy_loss(logp, old_logp, adv, mask, loss="grpo", clip_low=0.2, clip_high=0.2):
-    """The policy-gradient term per token [B, T], the tokens it clipped [B, T] and the ratio it
-    used [B, T]; adv is [B], mask [B, T] the response tokens.
+    """Per token [B, T]: the policy-gradient term, whether it clipped, the ratio used; adv [B].
 
     grpo: r_t = exp(logp_t - old_t),  pg_t = -min(r_t A, clip(r_t, 1 - clip_low, 1 + clip_high) A).
 
@@ -75,18 +70,17 @@ def policy_loss(logp, old_logp, adv, mask, loss="grpo", clip_low=0.2, clip_high=
     follow it, clip_low is unused under cispo. At ratio 1 (one update per batch) its value differs
     from grpo's but its gradient is the same (-A d logp_t).
     """
-    a = adv[:, None]
-    if loss == "cispo":
-        ratio = torch.exp(logp - old_logp)
-        w = ratio.detach().clamp(max=1 + clip_high)
-        return -w * a * logp, ratio.detach() > 1 + clip_high, ratio
-    if loss == "gspo":
-        log_s = ((logp.detach() - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        ratio = torch.exp(log_s.detach()[:, None] + logp - logp.detach())
-    elif loss == "grpo":
-        ratio = torch.exp(logp - old_logp)
-    else:
+    if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, not {loss!r}")
+    a = adv[:, None]
+    if loss == "gspo":  # log s from detached log-probs: sg[s]
+        log_s = ((logp.detach() - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        ratio = torch.exp(log_s[:, None] + logp - logp.detach())
+    else:
+        ratio = torch.exp(logp - old_logp)
+    if loss == "cispo":
+        weight = ratio.detach().clamp(max=1 + clip_high)
+        return -weight * a * logp, ratio.detach() > 1 + clip_high, ratio
     pg1, pg2 = ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a
     return -torch.minimum(pg1, pg2), pg2 < pg1, ratio
 
@@ -94,11 +88,9 @@ def policy_loss(logp, old_logp, adv, mask, loss="grpo", clip_low=0.2, clip_high=
 def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, ref_logp=None, kl_coef=0.0,
               entropy=None, entropy_coef=0.0, agg="token-mean", denom=None, is_weight=None,
               loss="grpo"):
-    """The loss over [B, T] response tokens (formula in the module docstring); adv is [B].
-
-    loss: the policy term, "grpo", "gspo" or "cispo" (policy_loss). is_weight [B, T] (optional)
-    multiplies the policy term only (not the KL and entropy terms): the rollout correction's
-    weights, truncated importance weights or 0/1 (rollout_correction).
+    """The loss over [B, T] response tokens (formula in the module docstring); adv is [B]; loss:
+    the policy term, "grpo", "gspo" or "cispo" (policy_loss); is_weight [B, T] (optional): the
+    rollout correction's w_t (rollout_correction), on the policy term only.
 
     agg: "token-mean" = sum / number of tokens; "seq-mean" = mean over sequences of each one's token
     mean; "drgrpo" = sum / (B * T). `denom` replaces the denominator (tokens, sequences or B*T) with
@@ -108,31 +100,25 @@ def grpo_loss(logp, old_logp, adv, mask, *, clip_low=0.2, clip_high=0.2, ref_log
     per_tok, clipped, ratio = policy_loss(logp, old_logp, adv, mask, loss, clip_low, clip_high)
     if is_weight is not None:
         per_tok = per_tok * is_weight
-    kl = None
-    if ref_logp is not None:
-        d = ref_logp - logp
-        kl = torch.exp(d) - d - 1
-        if kl_coef:
-            per_tok = per_tok + kl_coef * kl
+    kl = None if ref_logp is None else torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    if kl is not None and kl_coef:
+        per_tok = per_tok + kl_coef * kl
     if entropy is not None and entropy_coef:
         per_tok = per_tok - entropy_coef * entropy
-    if agg == "token-mean":
-        out = (per_tok * mask).sum() / (mask.sum().clamp(min=1) if denom is None else denom)
-    elif agg == "seq-mean":
+    if agg == "seq-mean":
         seq = (per_tok * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         out = seq.sum() / (mask.shape[0] if denom is None else denom)
-    elif agg == "drgrpo":
-        out = (per_tok * mask).sum() / (mask.numel() if denom is None else denom)
+    elif agg in ("token-mean", "drgrpo"):
+        own = mask.sum().clamp(min=1) if agg == "token-mean" else mask.numel()
+        out = (per_tok * mask).sum() / (own if denom is None else denom)
     else:
         raise ValueError(f"agg must be token-mean, seq-mean or drgrpo, not {agg!r}")
     with torch.no_grad():
-        n = mask.sum().clamp(min=1)
-        zero = logp.new_zeros(())
-        stats = {"pg_clipfrac": (clipped.to(mask.dtype) * mask).sum() / n,
-                 "ratio/mean": (ratio.detach() * mask).sum() / n,
-                 "kl/mean": (kl * mask).sum() / n if kl is not None else zero,
-                 "entropy/mean": (entropy * mask).sum() / n if entropy is not None else zero,
-                 "tokens": mask.sum()}
+        tokens = mask.sum()
+        def token_mean(x):  # 0 for a term left out
+            return logp.new_zeros(()) if x is None else (x * mask).sum() / tokens.clamp(min=1)
+        stats = {"pg_clipfrac": token_mean(clipped), "ratio/mean": token_mean(ratio),
+                 "kl/mean": token_mean(kl), "entropy/mean": token_mean(entropy), "tokens": tokens}
     return out, stats
 
 
@@ -156,22 +142,18 @@ def rollout_correction(gap, mask, mode: str, cap: float):
     gap), so micro-batches and ranks still add up to the whole batch's loss.
     """
     mask = mask.to(gap.dtype)
-    g = gap * mask
-    if mode == "tis-token":
-        return g.exp().clamp(max=cap), torch.zeros_like(g, dtype=torch.bool)
+    log_ratio = gap * mask  # per token [B, T]; per sequence [B, 1]: its sum (tis-seq) or mean
     if mode == "tis-seq":
-        w = g.sum(-1, keepdim=True).exp().clamp(max=cap)
-        return w.expand_as(g), torch.zeros_like(g, dtype=torch.bool)
-    lim = math.log(cap)
-    if mode == "mask-token":
-        out = g.abs() > lim
+        log_ratio = log_ratio.sum(-1, keepdim=True)
     elif mode == "mask-seq":
-        mean = g.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
-        out = (mean.abs() > lim).expand_as(g)
-    else:
+        log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    elif mode not in ("tis-token", "mask-token"):
         raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, not {mode!r}")
-    out = out & mask.bool()
-    return (~out).to(g.dtype), out
+    if mode.startswith("tis"):  # weights only, no token left out
+        weight = log_ratio.exp().clamp(max=cap).expand_as(mask)
+        return weight, torch.zeros_like(mask, dtype=torch.bool)
+    out = (log_ratio.abs() > math.log(cap)).expand_as(mask) & mask.bool()
+    return (~out).to(mask.dtype), out
 
 
 # ---- training layout -------------------------------------------------------------------------
@@ -190,35 +172,32 @@ class Rows:
 
 
 def micro_batches(comps, token_budget: int, pad_id: int, device) -> list[Rows]:
-    """Pack completions, sorted by length, into micro-batches of at most token_budget tokens (one
-    longer than the budget gets one of its own): no padding tokens reach the model. Laid out on the
-    host, then moved to `device` in one copy per tensor. No completions: no micro-batches."""
-    def length(i):
-        return len(comps[i].prompt_ids) + len(comps[i].response_ids)
-
+    """Completions, sorted by length, in micro-batches of at most token_budget tokens (a longer one
+    alone): no padding reaches the model. Laid out on the host, one copy per tensor to `device`."""
+    lengths = [len(c.prompt_ids) + len(c.response_ids) for c in comps]
     groups, used = [], 0
-    for i in sorted(range(len(comps)), key=length):
-        if not groups or used + length(i) > token_budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(i)
-        used += length(i)
+    for i in sorted(range(len(comps)), key=lengths.__getitem__):
+        if groups and used + lengths[i] <= token_budget:
+            groups[-1].append(i)
+            used += lengths[i]
+        else:
+            groups.append([i])
+            used = lengths[i]
     out, host = [], torch.device("cpu")
     for g in groups:
         R = max(max(len(comps[i].response_ids) for i in g), 1)
-        resp_pos = torch.zeros(len(g), R, dtype=torch.long, device=host)
-        rid = torch.zeros(len(g), R, dtype=torch.long, device=host)
+        resp_pos, rid = torch.zeros(2, len(g), R, dtype=torch.long, device=host)
         mask = torch.zeros(len(g), R, device=host)
         ids, positions = [], []
         for b, i in enumerate(g):
             p, r = comps[i].prompt_ids, comps[i].response_ids
             resp_pos[b, :len(r)] = torch.arange(len(r), device=host) + len(ids) + len(p) - 1
             ids += p + r
-            positions += range(length(i))
+            positions += range(lengths[i])
             rid[b, :len(r)] = torch.tensor(r, dtype=torch.long, device=host)
             mask[b, :len(r)] = 1
         row = torch.tensor([ids, positions], dtype=torch.long, device=host).to(device)
-        out.append(Rows(row[:1], row[1:], Packed([length(i) for i in g]), resp_pos.to(device),
+        out.append(Rows(row[:1], row[1:], Packed([lengths[i] for i in g]), resp_pos.to(device),
                         rid.to(device), mask.to(device), g))
     return out
 
@@ -247,8 +226,7 @@ def stack_rows(d: dict, index: list[int], like: torch.Tensor):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """What is not per stage (the stage carries lr, warmup, clip, KL, entropy, aggregation,
-    mini-batches, the policy loss and the rollout correction)."""
+    """What is not per stage (the stage carries the lr, warmup and every RL setting of the step)."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     token_budget: int = 16384   # tokens per packed micro-batch
@@ -256,9 +234,8 @@ class TrainConfig:
 
 
 class Trainer:
-    """One GRPO update per mini-batch: old (and reference) log-probs, then per mini-batch:
-    micro-batch forward and backward, gradients summed across ranks (all-reduce, or fsdp's
-    reduce-scatter), clip, AdamW."""
+    """Old (and reference) log-probs, then one GRPO update per mini-batch: micro-batch forward and
+    backward, gradients summed across ranks (all-reduce, or fsdp's reduce-scatter), clip, AdamW."""
 
     def __init__(self, model: Transformer, cfg: TrainConfig, ref: Transformer | None = None,
                  pad_id: int = 0):
@@ -267,14 +244,11 @@ class Trainer:
         self.device = next(model.parameters()).device
         model.gradient_checkpointing = cfg.grad_checkpointing
         # the learning rate is the stage's, set before every update (lr_at)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=0.0, betas=(0.9, 0.999),
-                                     weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=cfg.weight_decay)
         self.updates = 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        # adaptive entropy control (_entropy_coef): the coefficient (None: the stage's, at the
-        # first step) and whether the last measured entropy was at or below the target
-        self.ent_coef: float | None = None
-        self.ent_active = True
+        # adaptive entropy control (_entropy_coef): alpha (None before the first step) and on/off
+        self.ent_coef, self.ent_active = None, True
 
     @staticmethod
     def lr_at(update: int, st) -> float:
@@ -291,16 +265,14 @@ class Trainer:
         return x
 
     def _micro(self, comps, index: list[int]) -> list[Rows]:
-        """Micro-batches of the completions comps[i], i in index; sharded models run collectives in
-        every forward, so all ranks get the same number of micro-batches (empty ones padded in: a
-        pad row with no loss tokens)."""
+        """Micro-batches of comps[i], i in index; sharded models run collectives in every forward,
+        so all ranks get as many micro-batches (empty ones padded in: a pad row, no loss tokens)."""
         mbs = micro_batches([comps[i] for i in index], self.cfg.token_budget, self.pad_id,
                             self.device)
         for mb in mbs:
             mb.index = [index[j] for j in mb.index]
         if self.sharded and self.world > 1:
-            count = torch.tensor([float(len(mbs))], device=self.device)
-            n = int(self._sum(count, dist.ReduceOp.MAX).item())
+            n = int(self._sum(torch.tensor(float(len(mbs)), device=self.device), dist.ReduceOp.MAX))
             z = torch.zeros(1, 1, dtype=torch.long, device=self.device)
             mbs += [Rows(torch.full((1, 2), self.pad_id, device=self.device), None, None, z, z,
                          torch.zeros(1, 1, device=self.device), []) for _ in range(n - len(mbs))]
@@ -308,23 +280,18 @@ class Trainer:
 
     @torch.no_grad()
     def _logprobs(self, model, mbs, temperature):
-        out = {}
-        for mb in mbs:
-            out.update(zip(mb.index, token_logprobs(model, mb, temperature)[0]))
-        return out
+        return {i: logp for mb in mbs
+                for i, logp in zip(mb.index, token_logprobs(model, mb, temperature)[0])}
 
     def _denominator(self, mbs, n_seqs: int, st):
         """The aggregation's denominator over the whole mini-batch on all ranks: tokens, sequences
         or B * T of the completions in mbs (left-out ones, keep False, are not there) -> (the
         loss's denominator, the global count unclamped: 0 when no rank has anything to learn)."""
-        if st.agg == "token-mean":
-            local = float(sum(mb.mask.sum() for mb in mbs))
-        else:
-            local = float(n_seqs if st.agg == "seq-mean" else n_seqs * st.max_tokens)
-        total = self._sum(torch.tensor(local, device=self.device))
-        denom = total.clamp(min=1)
+        local = (sum(mb.mask.sum() for mb in mbs) if st.agg == "token-mean" else
+                 n_seqs if st.agg == "seq-mean" else n_seqs * st.max_tokens)
+        total = self._sum(torch.tensor(float(local), device=self.device))
         # fsdp averages gradients over ranks; the global-denominator loss wants a sum
-        return (denom / self.world if self.sharded else denom), total
+        return total.clamp(min=1) / (self.world if self.sharded else 1), total
 
     def _reduce_and_clip(self) -> torch.Tensor:
         """Sum gradients over ranks (fsdp reduce-scattered them), clip them -> their global norm."""
@@ -342,12 +309,11 @@ class Trainer:
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
 
     def step(self, comps, adv: torch.Tensor, st, keep=None) -> dict:
-        """comps: this rank's completions; adv [len(comps)]; st: the stage (lr, warmup, clip, kl,
-        entropy, temperature, agg, max_tokens, mini_batches: optimizer updates per step, loss,
-        correction, target_entropy); keep: None, or a bool per completion: False leaves it out of
-        the step entirely (DAPO's overlong filtering): no forward, no policy/KL/entropy term, not
-        in any denominator (tokens, sequences, B * T). Mini-batches are cut by position in comps
-        before the left-out completions are dropped, so keep moves nothing into another update."""
+        """comps: this rank's completions; adv [len(comps)]; st: the stage (mini_batches: optimizer
+        updates per step); keep: None, or a bool per completion: False leaves it out of the step
+        entirely (DAPO's overlong filtering): no forward, no policy/KL/entropy term, not in any
+        denominator (tokens, sequences, B * T). Mini-batches are cut by position in comps before the
+        left-out ones are dropped, so keep moves nothing into another update."""
         self.model.train()
         kept = [i for i in range(len(comps)) if keep is None or keep[i]]
         per = math.ceil(len(comps) / st.mini_batches)
@@ -359,14 +325,13 @@ class Trainer:
         adv = adv.to(self.device)
         ent_coef = self._entropy_coef(st)
         sums = {k: torch.zeros((), device=self.device) for k in STAT_KEYS}
-        gap, skipped, ran, grad_norm = {}, 0, 0, torch.zeros((), device=self.device)
+        gap, skipped, start, grad_norm = {}, 0, self.updates, torch.zeros((), device=self.device)
         for part in parts:
             mbs = mbs_all if st.mini_batches == 1 else self._micro(comps, part)
             denom, total = self._denominator(mbs, len(part), st)
             self.opt.zero_grad(set_to_none=True)
             if not bool(total > 0):  # no rank has a completion in this mini-batch: no update
                 continue
-            ran += 1
             for mb in mbs:
                 mb_sums, mb_gap = self._micro_step(mb, comps, adv, st, old, ref, denom, ent_coef)
                 sums = {k: sums[k] + mb_sums[k] for k in sums}
@@ -382,7 +347,7 @@ class Trainer:
         out = self._metrics(sums, gap, mbs_all, [comps[i] for i in kept])
         out.update({"grad_norm": float(grad_norm), "lr": self.lr_at(max(self.updates - 1, 0), st),
                     "skipped_updates": skipped, "entropy/coef": ent_coef})
-        if ran:
+        if self.updates > start:  # some mini-batch measured the entropy
             self._entropy_update(st, out["entropy/mean"])
         return out
 
@@ -401,12 +366,9 @@ class Trainer:
         ref_logp = None if ref is None else stack_rows(ref, mb.index, logp)
         gap = {i: old_logp[b, :len(comps[i].logprobs)] - old_logp.new_tensor(comps[i].logprobs)
                for b, i in enumerate(mb.index) if comps[i].logprobs}
-        weight, masked = None, None
-        if st.correction != "none":  # a completion without engine log-probs: gap 0, weight 1
-            weight, masked = rollout_correction(stack_rows(gap, mb.index, old_logp), mb.mask,
-                                                st.correction, st.correction_cap)
-        # a padding micro-batch (no rows of this rank) has no advantages
-        mb_adv = adv[mb.index] if mb.index else logp.new_zeros(len(logp))
+        weight, masked = (None, None) if st.correction == "none" else rollout_correction(
+            stack_rows(gap, mb.index, old_logp), mb.mask, st.correction, st.correction_cap)
+        mb_adv = adv[mb.index] if mb.index else logp.new_zeros(len(logp))  # a pad row: A = 0
         loss, stats = grpo_loss(logp, old_logp, mb_adv, mb.mask, clip_low=st.clip_low,
                                 clip_high=st.clip_high, ref_logp=ref_logp, kl_coef=st.kl_coef,
                                 entropy=ent, entropy_coef=ent_coef, agg=st.agg, denom=denom,
@@ -418,17 +380,14 @@ class Trainer:
 
     def _metrics(self, sums: dict, gap: dict, mbs_all, comps) -> dict:
         """Token-weighted means over all ranks (rollout/masked_frac: the share of response tokens
-        the correction left out), the trainer/engine log-prob gap and the padding share; the
-        tensors reach the host in one copy."""
-        tok = sums.pop("tokens")
-        keys = sorted(sums)
-        tot = self._sum(torch.stack([tok] + [sums[k] for k in keys]).float())
+        left out), the trainer/engine log-prob gap and the padding share; one copy to the host."""
+        tot = self._sum(torch.stack([sums[k] for k in STAT_KEYS]).float())
         diffs = torch.cat([d.abs() for d in gap.values()] or [torch.zeros(1, device=self.device)])
         dsum = self._sum(torch.stack([diffs.sum(), diffs.new_tensor(float(diffs.numel()))]))
         dmax = self._sum(diffs.max().clone(), dist.ReduceOp.MAX)
         host = torch.cat([tot[1:] / tot[0].clamp(min=1), (dsum[0] / dsum[1].clamp(min=1))[None],
                           dmax[None].to(tot.dtype)]).tolist()
-        out = dict(zip(keys, host))
+        out = dict(zip(STAT_KEYS[1:], host))
         out["rollout/logprob_absdiff"], out["rollout/logprob_maxdiff"] = host[-2], host[-1]
         pad_tok = sum(mb.ids.numel() for mb in mbs_all if mb.index)
         real = sum(len(c.prompt_ids) + len(c.response_ids) for c in comps)
@@ -441,8 +400,7 @@ class Trainer:
         st.entropy_coef) and, after each step whose measured entropy is e (the token mean over all
         ranks, at the sampling temperature: set the target for that temperature),
             alpha <- clamp(alpha + entropy_lr * sign(target - e), 0, entropy_coef_max)
-        and the entropy term is on only while the entropy is at or below the target:
-            coef = alpha if e <= target else 0.
+            coef = alpha if e <= target else 0    (the term is on only at or below the target)
         Skywork measures e on the step's batch before its update; here e comes from the step's own
         forward, the one the loss needs, so the rule runs one step later: a step uses the alpha and
         the e <= target of the step before (the first step: alpha = st.entropy_coef, on). Skywork's
@@ -450,8 +408,7 @@ class Trainer:
         guard against a coefficient that climbs while the entropy cannot reach the target."""
         if not st.target_entropy:
             return st.entropy_coef
-        if self.ent_coef is None:
-            self.ent_coef = st.entropy_coef
+        self.ent_coef = st.entropy_coef if self.ent_coef is None else self.ent_coef
         return self.ent_coef if self.ent_active else 0.0
 
     def _entropy_update(self, st, entropy: float):
