@@ -53,7 +53,7 @@ def setup_dist(device: str = "auto") -> tuple[int, int, torch.device]:
         dev = torch.device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return _rank(), _world(), dev
+    return (*_rank_world(), dev)
 
 
 def comm_device() -> torch.device:
@@ -95,44 +95,38 @@ _gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_
 _scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def _world():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _rank():
-    return dist.get_rank() if dist.is_initialized() else 0
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 class Unit:
-    """One flat-sharded group of parameters (one block, or the root's leftovers); with `reshard`
-    its gathered parameters are freed after the forward, else kept until the backward."""
+    """One flat-sharded group of parameters (one block, or the root's leftovers), gathered around
+    its owner's forward; with `reshard` freed after it, else kept until the backward."""
 
     def __init__(self, owner: nn.Module, params: list, param_dtype, reduce_dtype, reshard: bool):
         # params: [(name in the full model, tensor, homes [(module, attr), ...], several if tied)]
-        self.W, rank = _world(), _rank()
+        rank, self.W = _rank_world()
         self.reduce_dtype, self.reshard = reduce_dtype, reshard
         self.entries, off = [], 0
         for name, p, homes in params:
             self.entries.append((name, off, p.shape, homes))
             off += p.numel()
+            for mod, attr in homes:
+                del mod._parameters[attr]
         self.padded = math.ceil(off / self.W) * self.W
-        n = self.padded // self.W
         flat = torch.zeros(self.padded, dtype=torch.float32, device=params[0][1].device)
-        for (_, o, _, _), (_, p, _) in zip(self.entries, params):
-            flat[o:o + p.numel()] = p.detach().reshape(-1).float()
-        self.shard = nn.Parameter(flat[rank * n:(rank + 1) * n].clone())
+        torch.cat([p.detach().reshape(-1).float() for _, p, _ in params], out=flat[:off])
+        self.shard = nn.Parameter(flat.chunk(self.W)[rank].clone())
         self.full = torch.zeros(self.padded, dtype=param_dtype or torch.float32, device=flat.device,
                                 requires_grad=True)
         self.full.register_post_accumulate_grad_hook(self._reduce_grad)
         self.in_backward = False
-        for _, _, _, homes in self.entries:
-            for mod, attr in homes:
-                del mod._parameters[attr]
         self._set_views()
         self._free()
         owner.register_parameter("flat_shard", self.shard)
+        owner.register_forward_pre_hook(self.pre_forward)
+        owner.register_forward_hook(self.post_forward)
 
-    # -- gather and free ---------------------------------------------------------------------------
     def gathered(self) -> bool:
         return self.full.untyped_storage().size() > 0
 
@@ -156,14 +150,12 @@ class Unit:
             for mod, attr in homes:
                 setattr(mod, attr, v)
 
-    # -- hooks -------------------------------------------------------------------------------------
-    def pre_forward(self):
-        if self.in_backward:  # activation checkpointing recomputes: the parameters are already here
-            return
-        self.gather()
-        self._set_views()
+    def pre_forward(self, module, args):
+        if not self.in_backward:  # a recompute in the backward (activation checkpointing) has them
+            self.gather()
+            self._set_views()
 
-    def post_forward(self, output):
+    def post_forward(self, module, args, output):
         if self.in_backward:
             return output
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
@@ -181,13 +173,10 @@ class Unit:
 
     def _reduce_grad(self, full):
         """full.grad -> mean over ranks (reduce_dtype) -> this rank's slice, added to shard.grad."""
-        g = full.grad.to(self.reduce_dtype)
+        piece = g = full.grad.to(self.reduce_dtype)
         full.grad = None
-        n = self.padded // self.W
-        if self.W == 1:
-            piece = g
-        else:
-            piece = torch.empty(n, dtype=self.reduce_dtype, device=g.device)
+        if self.W > 1:
+            piece = torch.empty(self.shard.numel(), dtype=self.reduce_dtype, device=g.device)
             _scatter_flat(piece, g, op=dist.ReduceOp.SUM)
             piece /= self.W
         piece = piece.to(self.shard.dtype)
@@ -195,7 +184,6 @@ class Unit:
         self.in_backward = False
         self._free()
 
-    # -- whole tensors -----------------------------------------------------------------------------
     def full_tensors(self):
         """(name, fp32 tensor) of each parameter of the unit, gathered from all ranks (not kept)."""
         buf = torch.empty(self.padded, dtype=torch.float32, device=self.shard.device)
@@ -209,23 +197,14 @@ class Unit:
 
 def shard(module: nn.Module, param_dtype=None, reduce_dtype=torch.float32) -> nn.Module:
     """Shard a model.Transformer in place (one unit per block + the root) and return it."""
-    names = {}
-    for mname, mod in module.named_modules():
-        for attr, p in mod._parameters.items():
-            if p is not None:
-                names.setdefault(
-                    id(p), (f"{mname}.{attr}" if mname else attr, p, []))[2].append((mod, attr))
-    units = []
-    for blk in module.model.layers:
-        ids = {id(p) for p in blk.parameters()}
-        params = [names.pop(k) for k in list(names) if k in ids]
-        units.append((blk, Unit(blk, params, param_dtype, reduce_dtype, reshard=True)))
+    names = {}  # id -> (name, tensor, homes): a tied parameter once, under its first name
+    for name, p in module.named_parameters(remove_duplicate=False):
+        path, _, attr = name.rpartition(".")
+        names.setdefault(id(p), (name, p, []))[2].append((module.get_submodule(path), attr))
+    blocks = [Unit(block, [names.pop(id(p)) for p in block.parameters()], param_dtype,
+                   reduce_dtype, reshard=True) for block in module.model.layers]
     root = Unit(module, list(names.values()), param_dtype, reduce_dtype, reshard=False)
-    units.append((module, root))
-    for mod, u in units:
-        mod.register_forward_pre_hook(lambda m, args, u=u: u.pre_forward())
-        mod.register_forward_hook(lambda m, args, out, u=u: u.post_forward(out))
-    module._fsdp_units = [u for _, u in units]
+    module._fsdp_units = blocks + [root]
     return module
 
 
@@ -240,17 +219,16 @@ def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
         n = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
         return n.full_tensor() if hasattr(n, "full_tensor") else n
     units = module._fsdp_units
+    grads = [u.shard.grad for u in units if u.shard.grad is not None]
     sq = torch.zeros((), dtype=torch.float32, device=units[0].shard.device)
-    for u in units:
-        if u.shard.grad is not None:
-            sq += u.shard.grad.float().pow(2).sum()
+    for grad in grads:
+        sq += grad.float().pow(2).sum()
     if units[0].W > 1:
         dist.all_reduce(sq)
     total = sq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for u in units:
-        if u.shard.grad is not None:
-            u.shard.grad.mul_(coef)
+    for grad in grads:
+        grad.mul_(coef)
     return total
 
 
@@ -273,8 +251,7 @@ def full_state_dict(module: nn.Module):
 def local_bytes(module: nn.Module, opt: torch.optim.Optimizer | None = None) -> dict:
     """Bytes this rank holds in parameters, gradients, optimizer state (a DTensor's local part)."""
     def nbytes(t):
-        t = t.to_local() if hasattr(t, "to_local") else t
-        return t.numel() * t.element_size()
+        return (t.to_local() if hasattr(t, "to_local") else t).nbytes
     ps = list(module.parameters())
     out = {"params": sum(nbytes(p) for p in ps),
            "grads": sum(nbytes(p.grad) for p in ps if p.grad is not None)}

@@ -1,5 +1,4 @@
-"""Fused log-prob and entropy from hidden states and the LM head, without materialising
-[N, V] logits.
+"""Fused log-prob and entropy from hidden states and the LM head, never materialising [N, V] logits.
 
     z = h W^T / T                 (per token, over the vocabulary)
     lse = log sum_v exp(z_v)
@@ -17,13 +16,13 @@ softmax over vocabulary tiles; `impl="auto"` takes Triton on CUDA.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 CHUNK_ELEMS = 1 << 24  # logits held at once on a CPU: 64 MB in fp32
-CHUNK_ELEMS_CUDA = 1 << 27  # on a GPU: 512 MB in fp32, chunks of about 880 tokens at a 152K
-                            # vocabulary
+CHUNK_ELEMS_CUDA = 1 << 27  # on a GPU: 512 MB in fp32, about 880 tokens at a 152K vocabulary
 
 
 def _chunks(n: int, v: int, chunk_elems: int):
@@ -36,14 +35,11 @@ class _TorchFused(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, temperature, chunk_elems):
         n, v = hidden.shape[0], weight.shape[0]
         w = weight.float()
-        lp = torch.empty(n, device=hidden.device, dtype=torch.float32)
-        ent = torch.empty_like(lp)
-        lse = torch.empty_like(lp)
+        lp, ent, lse = (torch.empty(n, device=hidden.device, dtype=torch.float32) for _ in range(3))
         for s, e in _chunks(n, v, chunk_elems):
             z = hidden[s:e].float() @ w.T
             z /= temperature
-            m = torch.logsumexp(z, -1)
-            lse[s:e] = m
+            lse[s:e] = m = torch.logsumexp(z, -1)
             lp[s:e] = z.gather(-1, labels[s:e, None])[:, 0] - m
             z -= m[:, None]                       # z - lse = log p
             ent[s:e] = -(z.exp() * z).sum(-1)     # -sum p log p = lse - sum p z
@@ -54,19 +50,16 @@ class _TorchFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         hidden, weight, labels, lse, ent = ctx.saved_tensors
-        T = ctx.temperature
         n, v = hidden.shape[0], weight.shape[0]
         w = weight.float()
         g_lp = torch.zeros(n, device=hidden.device) if g_lp is None else g_lp.float()
         g_ent = torch.zeros(n, device=hidden.device) if g_ent is None else g_ent.float()
-        dh = (torch.empty(hidden.shape, device=hidden.device, dtype=torch.float32)
-              if ctx.needs_input_grad[0] else None)
-        dw = (torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-              if ctx.needs_input_grad[1] else None)
+        dh = torch.empty_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for s, e in _chunks(n, v, ctx.chunk_elems):
             h = hidden[s:e].float()
             z = h @ w.T
-            z /= T
+            z /= ctx.temperature
             p = (z - lse[s:e, None]).exp()
             # dz = -g_lp p - g_ent p (z - E[z]) + g_lp onehot, with E[z] = lse - entropy
             z -= (lse[s:e] - ent[s:e])[:, None]
@@ -74,14 +67,13 @@ class _TorchFused(torch.autograd.Function):
             z += g_lp[s:e, None]
             dz = p.mul_(z).neg_()
             dz[torch.arange(e - s, device=dz.device), labels[s:e]] += g_lp[s:e]
-            dz /= T
+            dz /= ctx.temperature
             if dh is not None:
                 dh[s:e] = dz @ w
             if dw is not None:
                 dw.addmm_(dz.T, h)
         return (None if dh is None else dh.to(hidden.dtype),
-                None if dw is None else dw.to(weight.dtype),
-                None, None, None)
+                None if dw is None else dw.to(weight.dtype), None, None, None)
 
 
 def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -92,11 +84,10 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         impl = "triton" if hidden.is_cuda and _triton_ok() else "torch"
     cuda_elems = DZ_ELEMS_CUDA if impl == "triton" else CHUNK_ELEMS_CUDA
     chunk_elems = chunk_elems or (cuda_elems if hidden.is_cuda else CHUNK_ELEMS)
-    if impl == "torch":
-        return _TorchFused.apply(hidden, weight, labels, float(temperature), chunk_elems)
-    if impl == "triton":
-        return _triton_logprob_entropy(hidden, weight, labels, float(temperature), chunk_elems)
-    raise ValueError(f"impl must be auto, torch or triton, not {impl!r}")
+    if impl not in ("torch", "triton"):
+        raise ValueError(f"impl must be auto, torch or triton, not {impl!r}")
+    fused = _TritonFused if impl == "triton" else _TorchFused
+    return fused.apply(hidden, weight, labels, float(temperature), chunk_elems)
 
 
 def _triton_ok() -> bool:
@@ -128,8 +119,6 @@ def _triton_ok() -> bool:
 VOCAB_CHUNK = 8192    # dW rows accumulated in fp32 at once: 48 MB at H = 1536
 DZ_ELEMS_CUDA = 1 << 25  # dz entries held at once on a GPU: 64 MB in bf16
 
-_KERNELS = None
-
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -139,9 +128,8 @@ def _configs(names, options, one):
     """Autotune candidates: each tuple in `options` on a GPU; `one` alone under the interpreter
     (nothing to time on a CPU, and it keeps the tests fast)."""
     import triton
-    rows = [one] if _interpreting() else options
     return [triton.Config(dict(zip(names, r[:-2])), num_warps=r[-2], num_stages=r[-1])
-            for r in rows]
+            for r in ([one] if _interpreting() else options)]
 
 
 def _fitting(configs, element_size: int, shared_limit: int):
@@ -176,14 +164,8 @@ def _mm_configs():
 
 
 def _build_kernels():
-    """-> (fwd_kernel, dz_kernel, mm_acc_kernel), each under its autotuner."""
-    _build_device_functions()
-    return (_build_forward(), *_build_backward())
-
-
-def _build_device_functions():
-    """_rows_dot_rows and _tile, which the kernels call, as module globals (where the interpreter
-    looks a kernel's callees up)."""
+    """-> (fwd_kernel, dz_kernel, mm_acc_kernel), each under its autotuner. The device functions
+    they call are made here, as module globals (where the interpreter looks callees up)."""
     global _rows_dot_rows, _tile
     import triton
     import triton.language as tl
@@ -218,6 +200,7 @@ def _build_device_functions():
         rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         return rows, cols, rows < M, cols < N
+    return (_build_forward(), *_build_backward())
 
 
 def _build_forward():
@@ -234,8 +217,7 @@ def _build_forward():
     def fwd_kernel(h_ptr, w_ptr, y_ptr, part_ptr, N, V, H, inv_t, N_KEY,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        """part[:, split, rows] = (m, s, sz, zy) of this program's tokens over its vocabulary
-        split."""
+        """part[:, split, rows] = (m, s, sz, zy) of these tokens over this program's split."""
         pid, sid, n_split = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         v_per = tl.cdiv(tl.cdiv(V, n_split), BLOCK_V) * BLOCK_V
         v_lo = sid * v_per
@@ -266,7 +248,6 @@ def _build_forward():
         tl.store(out + n_split * N, s, mask=row_ok)
         tl.store(out + 2 * n_split * N, sz, mask=row_ok)
         tl.store(out + 3 * n_split * N, zy, mask=row_ok)
-
     return fwd_kernel
 
 
@@ -277,10 +258,9 @@ def _build_backward():
     @triton.autotune(configs=_mm_configs(), key=["M_KEY", "VC", "H"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
-    def dz_kernel(h_ptr, w_ptr, dz_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
-                  M, VC, H, v_off, inv_t, M_KEY,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    def dz_kernel(h_ptr, w_ptr, dz_ptr, y_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, M, VC, H, v_off,
+                  inv_t, M_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         """dz[M, VC] = (g_lp (onehot - p) - g_ent p (z - E[z])) / T, z = h W^T / T, p = e^(z-lse)
         for tokens h[M, H] and vocabulary rows W[VC, H] (columns v_off...), E[z] = lse - ent."""
         rows, cols, row_ok, col_ok = _tile(M, VC, BLOCK_M, BLOCK_N)
@@ -303,9 +283,8 @@ def _build_backward():
     def mm_acc_kernel(a_ptr, b_ptr, c_ptr, M, N, K, s_am, s_ak, s_bk, s_bn, M_KEY, K_KEY, A_COLS,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-        """c[M, N] += a[M, K] b[K, N] into a contiguous fp32 c, inside the matmul (no product
-        tensor); a and b by strides (a transposed view is a stride swap). A_COLS: a's layout, a
-        tuning key only."""
+        """c[M, N] += a[M, K] b[K, N], added inside the matmul into a contiguous fp32 c; a and b by
+        strides (a transposed view is a stride swap). A_COLS, a's layout, is a tuning key only."""
         rows, cols, row_ok, col_ok = _tile(M, N, BLOCK_M, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -320,14 +299,10 @@ def _build_backward():
         c = c_ptr + rows[:, None] * N + cols[None, :]
         ok = row_ok[:, None] & col_ok[None, :]
         tl.store(c, tl.load(c, mask=ok, other=0.0) + acc, mask=ok)
-
     return dz_kernel, mm_acc_kernel
 
 
-def _kernels():
-    global _KERNELS
-    _KERNELS = _KERNELS or _build_kernels()
-    return _KERNELS
+_kernels = functools.cache(_build_kernels)  # built once, at first use
 
 
 def _vocab_splits(n: int, device: torch.device) -> int:
@@ -352,26 +327,20 @@ def _grid2d(m: int, n: int):
 
 def _mm_acc(a, b, c):
     """c += a @ b inside one kernel; c fp32 contiguous, a and b any strides."""
-    M, K = a.shape
-    N = b.shape[1]
-    _kernels()[2][_grid2d(M, N)](
-        a, b, c, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        _bucket(M), _bucket(K), int(a.stride(0) == 1), **_mode(a))
+    (M, K), N = a.shape, b.shape[1]
+    _kernels()[2][_grid2d(M, N)](a, b, c, M, N, K, *a.stride(), *b.stride(), _bucket(M), _bucket(K),
+                                 int(a.stride(0) == 1), **_mode(a))
 
 
 class _TritonFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, temperature, chunk_elems):
         import triton
-
-        fwd = _kernels()[0]
-        h, w = hidden.contiguous(), weight.to(hidden.dtype).contiguous()
-        y = labels.contiguous()
-        n, hdim = h.shape
-        v = w.shape[0]
+        h, w, y = hidden.contiguous(), weight.to(hidden.dtype).contiguous(), labels.contiguous()
+        (n, hdim), v = h.shape, w.shape[0]
         splits = _vocab_splits(n, h.device)
         part = torch.empty(4, splits, n, device=h.device, dtype=torch.float32)
-        fwd[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](
+        _kernels()[0][lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](
             h, w, y, part, n, v, hdim, 1.0 / temperature, _bucket(n), **_mode(h))
         m, s, sz, zy = part.unbind(0)
         big = m.amax(0)
@@ -379,34 +348,29 @@ class _TritonFused(torch.autograd.Function):
         tot = (s * scale).sum(0)
         lse = big + tot.log()
         ent = lse - (sz * scale).sum(0) / tot
-        lp = zy.sum(0) - lse
         ctx.save_for_backward(h, w, y, lse, ent)
         ctx.temperature, ctx.chunk_elems, ctx.w_dtype = temperature, chunk_elems, weight.dtype
-        return lp, ent
+        return zy.sum(0) - lse, ent
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
         h, w, y, lse, ent = ctx.saved_tensors
-        n, v = h.shape[0], w.shape[0]
+        (n, hdim), v = h.shape, w.shape[0]
         z0 = torch.zeros(n, device=h.device, dtype=torch.float32)
-        g_lp = z0 if g_lp is None else g_lp.float().contiguous()
-        g_ent = z0 if g_ent is None else g_ent.float().contiguous()
-        dh = (torch.zeros(h.shape, device=h.device, dtype=torch.float32)
-              if ctx.needs_input_grad[0] else None)
-        dw = (torch.empty(w.shape, device=w.device, dtype=ctx.w_dtype)
-              if ctx.needs_input_grad[1] else None)
+        g_lp, g_ent = (z0 if g is None else g.float().contiguous() for g in (g_lp, g_ent))
+        dh = torch.zeros_like(h, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        dw = torch.empty_like(w, dtype=ctx.w_dtype) if ctx.needs_input_grad[1] else None
         vc = max(1, min(v, VOCAB_CHUNK, ctx.chunk_elems))
         c = max(1, min(n, ctx.chunk_elems // vc))
         scratch = torch.empty(c * vc, device=h.device, dtype=h.dtype)
         for v0 in range(0, v, vc):
             wv = w[v0:v0 + vc]
-            dwv = (torch.zeros(wv.shape, device=w.device, dtype=torch.float32)
-                   if dw is not None else None)
-            for s in range(0, n, c):
-                e = min(n, s + c)
-                dz = scratch[:(e - s) * wv.shape[0]].view(e - s, wv.shape[0])
-                _dz(h[s:e], wv, dz, v0, y[s:e], lse[s:e], ent[s:e], g_lp[s:e], g_ent[s:e],
-                    ctx.temperature)
+            dwv = None if dw is None else torch.zeros_like(wv, dtype=torch.float32)
+            for s, e in _chunks(n, vc, ctx.chunk_elems):
+                dz = scratch[:(e - s) * len(wv)].view(e - s, len(wv))
+                _kernels()[1][_grid2d(*dz.shape)](
+                    h[s:e], wv, dz, y[s:e], lse[s:e], ent[s:e], g_lp[s:e], g_ent[s:e], *dz.shape,
+                    hdim, v0, 1.0 / ctx.temperature, _bucket(e - s), **_mode(h))
                 if dh is not None:
                     _mm_acc(dz, wv, dh[s:e])
                 if dwv is not None:
@@ -416,21 +380,7 @@ class _TritonFused(torch.autograd.Function):
         return (None if dh is None else dh.to(h.dtype), dw, None, None, None)
 
 
-def _dz(h, wv, dz, v0, y, lse, ent, g_lp, g_ent, temperature):
-    """dz [C, VC] of tokens h [C, H] against vocabulary rows wv [VC, H] (first column v0)."""
-    m, vc = dz.shape
-    _kernels()[1][_grid2d(m, vc)](
-        h, wv, dz, y, lse, ent, g_lp, g_ent, m, vc, h.shape[1], v0, 1.0 / temperature, _bucket(m),
-        **_mode(h))
-
-
-def _triton_logprob_entropy(hidden, weight, labels, temperature, chunk_elems):
-    return _TritonFused.apply(hidden, weight, labels, temperature, chunk_elems)
-
-
 def reference_logprob_entropy(hidden, weight, labels, temperature=1.0):
-    """The naive version: full logits, log_softmax, autograd. The slow reference and the benchmark
-    baseline."""
-    z = (hidden.float() @ weight.float().T) / temperature
-    logp = torch.log_softmax(z, -1)
+    """Full logits, log_softmax, autograd: the naive reference and the benchmark baseline."""
+    logp = torch.log_softmax((hidden.float() @ weight.float().T) / temperature, -1)
     return logp.gather(-1, labels[:, None])[:, 0], -(logp.exp() * logp).sum(-1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -64,8 +64,7 @@ class Config:
         kw["attention_bias"] = True if mt == "qwen2" else bool(d.get("attention_bias", False))
         kw.setdefault("num_key_value_heads", d["num_attention_heads"])
         kw["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "float32")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
-                               "num_hidden_layers", "num_attention_heads") if k not in kw]
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in kw]
         if missing:
             raise ValueError(f"{path}: missing field(s) {', '.join(missing)}")
         return cls(**kw)
@@ -117,8 +116,7 @@ class KVCache:
 
     def __init__(self, cfg: Config, batch: int, max_len: int, device, dtype):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
         self.pos = 0  # columns filled so far
 
     def update(self, layer: int, k, v):
@@ -134,9 +132,8 @@ class KVCache:
 
 @dataclass
 class Packed:
-    """Sequences laid back to back in one row, filling it, with these lengths: attention stays
-    inside each sequence (causal), and the caller's position ids restart at 0 in each. No
-    padding."""
+    """Sequences of these lengths laid back to back, filling one row (no padding): attention stays
+    inside each sequence (causal), and the caller's position ids restart at 0 in each."""
     lengths: list[int]
 
 
@@ -152,8 +149,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
-        d = self.cfg.head_dim
-        q, k, v = (proj(x).view(B, T, -1, d).transpose(1, 2)
+        q, k, v = (proj(x).view(B, T, -1, self.cfg.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -221,18 +217,16 @@ class Transformer(nn.Module):
         Training: sequences packed into a row, `position_ids` restarting per sequence and `mask` a
         Packed with their spans (or one sequence per row: no mask, positions 0..T-1).
         Generation: left-padded rows with `position_ids`, a boolean `mask` [B, 1, T, S] and a
-        `cache`.
-        """
+        `cache`."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = rope(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache)
+            x = (checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False) if recompute
+                 else layer(x, cos, sin, mask, cache))
         return self.model.norm(x)
 
     def logits(self, hidden):
@@ -252,12 +246,11 @@ class Transformer(nn.Module):
         cfg = load_config(path)
         with torch.device("meta"):
             model = cls(cfg)
-        model.to_empty(device=device)  # allocates each parameter separately: re-tie the head
-        model.to(dtype)
+        model.to_empty(device=device).to(dtype)  # allocates each parameter apart: re-tie the head
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         params = dict(model.named_parameters())  # a tied head once, as model.embed_tokens.weight
-        seen = set()
+        missing = set(params)
         for file in checkpoint_files(path):
             with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
                 for name in f.keys():
@@ -272,11 +265,10 @@ class Transformer(nn.Module):
                         raise ValueError(f"{file}: {name} has shape {tuple(t.shape)}, "
                                          f"config.json implies {tuple(params[name].shape)}")
                     params[name].copy_(t)
-                    seen.add(name)
-        missing = sorted(set(params) - seen)
+                    missing.discard(name)
         if missing:
             raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), "
-                             f"e.g. {missing[:3]}")
+                             f"e.g. {sorted(missing)[:3]}")
         return model
 
     def save_pretrained(self, path: str, state_dict=None, max_shard_bytes: int = 5 << 30,
@@ -284,8 +276,7 @@ class Transformer(nn.Module):
         """Write config.json + model.safetensors (or shards + index), for transformers and vLLM.
 
         `state_dict` may be an iterator of (name, tensor), e.g. fsdp.full_state_dict, so the caller
-        never holds a second full copy; by default the module's own parameters are written.
-        """
+        never holds a second full copy; by default the module's own parameters are written."""
         from safetensors.torch import save_file
 
         os.makedirs(path, exist_ok=True)
@@ -303,11 +294,10 @@ class Transformer(nn.Module):
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             t = t.detach().to("cpu", dtype).contiguous()
-            nbytes = t.numel() * t.element_size()
-            if cur and size + nbytes > max_shard_bytes:
+            if cur and size + t.nbytes > max_shard_bytes:
                 flush()
                 cur, size = {}, 0
-            cur[name], size, total = t, size + nbytes, total + nbytes
+            cur[name], size, total = t, size + t.nbytes, total + t.nbytes
         flush()
         if len(shards) == 1:
             os.replace(shards[0][0], os.path.join(path, "model.safetensors"))
@@ -320,10 +310,9 @@ class Transformer(nn.Module):
             with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
                           indent=2)
-        cfg = self.config.to_hf()
-        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+        config = self.config.to_hf() | {"torch_dtype": str(dtype).removeprefix("torch.")}
         with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+            json.dump(config, f, indent=2)
 
 
 def load_config(path: str) -> Config:
@@ -381,7 +370,7 @@ def init_weights(model: Transformer, std: float = 0.02, seed: int = 0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
