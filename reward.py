@@ -3,70 +3,59 @@
     math_reward(text, gt) = 1.0 if is_equiv(extract_answer(text), g) for some acceptable g, else 0.0
 
 Conventions (each chosen so that a wrong answer never scores 1):
-  - The answer of a response is its last \\boxed{} (or \\fbox{}, \\framebox{}), after </think> when
-    there is one; a "final answer is X" stated after it replaces it. Boxes before it separated only
-    by commas, spacing or a short phrase with "and" or "or" on one line are one list answer
-    ("\\boxed{1} papers and \\boxed{2}" is "1, 2"); prose with other words or a sentence end between
-    boxes is not. A response without a box scores 0 in math_reward.
+  - A response's answer is its last \\boxed{} (or \\fbox{}, \\framebox{}) after any </think> (no
+    box: 0 in math_reward); a "final answer is X" after it replaces it. Boxes before it separated
+    only by commas, spacing or a short one-line phrase with "and" or "or" are one list ("\\boxed{1}
+    papers and \\boxed{2}" is "1, 2"); other words or a sentence end between boxes are not.
   - is_equiv and the gold answers read an unboxed text as its math: what follows its last "final
     answer is" or "is" at its end (before "I hope it is correct"), of that its one $...$ (or
     \\(...\\), \\[...\\]) span, or spans separated only by connecting words as a list. Prose whose
     last sentence (or all of it) has no math gives that part's last number. Odd dollar signs
-    ("$221,$8$") or a span of connecting words only ("12 $ and $13") mean the dollars are no spans:
-    the text as it is.
+    ("$221,$8$") or a span of connecting words only ("12 $ and $13") leave the text as it is.
   - An empty or blank gold answer accepts nothing.
-  - A leading name is dropped: "x = 5", "(x, y) = (3, 2)", "f(x) = 2x+3", "h^{-1}(x) = ...", "|AB| =
-    5", "A:B = 2:1", "x \\in [-2, 7]", "x \\approx 11". In a chain "a = b = c" and in "number =
-    number" the last part is the answer ("7 = 11a+c" is an equation); a trailing "\\approx 0.577" is
-    dropped.
-  - Relations are compared as relations: a - b (or b - a for < and <=) must be a constant multiple
-    of the other side's, positive for inequalities, nonzero for equations ("2x+4y-3=0" is
-    "y=-x/2+3/4"); a chain "a < x <= b" over one name is the interval (a, b], so "0 < f(x) < 1" is
-    (0, 1).
+  - A leading name is dropped ("x = 5", "|AB| = 5", "(x, y) = (3, 2)", "f(x) = 2x+3", "A:B = 2:1",
+    "h^{-1}(x) = ...", "x \\in [-2, 7]", "x \\approx 11"), and so is a trailing "\\approx 0.577"; a
+    chain "a = b = c" or "number = number" is its last part ("7 = 11a+c" is an equation).
+  - Relations compare as relations: a - b (or b - a for < and <=) must be a constant multiple of the
+    other's, positive for inequalities, nonzero for equations ("2x+4y-3=0" is "y=-x/2+3/4"); a chain
+    "a < x <= b" over one name is the interval (a, b], so "0 < f(x) < 1" is (0, 1).
   - Numbers are exact: integers, decimals, fractions, a\\times10^{b}, 8.7e8, mixed numbers
-    ("1\\frac{4}{5}" and "1 1/2" are 9/5 and 3/2); decimals inside expressions are the rationals
-    written (10\\sqrt{10.5} is 5\\sqrt{42}). A decimal stands for an irrational or repeating value
-    only with at least 5 significant digits, rounded right (0.083333 for 1/12, 2.6667 for 8/3; never
-    0.33 for 1/3 nor 1.414 for \\sqrt{2}). In a gold a comma between digits is a list separator or,
-    in groups of three after a nonzero digit, a thousands separator; a prediction "1,22" is read as
-    1.22 against a gold 1.22 only.
-  - Tuples and intervals keep order and brackets; sets, bare lists, unions and \\pm expansions ("1
-    \\pm \\sqrt{19}" is "1+\\sqrt{19}, 1-\\sqrt{19}") match in any order, element by element. A set
-    matches a bare list of the same elements, never an ordered tuple; a repeated element counts
-    once.
-  - Matrices (pmatrix, bmatrix, matrix, array) are compared entry by entry; sums and products of
-    matrices go to sympy.
+    ("1\\frac{4}{5}" and "1 1/2" are 9/5 and 3/2), decimals in expressions (10\\sqrt{10.5} is
+    5\\sqrt{42}). A decimal stands for an irrational or repeating value only with at least 5
+    significant digits, rounded right (0.083333 for 1/12, 2.6667 for 8/3; never 0.33 for 1/3 nor
+    1.414 for \\sqrt{2}). A comma between a gold's digits separates a list or, in threes after a
+    nonzero digit, thousands; a predicted "1,22" is 1.22 only against a gold 1.22.
+  - Tuples and intervals keep order and brackets; sets, bare lists, unions and \\pm expansions
+    ("1 \\pm \\sqrt{19}" is "1+\\sqrt{19}, 1-\\sqrt{19}") match in any order, element by element. A
+    set matches a bare list of the same elements, never a tuple; a repeated element counts once.
+  - Matrices (pmatrix, bmatrix, matrix, array) compare entry by entry; sympy does their arithmetic.
   - Units and words after an answer are dropped (cm, miles, square units, percent, \\%, \\$,
-    degrees, a trailing \\text{...} without digits, "and" or "or"); base subscripts 4210_7 and
-    4210_{7} are one.
+    degrees, a trailing \\text{...} without digits, "and" or "or"); base 4210_7 is 4210_{7}.
   - Expressions go to sympy: \\frac, \\cfrac, \\sqrt, ^, \\cdot, \\times, \\pi, \\infty,
-    trigonometric functions (degrees as \\pi/180; np.arcsin is \\arcsin), logarithms, Greek letters,
-    \\dot{x} and the like as names, i the imaginary unit, e Euler's number, implicit products ("2^6
-    3^5 5^4" is a product, never a tower; "\\pi c" is \\pi times c); a - b must simplify to 0. Each
-    check runs in a worker process killed after a time limit; a check not computed counts in
-    reward_errors().
+    trigonometry (degrees as \\pi/180; np.arcsin is \\arcsin), logarithms, Greek letters, \\dot{x}
+    and the like as names, i the imaginary unit, e Euler's number, implicit products ("2^6 3^5 5^4"
+    is a product, never a tower; "\\pi c" is \\pi times c); a - b must simplify to 0. Checks run in
+    worker processes killed after a time limit; one not computed counts in reward_errors().
 Nothing here raises or hangs: every call returns within about a second, from any thread or process.
 """
-from __future__ import annotations
-
 import contextlib
 import os
 import queue
 import re
-import selectors
+import select
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
+from itertools import accumulate
 
 SYMPY_TIMEOUT = 0.8  # seconds for one answer's comparisons, symbolic ones included
 MAX_SYMBOLIC_LEN = 400  # characters; longer answers are compared as strings and numbers only
 MAX_ANSWER_LEN = 20_000  # characters; longer answers are compared as strings only
 _POOL_LOCK = threading.Lock()
-_POOL: queue.Queue | None = None  # the sympy workers of process _POOL_PID
-_POOL_PID = None
+_POOLS: dict[int, queue.Queue] = {}  # the sympy workers of each process (by its id)
 _ERRORS = [0]  # checks that overran their time or met no ready worker, and exceptions caught
 
 # ---- extraction ------------------------------------------------------------------------------
@@ -74,7 +63,7 @@ _ERRORS = [0]  # checks that overran their time or met no ready worker, and exce
 _BOX = ("\\boxed", "\\fbox", "\\framebox")
 _CONNECTORS = re.compile(
     r"(?:\s|[,;&$]|\\[()\[\]]|\\q?quad|\\[,;: ]|and|or|\\text\{\s*(?:and|or)\s*\})*")
-_SHORT_GAP = re.compile(r"(?=.*\b(?:and|or)\b)[^\n.;:!?]{0,40}", re.S)  # \boxed{1} papers and
+_BOX_GAP = re.compile(_CONNECTORS.pattern + r"|(?=.*\b(?:and|or)\b)[^\n.;:!?]{0,40}", re.S)
 _SPAN = re.compile(r"(?s:\$\$(.+?)\$\$)|\$([^$\n]+?)\$|\\\(([^\n]+?)\\\)|(?s:\\\[(.+?)\\\])")
 _TAIL = re.compile(r"\.?\s*(?:I hope it is correct.*|<\|im_start\|>.*)?$", re.S)
 _STATED = re.compile(r"(?:final answer is:?\s+((?:(?!\.\s).)*?)|\bis\s+(\$[^$]*\$|-?[\d.,/]+))\s*$",
@@ -90,12 +79,10 @@ def _box_at(text: str, start: int) -> tuple[str | None, int]:
     if not rest.lstrip().startswith("{"):
         match = re.match(r"\s+([^\s$]+)", rest)  # "\boxed 5"
         return (match.group(1).rstrip("."), j + match.end()) if match else (None, j)
-    k, depth = j + len(rest) - len(rest.lstrip()), 0
-    for end in range(k, len(text)):
-        depth += (text[end] == "{") - (text[end] == "}")
-        if depth == 0:
-            return text[k + 1:end].strip(), end + 1
-    return None, len(text)  # a cut-off answer
+    k = j + len(rest) - len(rest.lstrip())
+    depths = accumulate((c == "{") - (c == "}") for c in text[k:])
+    end = next((k + i for i, depth in enumerate(depths) if depth == 0), None)
+    return (None, len(text)) if end is None else (text[k + 1:end].strip(), end + 1)  # None: cut off
 
 
 def extract_answer(text: str) -> str | None:
@@ -108,11 +95,10 @@ def extract_answer(text: str) -> str | None:
         while len(answers) < 20 and (start := max(text.rfind(b, 0, limit) for b in _BOX)) >= 0:
             content, end = _box_at(text, start)
             gap = text[end:limit]
-            stated = None if answers else _STATED.search(gap[:_TAIL.search(gap).start()])
+            stated = None if answers else _STATED.search(_TAIL.sub("", gap, count=1))
             if stated and stated.group(1):
                 return stated.group(1)  # a final answer stated after the last box replaces it
-            if content is None or end > limit or answers and not (
-                    _CONNECTORS.fullmatch(gap) or _SHORT_GAP.fullmatch(gap)):
+            if content is None or end > limit or answers and not _BOX_GAP.fullmatch(gap):
                 break
             answers.insert(0, content)
             limit = start
@@ -125,8 +111,7 @@ def final_answer(text: str) -> str:
     """The answer a text states: its boxed answer, else its math (see the module docstring)."""
     if (boxed := extract_answer(text)) is not None:
         return boxed
-    text = text[-MAX_ANSWER_LEN:]  # a final answer is at the end
-    text = text[:_TAIL.search(text).start()]
+    text = _TAIL.sub("", text[-MAX_ANSWER_LEN:], count=1)  # a final answer is at the end
     stated = _STATED.search(text)
     text = (stated.group(1) or stated.group(2)) if stated else text
     hidden = text.replace("\\$", "\0")  # an escaped dollar sign does not open math
@@ -137,11 +122,10 @@ def final_answer(text: str) -> str:
                 prose is hidden or "$" not in prose):
             return numbers[-1]
     spans = list(_SPAN.finditer(hidden))
-    gaps = [hidden[x.end():y.start()] for x, y in zip(spans, spans[1:])]
     math = [next(g for g in span.groups() if g is not None) for span in spans]
-    if not spans or hidden.count("$") % 2 or not all(_CONNECTORS.fullmatch(g) for g in gaps) or any(
-            _CONNECTORS.fullmatch(m) for m in math):  # "12 $ and $13": the dollars close, then open
-        return text
+    if not spans or hidden.count("$") % 2 or any(_CONNECTORS.fullmatch(m) for m in math) or not all(
+            _CONNECTORS.fullmatch(hidden[x.end():y.start()]) for x, y in zip(spans, spans[1:])):
+        return text  # odd dollars, "12 $ and $13" (the dollars close, then open), or words between
     return ", ".join(math).replace("\0", "\\$")
 
 
@@ -155,21 +139,16 @@ _TEXT = r"\\(?:text\w*|mbox|mathrm|textrm|operatorname|mathbf|mathit)\s*"
 _DEGREE = r"(?:\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|°|\\degree)"
 _TRIG = r"(?:sin|cos|tan|sec|csc|cot)"
 
-
-def _matrix_text(match: re.Match) -> str:
-    rows = [r for r in re.split(r"\\\\", match.group(2)) if r.strip()]
-    return "\\mat(" + ";".join(",".join(c.strip() for c in r.split("&")) for r in rows) + ")"
-
-
 _RULES = [  # (pattern, replacement), in order; each a plain LaTeX convention
     (r"(?<=\d)\s*;\s*(?=-?\d)", ","),  # (0;-2;6)
-    (r"(?s)\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}", _matrix_text),
+    (r"(?s)\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}",  # \mat(a,b;c,d)
+     lambda m: "\\mat(" + ";".join(",".join(cell.strip() for cell in row.split("&"))
+                                   for row in re.split(r"\\\\", m[2]) if row.strip()) + ")"),
     (r"\\\\(?=[a-zA-Z])", r"\\"), (r",\s*\\!\s*", ","), (r"\\!", ""),  # doubled escapes, 11,\! 111
     (r"\\[,;: ]|\\q?quad|~", " "),  # spacing
     (r"\\[dtc]frac", r"\\frac"), (r"\\left|\\right|\\displaystyle|\\[bB]igg?[lr]?", ""),
     (r"\\(" + _TRIG + r")\s*\(?\s*(-?\d+(?:\.\d+)?)\s*" + _DEGREE + r"\s*\)?", r"\\\1(\2\\pi/180)"),
-    (_DEGREE + r"\s*(?:" + _TEXT + r"\{\s*[CF]\s*\}|[CF])?\s*$", ""),  # 90^\circ, 1950^\circ C
-    (_DEGREE, ""),
+    (_DEGREE + r"\s*(?:" + _TEXT + r"\{\s*[CF]\s*\}|[CF])?\s*$", ""), (_DEGREE, ""),  # 1950^\circ C
     (r"(?<=\d)\s*(?:\^\s*\{?\s*(?:\\prime\s*)+\}?|'+)\s*$", ""),  # 0.003^{\prime\prime}
     (r"\\\$|\$|\\%|%", ""),
     (_TEXT + r"\{\s*" + _UNIT_WORDS + r"(?:\s+" + _UNIT_WORDS + r")*(?:\s*\^?\s*\{?-?\d\}?)?\s*\}"
@@ -219,66 +198,51 @@ def to_number(s: str) -> Fraction | None:
         return None if den == 0 else (-1 if match[1] else 1) * num / den
     if match := re.fullmatch(rf"({number})(?:\\times|\\cdot|\*)10\^\{{?(-?\d{{1,3}})\}}?", s):
         return Fraction(match[1]) * Fraction(10) ** int(match[2])
-    if re.fullmatch(r"[-+]?\d+(\.\d+)?([eE][-+]?\d{1,3})?", s) and len(s) < 200:
-        return Fraction(s)
-    return None
+    decimal = re.fullmatch(r"[-+]?\d+(\.\d+)?([eE][-+]?\d{1,3})?", s) and len(s) < 200
+    return Fraction(s) if decimal else None
 
 
 def _decimal_tolerance(s: str) -> Fraction | None:
     """Half a unit in the last place of a decimal written with at least 5 significant digits."""
     match = re.fullmatch(r"-?(\d+)\.(\d+)", s)
-    if not match or len((match[1] + match[2]).lstrip("0")) < 5:
-        return None
-    return Fraction(1, 2 * 10 ** len(match[2]))
+    significant = match and len((match[1] + match[2]).lstrip("0")) >= 5
+    return Fraction(1, 2 * 10 ** len(match[2])) if significant else None
 
 
 # ---- structure: lists, tuples, intervals, sets, matrices, relations, names -------------------
 
 def _split_top(s: str, separators: str = ",", keep: bool = False) -> list[str]:
     """s split at separators outside brackets (with the separators between the parts if keep)."""
-    parts, depth, current = [], 0, []
-    for c in s:
+    parts, depth, start = [], 0, 0
+    for end, c in enumerate(s):
         depth += (c in "([{") - (c in ")]}")
         if c in separators and depth == 0:
-            parts += ["".join(current)] + ([c] if keep else [])
-            current = []
-        else:
-            current.append(c)
-    return parts + ["".join(current)]
+            parts += [s[start:end]] + ([c] if keep else [])
+            start = end + 1
+    return parts + [s[start:]]
 
 
 def _encloses(s: str) -> bool:
     """The bracket that opens s closes at its end."""
-    depth = 0
-    for c in s[:-1]:
-        depth += (c in "([{") - (c in ")]}")
-        if depth <= 0:
-            return False
-    return s[-1:] in ")]}"
+    depths = accumulate((c in "([{") - (c in ")]}") for c in s[:-1])
+    return all(depth > 0 for depth in depths) and s[-1:] in ")]}"
 
 
 def _bracketed(s: str):
     """'(1,2]' -> ('(', ']', ['1', '2']); '\\{1,2\\}' -> ('{', '}', ...); else None."""
     if s.startswith("\\{") and s.endswith("\\}"):
         return "{", "}", _split_top(s[2:-2])
-    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s):  # "(1)+(2)" is no tuple
-        parts = _split_top(s[1:-1])
-        if len(parts) > 1:
-            return s[0], s[-1], parts
-    return None
+    enclosed = len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s)  # not "(1)+(2)"
+    return (s[0], s[-1], parts) if enclosed and len(parts := _split_top(s[1:-1])) > 1 else None
 
 
 def _expand_plus_minus(s: str) -> str:
     """'1\\pm\\sqrt{19}' -> '1+\\sqrt{19},1-\\sqrt{19}', element by element of a list or set."""
-    inner = s[2:-2] if s.startswith("\\{") and s.endswith("\\}") else s
-    parts = []
-    for part in _split_top(inner):
-        signs = ("+", "-") if "\\pm" in part else ("\\pm",)
-        parts += [part.replace("\\pm", sign, 1) for sign in signs]
-    return ",".join(p.lstrip("+") for p in parts)
+    parts = _split_top(s[2:-2] if s.startswith("\\{") and s.endswith("\\}") else s)
+    return ",".join(part.replace("\\pm", sign, 1).lstrip("+")
+                    for part in parts for sign in ("+-" if "\\pm" in part else "+"))
 
 
-_RELATIONS = "=<>≤≥≠"
 _NAME_ATOM = (r"(?:[a-zA-Z](?:_\w+)?(?:\^\{-1\})?(?:\([a-zA-Z](?:,[a-zA-Z])*\))?|[a-zA-Z]{2,3}|"
               r"\|[a-zA-Z]+\||"
               r"\([a-zA-Z](?:_\w+)?(?:[,;][a-zA-Z](?:_\w+)?)*\)|\\frac\{[a-zA-Z]+\}\{[a-zA-Z]+\})")
@@ -318,8 +282,7 @@ _FUNCTION_NAMES = "|".join(sorted(_FUNCTIONS - {"pi", "oo"}, key=len, reverse=Tr
 
 
 def _split_name(match: re.Match) -> str:
-    """A run of letters is a product of one-letter symbols, ending in a function or Greek name
-    where it ends in one ("isqrt" is i*sqrt)."""
+    """Letters as one-letter symbols times a final function or Greek name ("isqrt" is i*sqrt)."""
     name = match.group(0)
     names = _FUNCTIONS | _GREEK | {"Matrix"}
     known = next((k for k in range(len(name)) if name[k:] in names), len(name))
@@ -338,8 +301,7 @@ def to_sympy_str(s: str) -> str | None:
                lambda m: m[1].replace("arc", "a").replace("ln", "log"), s)
     argument = r"(\\[a-zA-Z]+|[a-zA-Z](?:_\w+)?|\d+(?:\.\d+)?)(?![a-zA-Z])"
     s = re.sub(rf"(?<![a-zA-Z])({_FUNCTION_NAMES}){argument}", r"\1(\2)", s)  # \sin x -> sin(x)
-    for latex, python in (("\\cdot", "*"), ("\\times", "*"), ("\\div", "/"), ("\\infty", "oo")):
-        s = s.replace(latex, python)
+    s = re.sub(r"\\(cdot|times|div|infty)", lambda m: {"div": "/", "infty": "oo"}.get(m[1], "*"), s)
     s = re.sub(r"\\([a-zA-Z]+)", lambda m: m[1] if m[1] in _GREEK or m[1] == "pi" else m[0], s)
     for _ in range(40):  # innermost-first rewrites of \frac, \sqrt, powers and braces; bounded
         t = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"((\1)/(\2))", s)
@@ -354,7 +316,7 @@ def to_sympy_str(s: str) -> str | None:
     s = s.replace("^", "**").replace("[", "(").replace("]", ")").replace("'", "_p")
     power = rf"(?<![a-zA-Z])({_FUNCTION_NAMES})\*\*\((\d+)\)\(([^()]*)\)"
     s = re.sub(power, r"(\1(\3))**\2", s)  # tan^2(y) -> (tan(y))**2
-    if "\\" in s or not re.fullmatch(r"[0-9a-zA-Z_+\-*/(). ,]*", s) or not s.strip():
+    if not re.fullmatch(r"[0-9a-zA-Z_+\-*/(). ,]*", s) or not s.strip():
         return None
     s = re.sub(r"(_\d+)(?=[a-zA-Z])", r"\1*", s)  # x_0\cos(t) is x_0*cos(t)
     return re.sub(r"(?<![_a-zA-Z])[a-zA-Z]+", _split_name, s)
@@ -405,31 +367,24 @@ class _Worker:
     def wait_ready(self, timeout: float) -> bool:
         if self.proc.poll() is not None:
             self.start()
-        if not self.ready:
-            self.ready = self._read_line(timeout) == "ready\n"
+        self.ready = self.ready or self._read_line(timeout) == "ready\n"
         return self.ready
 
     def _read_line(self, timeout: float) -> str | None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self.proc.stdout, selectors.EVENT_READ)
-            if not selector.select(max(0.0, timeout)):
-                return None
-        return self.proc.stdout.readline()
+        poller = select.poll()
+        poller.register(self.proc.stdout, select.POLLIN)
+        return self.proc.stdout.readline() if poller.poll(max(0.0, timeout) * 1000) else None
 
     def ask(self, request: str, timeout: float) -> str | None:
         """The answer to one request line, or None (and a fresh process) when it overran."""
-        try:
-            self.proc.stdin.write(request + "\n")
-            self.proc.stdin.flush()
-            line = self._read_line(timeout)
-        except (OSError, ValueError):
-            line = None
-        if not line:
-            self.proc.kill()
-            self.proc.wait()
-            self.start()
-            return None
-        return line.strip()
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.write(request + "\n")  # line-buffered: flushed at the newline
+            if line := self._read_line(timeout):
+                return line.strip()
+        self.proc.kill()
+        self.proc.wait()
+        self.start()
+        return None
 
 
 def _count_error():
@@ -446,41 +401,34 @@ def reward_errors() -> int:
 
 def start_workers(n: int = 2):
     """Start n sympy workers now (the trainer does so at start-up: no scoring call pays for it)."""
-    global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None or _POOL_PID != os.getpid():  # a forked child gets its own workers
-            _POOL, _POOL_PID = queue.Queue(), os.getpid()
-            workers = [_Worker() for _ in range(n)]
-            for w in workers:
-                w.wait_ready(30.0)
-                _POOL.put(w)
+        if os.getpid() not in _POOLS:  # a forked child gets its own workers
+            pool = _POOLS[os.getpid()] = queue.Queue()
+            for worker in [_Worker() for _ in range(n)]:  # all start before the first is waited for
+                worker.wait_ready(30.0)
+                pool.put(worker)
 
 
 def _symbolic(mode: str, a: str, b: str, deadline: float) -> str:
-    """The worker's answer for (mode, a, b), or "0", an error when not computed. It asks a ready
-    worker from the pool when there is one, else the first one, waited for until the deadline."""
+    """The worker's answer for (mode, a, b), or "0" (an error when not computed by the deadline)."""
     sa, sb = to_sympy_str(a), to_sympy_str(b)
     if sa is None or sb is None:
         return "0"
     start_workers()
-    try:
-        worker = _POOL.get(timeout=max(0.0, deadline - time.monotonic()))
-    except queue.Empty:
-        _count_error()
-        return "0"
-    if not worker.wait_ready(0.0):
-        with contextlib.suppress(queue.Empty):
-            other = _POOL.get_nowait()
-            if other.wait_ready(0.0):
-                worker, other = other, worker
-            _POOL.put(other)
-    try:
-        answer = None
-        if worker.wait_ready(deadline - time.monotonic()):
-            budget = max(0.05, min(SYMPY_TIMEOUT, deadline - time.monotonic()))
-            answer = worker.ask(f"{mode}\t{sa}\t{sb}", budget)
-    finally:
-        _POOL.put(worker)
+    pool, answer = _POOLS[os.getpid()], None
+    with contextlib.suppress(queue.Empty):  # every worker stayed busy until the deadline
+        worker = pool.get(timeout=max(0.0, deadline - time.monotonic()))
+        try:
+            if not worker.wait_ready(0.0):  # a ready one instead, where the pool has one
+                with contextlib.suppress(queue.Empty):
+                    other = pool.get_nowait()
+                    worker, other = (other, worker) if other.wait_ready(0.0) else (worker, other)
+                    pool.put(other)
+            if worker.wait_ready(deadline - time.monotonic()):
+                budget = max(0.05, min(SYMPY_TIMEOUT, deadline - time.monotonic()))
+                answer = worker.ask(f"{mode}\t{sa}\t{sb}", budget)
+        finally:
+            pool.put(worker)
     if answer is None:
         _count_error()
     return answer or "0"
@@ -493,18 +441,14 @@ def _relations_equal(a: str, b: str, deadline: float) -> bool:
     differences left - right are a constant multiple of each other."""
     differences, ops = [], []
     for relation in (a, b):
-        tokens = _split_top(relation, _RELATIONS, keep=True)
+        tokens = _split_top(relation, "=<>≤≥≠", keep=True)
         if len(tokens) != 3 or not tokens[0] or not tokens[2]:
             return False
-        left, op, right = tokens
-        if op in "<≤":
-            left, right, op = right, left, {"<": ">", "≤": "≥"}[op]
+        left, op, right = tokens[::-1] if tokens[1] in "<≤" else tokens  # a < b is b > a
         differences.append(f"({left})-({right})")
-        ops.append(op)
-    if ops[0] != ops[1]:
-        return False
-    sign = _symbolic("ratio", differences[0], differences[1], deadline)
-    return sign == "+" or (sign == "-" and ops[0] in "=≠")
+        ops.append({"<": ">", "≤": "≥"}.get(op, op))
+    signs = ("+", "-") if ops[0] in "=≠" else ("+",)  # = and ≠ allow a negative factor
+    return ops[0] == ops[1] and _symbolic("ratio", *differences, deadline) in signs
 
 
 def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
@@ -513,32 +457,24 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
     if max(len(pred), len(gt)) > MAX_ANSWER_LEN:
         return bool(gt.strip()) and pred.strip() == gt.strip()
     a, b = normalize(pred), normalize(gt)
-    if not b:
+    if not a or not b:
         return False  # an empty gold accepts nothing
-    if a == b:
-        return True
-    if not a:
-        return False
-    if _relations_equal(a, b, deadline):
+    if a == b or _relations_equal(a, b, deadline):
         return True
     a, b = _answer_part(a), _answer_part(b)
-    if a == b:
-        return True
-    if re.fullmatch(r"-?\d+,\d+", pred.strip()) and a.replace(",", ".") == b:
-        return True  # a decimal comma in the prediction against a decimal point in the gold
-    na, nb = to_number(a), to_number(b)
-    if na is not None and nb is not None:
+    if a == b or re.fullmatch(r"-?\d+,\d+", pred.strip()) and a.replace(",", ".") == b:
+        return True  # or a decimal comma in the prediction against a decimal point in the gold
+    if (na := to_number(a)) is not None and (nb := to_number(b)) is not None:
         tolerance = _decimal_tolerance(a) or _decimal_tolerance(b)
         return na == nb or tolerance is not None and abs(na - nb) <= tolerance
     if "\\pm" in a + b:
         a, b = _expand_plus_minus(a), _expand_plus_minus(b)
-    whole = [m.startswith("\\mat(") and _encloses(m[4:]) for m in (a, b)]
-    if whole[0] and whole[1]:
+    if all(m.startswith("\\mat(") and _encloses(m[4:]) for m in (a, b)):
         cells_a, cells_b = ([_split_top(r) for r in _split_top(m[5:-1], ";")] for m in (a, b))
         pairs = [(x, y) for ra, rb in zip(cells_a, cells_b) for x, y in zip(ra, rb)]
         same_shape = [len(r) for r in cells_a] == [len(r) for r in cells_b]
         return same_shape and all(_equiv(x, y, depth + 1, deadline) for x, y in pairs)
-    if whole[0] or whole[1] or "\\mat(" in a + b:  # matrix arithmetic: sympy's
+    if "\\mat(" in a + b:  # matrix arithmetic: sympy's
         return "\\mat(" in a and "\\mat(" in b and _symbolic("equal", a, b, deadline) == "1"
     ta, tb = _bracketed(a), _bracketed(b)
     ordered = [t is not None and t[0] != "{" for t in (ta, tb)]
@@ -553,15 +489,13 @@ def _equiv(pred: str, gt: str, depth: int, deadline: float) -> bool:
         if len(pa) != len(pb):
             return False
         for x in pa:
-            hit = next((i for i, y in enumerate(pb) if _equiv(x, y, depth + 1, deadline)), None)
-            if hit is None:
+            if (hit := next((y for y in pb if _equiv(x, y, depth + 1, deadline)), None)) is None:
                 return False
-            pb.pop(hit)
+            pb.remove(hit)
         return True
-    for decimal, exact in ((a, b), (b, a)):
-        tolerance = _decimal_tolerance(decimal)
-        if tolerance is not None:
-            return _symbolic(f"near:{tolerance}", exact, decimal, deadline) == "1"
+    decimal, exact = (a, b) if _decimal_tolerance(a) else (b, a)
+    if tolerance := _decimal_tolerance(decimal):
+        return _symbolic(f"near:{tolerance}", exact, decimal, deadline) == "1"
     return _symbolic("equal", a, b, deadline) == "1"
 
 
@@ -601,7 +535,6 @@ def score_batch(texts: list[str], gts: list, threads: int = 4) -> list[float]:
 
 
 def score_completions(comps, answers: list, decode) -> list[float]:
-    """math_reward of each decoded completion (response_ids, finish_reason) against answers[i];
-    0 for a response cut at the token budget (it never finished)."""
+    """math_reward of each decoded completion against answers[i]; 0 if cut at the token budget."""
     scores = score_batch([decode(c.response_ids) for c in comps], answers)
     return [0.0 if c.finish_reason == "length" else s for c, s in zip(comps, scores)]
