@@ -1,5 +1,4 @@
-"""Checkpoints that survive crashes: atomic save, manifest and checks, fallback, random states, the
-stop flag.
+"""Crash-proof checkpoints: atomic save, manifest and checks, fallback, random states, stop flag.
 
 <stage dir>/step<K>/: config.json, model.safetensors, tokenizer files (a Hugging Face folder),
 trainer_state.pt (step, sampler, the stage's state), rank<r>.pt (each rank's optimizer state,
@@ -26,15 +25,6 @@ from fsdp import barrier, comm_device
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json")
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 WHOLE_FILE_LIMIT = 64 << 20  # bytes: larger files are hashed by samples (digest)
 SAMPLES, SAMPLE_BYTES = 1024, 64 << 10
@@ -81,17 +71,16 @@ def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: 
                os.path.join(tmp, f"rank{rank}.pt"))
     barrier()
     if rank == 0:
-        files = sorted(os.listdir(tmp))
         umask = os.umask(0o022)  # read by setting, then set back
         os.umask(umask)
         mode = 0o666 & ~umask  # as any file the user writes (safetensors' temp files are 0600)
-        for fn in files:
-            with open(os.path.join(tmp, fn), "rb+") as f:
+        manifest = {"files": {}, **{k: v for k, v in extra.items() if isinstance(v, (int, str))}}
+        for fn in sorted(os.listdir(tmp)):
+            file = os.path.join(tmp, fn)
+            with open(file, "rb+") as f:
                 os.fsync(f.fileno())
-            os.chmod(os.path.join(tmp, fn), mode)
-        manifest = {"files": {fn: {"bytes": os.path.getsize(os.path.join(tmp, fn)),
-                                   "sha256": sha256(os.path.join(tmp, fn))} for fn in files},
-                    **{k: v for k, v in extra.items() if isinstance(v, (int, str))}}
+            os.chmod(file, mode)
+            manifest["files"][fn] = {"bytes": os.path.getsize(file), "sha256": sha256(file)}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -102,7 +91,11 @@ def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: 
         with open(os.path.join(parent, "latest.tmp"), "w") as f:
             f.write(os.path.basename(path) + "\n")
         os.replace(os.path.join(parent, "latest.tmp"), os.path.join(parent, "latest"))
-        _fsync_dir(parent)
+        fd = os.open(parent, os.O_RDONLY)  # the directory's entries on disk too
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if keep:
             for old in step_dirs(parent)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -159,8 +152,7 @@ def latest_checkpoint(stage_dir: str, log=print) -> str | None:
     """The newest step checkpoint of a stage whose files all match the manifest's sizes and sha256;
     a damaged newer one is skipped with a warning."""
     for path in reversed(step_dirs(stage_dir)):
-        problem = check_checkpoint(path, content=True)
-        if problem is None:
+        if (problem := check_checkpoint(path, content=True)) is None:
             return path
         log(f"[fastcurl] warning: checkpoint {path} is damaged ({problem}); falling back to the "
             f"one before")

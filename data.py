@@ -21,8 +21,6 @@ R1_SUFFIX = " Let's think step by step and output the final answer within \\boxe
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-# ---- problem files ---------------------------------------------------------------------------
-
 @dataclass
 class Problem:
     problem: str
@@ -31,19 +29,16 @@ class Problem:
 
 
 def _answer(v, where):
-    if isinstance(v, bool) or v is None:
-        raise ValueError(f"{where}: field 'answer' must be a string, a number or a list, got {v!r}")
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))  # 142.0 -> "142"
-    if isinstance(v, (int, float)):
-        return str(v)
-    if isinstance(v, str):
-        if not v.strip():
-            raise ValueError(f"{where}: field 'answer' is empty or blank")
+    if isinstance(v, str) and v.strip():
         return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(int(v) if isinstance(v, float) and v.is_integer() else v)  # 142.0 -> "142"
     if isinstance(v, (list, tuple)) and v:
         return [_answer(x, where) for x in v]
-    raise ValueError(f"{where}: field 'answer' must be a string, a number or a non-empty list, "
+    if isinstance(v, str):
+        raise ValueError(f"{where}: field 'answer' is empty or blank")
+    kinds = "a list" if isinstance(v, bool) or v is None else "a non-empty list"
+    raise ValueError(f"{where}: field 'answer' must be a string, a number or {kinds}, "
                      f"got {v!r}")
 
 
@@ -70,8 +65,7 @@ def _row(row, where) -> Problem:
         if not isinstance(rm, dict) or "ground_truth" not in rm:
             raise ValueError(f"{where}: missing field 'reward_model.ground_truth'")
         text = users[-1].removesuffix(R1_SUFFIX)  # verl files carry the instruction already
-        gt = rm["ground_truth"]
-        return Problem(text, _answer(list(gt) if hasattr(gt, "tolist") else gt, where), where)
+        return Problem(text, _answer(rm["ground_truth"], where), where)
     raise ValueError(f"{where}: missing field 'problem' (or verl's 'prompt' + 'reward_model')")
 
 
@@ -95,36 +89,30 @@ def load_problems(path: str) -> list[Problem]:
         except UnicodeDecodeError as e:
             line = raw[:e.start].count(b"\n") + 1
             raise ValueError(f"{path}:{line}: bytes that are not UTF-8 ({e.reason})") from None
-        if text.lstrip().startswith("["):
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-            out = [_row(r, f"{path}:item {i + 1}") for i, r in enumerate(rows)]
-        else:
-            out = []
-            for i, line in enumerate(text.splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i + 1}: invalid JSON ({e.msg})") from None
-                out.append(_row(r, f"{path}:{i + 1}"))
+        if text.lstrip().startswith("["):  # one JSON list
+            out = [_row(r, f"{path}:item {i + 1}") for i, r in enumerate(_json(text, path, 1))]
+        else:  # JSON lines
+            out = [_row(_json(line, path, i + 1), f"{path}:{i + 1}")
+                   for i, line in enumerate(text.splitlines()) if line.strip()]
     if not out:
         raise ValueError(f"{path}: no problems in the file")
     return out
 
 
+def _json(text: str, path: str, line: int):
+    """json.loads(text), text starting at line `line` of `path`: errors name the file and line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line + e.lineno - 1}: invalid JSON ({e.msg})") from None
+
+
 def write_jsonl(path: str, problems: list[Problem]):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(path + ".tmp", "w") as f:
         for p in problems:
             f.write(json.dumps({"problem": p.problem, "answer": p.answer}) + "\n")
-    os.replace(tmp, path)
+    os.replace(path + ".tmp", path)
 
-
-# ---- templates and tokens --------------------------------------------------------------------
 
 def user_turn(problem: str, template: str) -> str:
     """The text of the user's turn, whose length FastCuRL's split is measured on."""
@@ -155,17 +143,13 @@ class Tokenizer:
         self.tok = HFTokenizer.from_file(fn)
         eos = None
         for name in ("generation_config.json", "config.json"):
-            p = os.path.join(path, name)
-            if os.path.exists(p):
-                with open(p) as f:
+            if eos is None and os.path.exists(os.path.join(path, name)):
+                with open(os.path.join(path, name)) as f:
                     eos = json.load(f).get("eos_token_id")
-                if eos is not None:
-                    break
         self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         vocab = self.tok.get_vocab()
-        self.pad_id = next((vocab[t] for t in ("<pad>", "<|endoftext|>", "<｜end▁of▁sentence｜>")
-                            if t in vocab),
-                           self.eos_ids[0] if self.eos_ids else 0)
+        pads = [vocab[t] for t in ("<pad>", "<|endoftext|>", "<｜end▁of▁sentence｜>") if t in vocab]
+        self.pad_id = (pads + self.eos_ids + [0])[0]  # a pad token, else the first EOS, else 0
         unk = getattr(self.tok.model, "unk_token", None)  # byte-level vocabularies have none
         self.unk_id = self.tok.token_to_id(unk) if unk else None
         self.template = ("r1" if "<｜Assistant｜>" in vocab else "qwen" if "<|im_start|>" in vocab
@@ -181,52 +165,40 @@ class Tokenizer:
 def encode_problems(problems: list[Problem], tok: Tokenizer, template: str, max_prompt_len: int):
     """-> (list of (prompt ids, answer), number dropped for exceeding max_prompt_len). A character
     the vocabulary cannot write (the toy's unknown token) is an error naming the problem's line."""
-    out, dropped = [], 0
+    out = []
     for p in problems:
         ids = tok.encode(format_prompt(p.problem, template))
         if tok.unk_id is not None and tok.unk_id in ids:
             bad = sorted({ch for ch in p.problem if tok.unk_id in tok.encode(ch)})
             raise ValueError(f"{p.source or 'a problem'}: characters outside the model's "
                              f"vocabulary: {''.join(bad)!r}")
-        if len(ids) > max_prompt_len:
-            dropped += 1
-            continue
-        out.append((ids, p.answer))
-    return out, dropped
+        if len(ids) <= max_prompt_len:
+            out.append((ids, p.answer))
+    return out, len(problems) - len(out)
 
-
-# ---- FastCuRL's split ------------------------------------------------------------------------
 
 def split_by_length(problems: list[Problem], template: str = "r1"):
     """Cut at the mean user-turn length m (characters): L1 = len <= m, L3 = len > m, L2 = all."""
     lens = [len(user_turn(p.problem, template)) for p in problems]
     mean = sum(lens) / len(lens)
-    l1 = [p for p, n in zip(problems, lens) if n <= mean]
-    l3 = [p for p, n in zip(problems, lens) if n > mean]
-    return {"L1": l1, "L2": list(problems), "L3": l3}, mean, lens
+    return {"L1": [p for p, n in zip(problems, lens) if n <= mean], "L2": list(problems),
+            "L3": [p for p, n in zip(problems, lens) if n > mean]}, mean, lens
 
 
 def histogram(lens: list[int], bins: int = 12, width: int = 40) -> str:
     lo, hi = min(lens), max(lens)
     step = max(1, -(-(hi - lo + 1) // bins))
-    counts = [0] * bins
-    for n in lens:
-        counts[min((n - lo) // step, bins - 1)] += 1
+    bin_of = [min((n - lo) // step, bins - 1) for n in lens]
+    counts = [bin_of.count(b) for b in range(bins)]
     top = max(counts)
     return "\n".join(f"{lo + i * step:6d}-{lo + (i + 1) * step - 1:<6d} {c:7d} "
-                     f"{'#' * round(width * c / top)}"
-                     for i, c in enumerate(counts))
+                     f"{'#' * round(width * c / top)}" for i, c in enumerate(counts))
 
-
-# ---- the batch sampler -----------------------------------------------------------------------
 
 class Sampler:
     """Global batches of prompt indices, reshuffled each epoch from (seed, epoch); rank r takes rows
-    r::world.
-
-    state() / load_state() carry (epoch, pos) through checkpoints, so a resumed run draws the same
-    batches.
-    """
+    r::world. state() / load_state() carry (epoch, pos) through checkpoints: a resumed run draws the
+    same batches."""
 
     def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
         if batch_size % world:
@@ -234,17 +206,11 @@ class Sampler:
         if n < batch_size:
             raise ValueError(f"{n} prompts cannot fill a batch of {batch_size}")
         self.n, self.bs, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.epoch, self.pos = 0, 0
-        self._perm()
-
-    def _perm(self):
-        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.epoch)
-        self.perm = torch.randperm(self.n, generator=g, device="cpu").tolist()
+        self.load_state({"epoch": 0, "pos": 0})
 
     def next(self) -> list[int]:
         if self.pos + self.bs > self.n:  # drop the ragged tail, start a new epoch
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._perm()
+            self.load_state({"epoch": self.epoch + 1, "pos": 0})
         batch = self.perm[self.pos:self.pos + self.bs]
         self.pos += self.bs
         return batch[self.rank::self.world]
@@ -254,10 +220,9 @@ class Sampler:
 
     def load_state(self, s: dict):
         self.epoch, self.pos = s["epoch"], s["pos"]
-        self._perm()
+        g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.perm = torch.randperm(self.n, generator=g, device="cpu").tolist()
 
-
-# ---- command line ----------------------------------------------------------------------------
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,

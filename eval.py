@@ -1,5 +1,4 @@
-"""Evaluate a checkpoint: pass@1 averaged over k samples per problem (the paper's metric), and
-pass@k.
+"""Evaluate a checkpoint: pass@1 averaged over k samples per problem (the paper's metric), pass@k.
 
     python eval.py                                 # the toy checkpoint on the toy held-out set
     python eval.py --model CKPT --data aime24.jsonl,amc23.jsonl,math500.jsonl --k 16 \\
@@ -9,13 +8,13 @@ pass@k.
     pass@1 = mean over problems of c / k;  pass@k (unbiased, Chen et al. 2021) = 1 - C(k - c, k) /
     C(k, k) = 1 if any of the k samples is right; c = right samples of the problem.
 
-Every file and the model are checked before the model loads; with --out, the results so far are
-written after each file.
+Every input is checked before the model loads; --out gets the results so far after each file.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -32,12 +31,7 @@ from settings import DEFAULT_RECIPE, PAPER, RECIPES, eval_budget
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples with c right: 1 - C(n-c, k) / C(n, k)."""
-    if n - c < k:
-        return 1.0
-    p = 1.0
-    for i in range(n - c + 1, n + 1):
-        p *= 1.0 - k / i
-    return 1.0 - p
+    return 1.0 if n - c < k else 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def evaluate_file(engine, tok, template: str, path: str, *, problems: list, k: int,
@@ -47,13 +41,11 @@ def evaluate_file(engine, tok, template: str, path: str, *, problems: list, k: i
     problems rank::world and rank 0 gets all."""
     probs = problems[:limit]
     mine = list(range(rank, len(probs), world))
-    enc, dropped = data.encode_problems([probs[i] for i in mine], tok, template, 10 ** 9)
-    long = [len(ids) > max_prompt for ids, _ in enc]
+    enc, _ = data.encode_problems([probs[i] for i in mine], tok, template, 10 ** 9)
     t0 = time.time()
     comps = engine.generate([ids for ids, _ in enc], n=k, max_tokens=max_tokens,
                             temperature=temperature, top_p=top_p, seed=seed + rank)
-    answers = [probs[mine[j // k]].answer for j in range(len(comps))]
-    rewards = score_completions(comps, answers, tok.decode)
+    rewards = score_completions(comps, [answer for _, answer in enc for _ in range(k)], tok.decode)
     rows = []
     for j, i in enumerate(mine):
         cs = comps[j * k:(j + 1) * k]
@@ -61,15 +53,15 @@ def evaluate_file(engine, tok, template: str, path: str, *, problems: list, k: i
                      "correct": int(sum(rewards[j * k:(j + 1) * k])), "k": k,
                      "lengths": [len(c.response_ids) for c in cs],
                      "truncated": sum(c.finish_reason == "length" for c in cs),
-                     "prompt_over_budget": long[j], "sample": tok.decode(cs[0].response_ids)})
+                     "prompt_over_budget": len(enc[j][0]) > max_prompt,
+                     "sample": tok.decode(cs[0].response_ids)})
     if world > 1:
         allrows = [None] * world
         dist.all_gather_object(allrows, rows)
         rows = sorted((r for part in allrows for r in part), key=lambda r: r["index"])
     lens = [n for r in rows for n in r["lengths"]]
     return {"file": path, "problems": len(rows), "k": k, "temperature": temperature,
-            "max_tokens": max_tokens,
-            "pass@1": sum(r["correct"] / k for r in rows) / len(rows),
+            "max_tokens": max_tokens, "pass@1": sum(r["correct"] / k for r in rows) / len(rows),
             f"pass@{k}": sum(pass_at_k(k, r["correct"], k) for r in rows) / len(rows),
             "response_len/mean": sum(lens) / len(lens), "response_len/max": max(lens),
             "truncated_frac": sum(r["truncated"] for r in rows) / len(lens),
@@ -80,24 +72,23 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add = ap.add_argument
-    add("--recipe", default=None, choices=sorted(RECIPES),
+    add("--recipe", choices=sorted(RECIPES),
         help="whose defaults: held-out file, temperature, budgets (default: the recipe for the "
              f"checkpoint's prompt format; {PAPER}'s, the paper's, for any other)")
-    add("--model", default=None, help=f"checkpoint folder (default: the {DEFAULT_RECIPE} model)")
-    add("--data", default=None, help="comma-separated problem files (default: the recipe's "
-                                     "held-out file)")
+    add("--model", help=f"checkpoint folder (default: the {DEFAULT_RECIPE} model)")
+    add("--data", help="comma-separated problem files (default: the recipe's held-out file)")
     add("--k", type=int, default=16, help="samples per problem")
-    add("--limit", type=int, default=None, help="only the first N problems of each file")
-    add("--temperature", type=float, default=None, help="default: the recipe's first stage's")
+    add("--limit", type=int, help="only the first N problems of each file")
+    add("--temperature", type=float, help="default: the recipe's first stage's")
     add("--top-p", type=float, default=1.0)
-    add("--max-tokens", type=int, default=None, help="default: the recipe's eval budget")
-    add("--max-prompt", type=int, default=None, help="default: the recipe's prompt budget")
+    add("--max-tokens", type=int, help="default: the recipe's eval budget")
+    add("--max-prompt", type=int, help="default: the recipe's prompt budget")
     add("--rollout", default="auto", choices=["auto", "torch", "vllm"])
-    add("--template", default=None, choices=["r1", "qwen", "toy"])
+    add("--template", choices=["r1", "qwen", "toy"])
     add("--seed", type=int, default=0)
     add("--device", default="auto", choices=["auto", "cuda", "cpu"])
     add("--dtype", default="float32", choices=["float32", "bfloat16"])
-    add("--out", default=None, help="write a JSON with per-problem results (after each file)")
+    add("--out", help="write a JSON with per-problem results (after each file)")
     a = ap.parse_args(argv)
     rank, world, device = setup_dist(a.device)
     a.model = a.model or RECIPES[a.recipe or DEFAULT_RECIPE].model
@@ -137,7 +128,6 @@ def main(argv=None):
         if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
             raise SystemExit(f"[fastcurl] --out {a.out}: {out_dir} is not a writable folder")
     model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=device)
-    model.eval()
     kind, why = choose_engine(a.rollout, model.config)
     if rank == 0:
         print(f"[fastcurl] rollout engine: {kind} ({why})", flush=True)
@@ -160,8 +150,7 @@ def main(argv=None):
 
 def print_row(r: dict, k: int, header: bool):
     if header:
-        print(f"{'file':32s} {'n':>5s} {'pass@1':>7s} {'pass@k':>7s} {'len':>8s} {'max':>6s} "
-              f"{'trunc':>6s}")
+        print(f"{'file':32s}     n  pass@1  pass@k      len    max  trunc")
     print(f"{os.path.basename(r['file'])[:32]:32s} {r['problems']:5d} {100 * r['pass@1']:7.1f} "
           f"{100 * r[f'pass@{k}']:7.1f} {r['response_len/mean']:8.1f} {r['response_len/max']:6d} "
           f"{100 * r['truncated_frac']:6.1f}", flush=True)

@@ -59,19 +59,18 @@ class TorchEngine:
     """Generation from a model.Transformer with a static KV cache. Shares the trainer's module, so
     update_weights has nothing to copy unless a separate inference copy is given."""
 
-    name = "torch"
-
     def __init__(self, model: Transformer, eos_ids: list[int], pad_id: int = 0, max_rows: int = 512,
                  packed: bool | None = None, decode: str | None = None):
         self.model, self.eos_ids, self.pad_id, self.max_rows = (model, list(eos_ids), pad_id,
                                                                 max_rows)
-        on_cpu = model.lm_head.weight.device.type == "cpu"
+        head = model.lm_head.weight
+        on_cpu = head.device.type == "cpu"
         self.decode = decode or ("dynamic" if on_cpu else "graph")
         if self.decode not in ("dynamic", "static", "graph"):
             raise ValueError(f"decode must be dynamic, static or graph, not {self.decode!r}")
-        if self.decode == "graph" and model.lm_head.weight.device.type != "cuda":
+        if self.decode == "graph" and head.device.type != "cuda":
             raise ValueError("decode='graph' needs the model on a CUDA device")
-        self._mm_f32 = not on_cpu and _mm_f32_works(model.lm_head.weight)
+        self._mm_f32 = not on_cpu and head.dtype != torch.float32 and _mm_f32_works(head)
         can_pack = (torch.backends.mkldnn.is_available()
                     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
         self.packed = (on_cpu and can_pack) if packed is None else packed
@@ -84,11 +83,9 @@ class TorchEngine:
     # (the size of the weights) is kept.
     def _linear(self, name: str, w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None = None):
         key = (w.data_ptr(), w._version)
-        hit = self._packs.get(name)
-        if hit is None or hit[0] != key:
-            hit = self._packs[name] = (
-                key, torch.ops.mkldnn._reorder_linear_weight(w.detach().to(x.dtype)))
-        return torch.ops.mkldnn._linear_pointwise(x, hit[1], b, "none", [], "")
+        if name not in self._packs or self._packs[name][0] != key:
+            self._packs[name] = key, torch.ops.mkldnn._reorder_linear_weight(w.detach().to(x.dtype))
+        return torch.ops.mkldnn._linear_pointwise(x, self._packs[name][1], b, "none", [], "")
 
     def _logits(self, hidden):
         """z = h W^T in fp32: on CUDA bf16 operands straight into an fp32-output matmul (no fp32
@@ -102,14 +99,13 @@ class TorchEngine:
     @contextmanager
     def _packed_layers(self):
         mods = [(n, m) for n, m in self.model.named_modules()
-                if isinstance(m, nn.Linear) and n != "lm_head"]
-        if self.packed:
-            for n, m in mods:
-                m.forward = lambda x, n=n, m=m: self._linear(n, m.weight, x, m.bias)
+                if self.packed and isinstance(m, nn.Linear) and n != "lm_head"]
+        for n, m in mods:
+            m.forward = lambda x, n=n, m=m: self._linear(n, m.weight, x, m.bias)
         try:
             yield
         finally:
-            for n, m in mods:
+            for _, m in mods:
                 m.__dict__.pop("forward", None)
 
     def sleep(self):
@@ -128,12 +124,9 @@ class TorchEngine:
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[Completion]:
         """n samples per prompt, prompt-major: out[i * n + j] is sample j of prompt i."""
         per_call = max(1, self.max_rows // n)
-        out = []
-        for s in range(0, len(prompts), per_call):
-            with self._packed_layers():
-                out += self._generate(prompts[s:s + per_call], n, max_tokens, temperature, top_p,
-                                      seed + s)
-        return out
+        with self._packed_layers():
+            return [c for s in range(0, len(prompts), per_call) for c in self._generate(
+                prompts[s:s + per_call], n, max_tokens, temperature, top_p, seed + s)]
 
     @torch.inference_mode()
     def _generate(self, prompts, n, max_tokens, temperature, top_p, seed):
@@ -141,8 +134,6 @@ class TorchEngine:
         dev = m.lm_head.weight.device
         gen = torch.Generator(device=dev).manual_seed(seed)
         B, P = len(prompts), max(len(p) for p in prompts)
-        was_training = m.training
-        m.eval()
         # prefill: the prompts, left-padded [B, P], into a cache of P + max_tokens columns (valid:
         # the filled ones); a pad attends to itself
         ids = torch.full((B, P), self.pad_id, dtype=torch.long, device=dev)
@@ -159,8 +150,7 @@ class TorchEngine:
         rows = torch.arange(B, device=dev).repeat_interleave(n)  # prompt i -> its n samples
         cache.select(rows)
         logits, valid, pos = self._logits(last[rows]), valid[rows], pos[rows, -1]
-        static = self.decode != "dynamic"
-        step = _StaticStep(self, cache, self.decode == "graph") if static else None
+        step = None if self.decode == "dynamic" else _StaticStep(self, cache)
         live = torch.arange(B * n, device=dev)   # which output row each batch row is
         toks = torch.full((B * n, max_tokens), -1, dtype=torch.long, device=dev)
         lps = torch.zeros(B * n, max_tokens, device=dev)
@@ -178,8 +168,8 @@ class TorchEngine:
             if (~going).sum() * 4 >= len(live):
                 live, tok, pos, valid = live[going], tok[going], pos[going], valid[going]
                 cache.select(going.nonzero()[:, 0])
-                if static:  # a new batch size: new buffers (and a new graph)
-                    step = _StaticStep(self, cache, step.graph_on)
+                if step is not None:  # a new batch size: new buffers (and a new graph)
+                    step = _StaticStep(self, cache)
             valid[:, P + t] = True
             pos = pos + 1
             if step is None:
@@ -188,7 +178,6 @@ class TorchEngine:
             else:
                 logits = step(tok, pos, valid, P + t)
             cache.pos += 1
-        m.train(was_training)
         toks, lps, done = toks.tolist(), lps.tolist(), done.tolist()
         lengths = [row.index(-1) if -1 in row else max_tokens for row in toks]
         return [Completion(list(prompts[r // n]), toks[r][:k], lps[r][:k],
@@ -198,28 +187,22 @@ class TorchEngine:
 def _mm_f32_works(w: torch.Tensor) -> bool:
     """torch.mm(bf16, bf16, out_dtype=float32) exists for this device and dtype (CUDA, torch >=
     2.9): fp32 logits straight from bf16 operands."""
-    if w.dtype == torch.float32:
-        return False
     try:
-        x = torch.zeros(1, w.shape[1], device=w.device, dtype=w.dtype)
-        return torch.mm(x, w[:1].T, out_dtype=torch.float32).dtype == torch.float32
+        return torch.mm(w[:1], w[:1].T, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError, NotImplementedError):
         return False
 
 
 class _StaticStep:
-    """One decode step at static shapes for the cache's batch: inputs copied into fixed buffers
-    (token [B, 1], position [B, 1], mask [B, 1, 1, Tmax], column), logits [B, V] out. It is the
-    model's cache view too: a step writes its key/value at column `col` (a device tensor, not a
-    Python int) and attention reads every column [B, Hkv, Tmax, D], the unfilled ones masked. With
-    `graph`, the step is recorded as a CUDA graph at its first call (after a warm-up run on a side
-    stream; both write the same column the replay writes again, so recording changes nothing) and
-    replayed after; without, it runs eagerly: the same kernels, the graph's CPU-testable twin."""
+    """The "static" decode step for the cache's batch, and the model's cache view: inputs copied
+    into fixed buffers (token [B, 1], position [B, 1], mask [B, 1, 1, Tmax], column `col`), logits
+    [B, V] out. Under "graph", recorded as a CUDA graph at its first call (after a warm-up run on a
+    side stream; both write the column the replay writes again, so recording changes nothing) and
+    replayed after; else run eagerly: the same kernels, the graph's CPU-testable twin."""
 
-    def __init__(self, engine: TorchEngine, cache: KVCache, graph: bool):
+    def __init__(self, engine: TorchEngine, cache: KVCache):
         B, tmax, dev = cache.k.shape[1], cache.k.shape[3], cache.k.device
-        self.engine, self.graph_on, self.graph = engine, graph, None
-        self.k, self.v = cache.k, cache.v
+        self.engine, self.k, self.v, self.graph = engine, cache.k, cache.v, None
         self.col = torch.zeros(1, dtype=torch.long, device=dev)
         self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
@@ -238,7 +221,7 @@ class _StaticStep:
         self.pos.copy_(pos[:, None])
         self.mask.copy_(valid[:, None, None, :])
         self.col.fill_(col)
-        if not self.graph_on:
+        if self.engine.decode != "graph":
             return self._run()
         if self.graph is None:
             side = torch.cuda.Stream()
@@ -254,23 +237,19 @@ class _StaticStep:
 
 
 class VLLMEngine:
-    """vLLM in-process, one engine per torchrun rank (external launcher, data parallel = world size,
-    a seed per rank). Token-id prompts in, Completion records out, with vLLM's log-probs of the
-    sampled tokens after temperature (logprobs_mode="processed_logprobs"), the same quantity the
-    trainer computes.
+    """vLLM in-process, one engine per torchrun rank (external launcher, data parallel = world
+    size, a seed per rank): token-id prompts in, Completions out, with each sampled token's log-prob
+    after temperature, as the trainer computes it (logprobs_mode="processed_logprobs").
 
     update_weights streams Hugging Face (name, tensor) pairs into the running engine, then resets
     the prefix cache. On a GPU the engine sleeps while the trainer works: level 1 keeps the weights
-    in CPU memory, level 2 drops them (the full weights are sent after every step either way, so
-    both are safe)."""
+    in CPU memory, level 2 drops them (both safe: the full weights are sent after every step)."""
 
     name = "vllm"
 
     def __init__(self, model_dir: str, *, max_model_len: int, rank: int = 0, world: int = 1,
                  seed: int = 0, dtype: str = "auto", gpu_memory_utilization: float | None = None):
-        vllm = import_vllm()
-        from vllm import LLM
-
+        self.vllm = vllm = import_vllm()
         if tuple(int(x) for x in vllm.__version__.split(".")[:2]) < (0, 10):
             raise RuntimeError(f"vllm {vllm.__version__} is too old for fastcurl's colocated "
                                f"engine: need >= 0.10")
@@ -282,16 +261,14 @@ class VLLMEngine:
                   enable_prefix_caching=True, enable_sleep_mode=bool(self.sleep_level))
         if world > 1:
             kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world)
-        self.llm = LLM(**kw)
+        self.llm = vllm.LLM(**kw)
         self.asleep = False
 
     def generate(self, prompts, n=1, max_tokens=64, temperature=1.0, top_p=1.0,
                  seed=0) -> list[Completion]:
-        from vllm import SamplingParams
-
         self.wake_up()
-        sampling = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                  seed=seed, logprobs=0)
+        sampling = self.vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p,
+                                            max_tokens=max_tokens, seed=seed, logprobs=0)
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling,
                                  use_tqdm=False)
         comps = []
@@ -326,22 +303,18 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
 
-# ---- the engine factory ------------------------------------------------------------------------
-
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
 def import_vllm():
-    """vLLM with its engine core in this process (colocated) and its own log at warnings and errors
-    (set VLLM_LOGGING_LEVEL=INFO for all of it). Pushing weights leaves the rotary embedding's
-    cos/sin cache (computed, not loaded) as it is, which vLLM warns about after every push: that
-    warning is dropped."""
+    """vLLM with its engine core in this process (colocated), logging warnings and errors only
+    (VLLM_LOGGING_LEVEL=INFO for all). After every weight push vLLM warns that the rotary
+    embedding's cos/sin cache (computed, not loaded) was left as it is: that warning is dropped."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     import vllm
     log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    if _not_rotary not in log.filters:
-        log.addFilter(_not_rotary)
+    log.addFilter(_not_rotary)  # once: a filter already there is not added again
     return vllm
 
 
