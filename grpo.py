@@ -71,13 +71,11 @@ class Options:
     eval_tokens: int | None = setting(None, "the held-out response budget (default: the "
                                             "largest response budget of the stages run)",
                                       range="[1, inf)")
-    save_dtype: str = setting("source", "the dtype of a checkpoint's Hugging Face weights (source: "
-                                        "the starting checkpoint's); a resume reads fp32 master "
-                                        "weights kept beside them", choices=("source", "float32",
-                                                                              "bfloat16"))
-    vllm_memory: float | None = setting(None, "the fraction of the device's memory vLLM takes for "
-                                              "its weights and KV cache (default: 0.4 on a GPU, "
-                                              "0.15 on a CPU)", range="(0, 1]")
+    save_dtype: str = setting("source", "the dtype of a checkpoint's Hugging Face weights "
+                              "(source: the starting checkpoint's)",
+                              choices=("source", "float32", "bfloat16"))
+    vllm_memory: float | None = setting(None, "the share of the device's memory vLLM takes "
+                                        "(default: 0.4 on a GPU, 0.15 on a CPU)", range="(0, 1]")
 
 
 def parse_args(argv=None) -> tuple[Options, dict[str, str]]:

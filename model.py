@@ -40,6 +40,9 @@ class Config:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     torch_dtype: str = "float32"
+    # the source's; else the release whose config format this is (transformers 5 takes a config
+    # without one for a possible Mistral one and warns that its tokenizer's regex may be wrong)
+    transformers_version: str = "4.45.0"
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -62,7 +65,8 @@ class Config:
         if "rope_theta" not in kw and "rope_theta" in rp:
             kw["rope_theta"] = rp["rope_theta"]
         kw["attention_bias"] = True if mt == "qwen2" else bool(d.get("attention_bias", False))
-        kw.setdefault("num_key_value_heads", d["num_attention_heads"])
+        if "num_attention_heads" in kw:
+            kw.setdefault("num_key_value_heads", kw["num_attention_heads"])
         kw["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "float32")
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in kw]
         if missing:
