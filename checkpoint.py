@@ -1,11 +1,14 @@
 """Crash-proof checkpoints: atomic save, manifest and checks, fallback, random states, stop flag.
 
-<stage dir>/step<K>/: config.json, model.safetensors, tokenizer files (a Hugging Face folder),
-trainer_state.pt (step, sampler, the stage's state), rank<r>.pt (each rank's optimizer state,
-its shards under fsdp, and random states), manifest.json (every file's size and sha256, written
-last). Written into step<K>.tmp and renamed into place, then the `latest` marker is replaced: a
-crash at any moment leaves the previous checkpoint whole and findable, and a resume skips a newer
-one that fails its checks.
+<stage dir>/step<K>/: config.json, model.safetensors (in --save-dtype, the source's by default),
+every tokenizer file of the source (a Hugging Face folder, read by other tools as the source is),
+master/ (the same folder in the trainer's fp32 where model.safetensors is narrower: a resume
+and the next stage start from it, so no update is lost to rounding), trainer_state.pt (step,
+sampler, the stage's state), rank<r>.pt (each rank's optimizer state, its shards under fsdp, and
+random states), manifest.json (every file's size and sha256, written last). Written into
+step<K>.tmp and renamed into place, then the `latest` marker is replaced: a crash at any moment
+leaves the previous checkpoint whole and findable, and a resume skips a newer one that fails its
+checks.
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ import torch.distributed as dist
 from fsdp import barrier, comm_device
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json")
+                   "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
+MASTER = "master"
 
 WHOLE_FILE_LIMIT = 64 << 20  # bytes: larger files are hashed by samples (digest)
 SAMPLES, SAMPLE_BYTES = 1024, 64 << 10
@@ -49,20 +54,27 @@ def sha256(path: str) -> str:
 
 
 def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: int = 0,
-                    keep: int = 0):
-    """Write the checkpoint atomically (see above); keep the newest `keep` step folders (0: all)."""
+                    keep: int = 0, dtype: torch.dtype = torch.float32):
+    """Write the checkpoint atomically (see above), its weights in `dtype`; keep the newest `keep`
+    step folders (0: all)."""
     tmp = path + ".tmp"
-    weights = trainer.full_state_dict()  # under fsdp: gathered unit by unit, every rank takes part
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=weights, dtype=torch.float32)
-        for fn in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(src_dir, fn)):
-                shutil.copy(os.path.join(src_dir, fn), tmp)
+    folders, master = [(tmp, dtype)], next(trainer.model.parameters()).dtype
+    if dtype not in (master, torch.float32):  # model.safetensors rounds the trainer's weights
+        folders.append((os.path.join(tmp, MASTER), master))
+    for folder, folder_dtype in folders:
+        weights = trainer.full_state_dict()  # under fsdp: gathered unit by unit on every rank
+        if rank == 0:
+            model.save_pretrained(folder, state_dict=weights, dtype=folder_dtype)
+            for fn in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(src_dir, fn)):
+                    shutil.copy(os.path.join(src_dir, fn), folder)
+        else:
+            for _ in weights:
+                pass
+    if rank == 0:
         torch.save(extra, os.path.join(tmp, "trainer_state.pt"))
-    else:
-        for _ in weights:
-            pass
     barrier()
     # each rank's own view of the loop's state too: the ranks must agree on it (tests compare)
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
@@ -75,7 +87,8 @@ def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: 
         os.umask(umask)
         mode = 0o666 & ~umask  # as any file the user writes (safetensors' temp files are 0600)
         manifest = {"files": {}, **{k: v for k, v in extra.items() if isinstance(v, (int, str))}}
-        for fn in sorted(os.listdir(tmp)):
+        for fn in sorted(os.path.relpath(os.path.join(folder, name), tmp)
+                         for folder, _, names in os.walk(tmp) for name in names):
             file = os.path.join(tmp, fn)
             with open(file, "rb+") as f:
                 os.fsync(f.fileno())
@@ -103,8 +116,15 @@ def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: 
 
 
 def same_architecture(c1, c2) -> bool:
-    """Configs equal in everything but the stored dtype."""
-    return dataclasses.replace(c1, torch_dtype="") == dataclasses.replace(c2, torch_dtype="")
+    """Configs equal in everything but the stored dtype and the writer's version."""
+    ignore = {"torch_dtype": "", "transformers_version": ""}
+    return dataclasses.replace(c1, **ignore) == dataclasses.replace(c2, **ignore)
+
+
+def weights_folder(path: str) -> str:
+    """The folder a checkpoint's run continues from: its fp32 master/ where it has one."""
+    master = os.path.join(path, MASTER)
+    return master if os.path.isdir(master) else path
 
 
 def step_dirs(stage_dir: str) -> list[str]:

@@ -379,22 +379,22 @@ def save(plan, stage_plan, trainer, sampler, state: StageState, name: str):
              "recipe": plan.options.recipe, "seed": plan.options.seed,
              "state": dataclasses.asdict(state)}
     checkpoint.save_checkpoint(os.path.join(stage_plan.dir, name), trainer.model, trainer, extra,
-                               stage_plan.src, plan.rank, keep=plan.options.keep)
+                               stage_plan.src, plan.rank, keep=plan.options.keep,
+                               dtype=plan.save_dtype)
 
 
 def load_model(path: str, options, device, frozen: bool = False) -> Transformer:
-    """Any model the run needs (the policy, the reference), sharded as --fsdp says and computing
-    in --dtype: whole on every rank in --dtype (none), or fp32 master shards gathered in --dtype
-    for each unit's compute (hand: fsdp.shard; torch: FSDP2)."""
+    """Any model the run needs (the policy, the reference) from a checkpoint folder (its fp32
+    master/ where it has one), sharded as --fsdp says and computing in --dtype: whole on every rank
+    in --dtype (none), or fp32 master shards gathered in --dtype for each unit's compute (hand:
+    fsdp.shard; torch: FSDP2)."""
     dtype = getattr(torch, options.dtype)
-    if options.fsdp == "none":
-        model = Transformer.from_pretrained(path, dtype=dtype, device=device)
-    else:
-        model = Transformer.from_pretrained(path, dtype=torch.float32, device=device)
-        if options.fsdp == "hand":
-            fsdp.shard(model, param_dtype=dtype if dtype != torch.float32 else None)
-        else:
-            fsdp.torch_fully_shard(model, param_dtype=dtype)
+    model = Transformer.from_pretrained(checkpoint.weights_folder(path), device=device,
+                                        dtype=dtype if options.fsdp == "none" else torch.float32)
+    if options.fsdp == "hand":
+        fsdp.shard(model, param_dtype=dtype if dtype != torch.float32 else None)
+    elif options.fsdp == "torch":
+        fsdp.torch_fully_shard(model, param_dtype=dtype)
     if frozen:
         model.eval().requires_grad_(False)
     return model

@@ -19,6 +19,9 @@ TOY_DATA = os.path.join(HERE, "assets", "toy", "train.jsonl")  # training proble
 TOY_EVAL = os.path.join(HERE, "assets", "toy", "eval.jsonl")   # and held-out problems
 R1_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+# the special tokens each prompt format is written with
+MARKERS = {"r1": ("<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>"),
+           "qwen": ("<|im_start|>", "<|im_end|>"), "toy": ()}
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Problem:
     problem: str
     answer: str | list[str]  # a list = any of these is accepted
     source: str = ""          # "file:line", for messages
+    record: dict | None = None  # the row as read, every field (data.py split writes it back)
 
 
 def _answer(v, where):
@@ -54,7 +58,7 @@ def _row(row, where) -> Problem:
                 raise ValueError(f"{where}: missing field '{field}'")
         if not isinstance(row["problem"], str) or not row["problem"].strip():
             raise ValueError(f"{where}: field 'problem' must be a non-empty string")
-        return Problem(row["problem"], _answer(row["answer"], where), where)
+        return Problem(row["problem"], _answer(row["answer"], where), where, row)
     if "prompt" in row and "reward_model" in row:
         msgs = row["prompt"]
         users = [m.get("content") for m in (msgs if hasattr(msgs, "__iter__") else [])
@@ -65,7 +69,7 @@ def _row(row, where) -> Problem:
         if not isinstance(rm, dict) or "ground_truth" not in rm:
             raise ValueError(f"{where}: missing field 'reward_model.ground_truth'")
         text = users[-1].removesuffix(R1_SUFFIX)  # verl files carry the instruction already
-        return Problem(text, _answer(rm["ground_truth"], where), where)
+        return Problem(text, _answer(rm["ground_truth"], where), where, row)
     raise ValueError(f"{where}: missing field 'problem' (or verl's 'prompt' + 'reward_model')")
 
 
@@ -110,7 +114,8 @@ def _json(text: str, path: str, line: int):
 def write_jsonl(path: str, problems: list[Problem]):
     with open(path + ".tmp", "w") as f:
         for p in problems:
-            f.write(json.dumps({"problem": p.problem, "answer": p.answer}) + "\n")
+            row = p.record or {"problem": p.problem, "answer": p.answer}
+            f.write(json.dumps(row, default=str) + "\n")
     os.replace(path + ".tmp", path)
 
 
@@ -129,6 +134,16 @@ def format_prompt(problem: str, template: str) -> str:
     if template == "toy":
         return f"{problem}="
     raise ValueError(f"unknown template {template!r} (r1, qwen or toy)")
+
+
+def check_template(tok, template: str, model_dir: str):
+    """Every marker of the prompt format must be one token of the model's vocabulary: a marker
+    spelled out in ordinary tokens is text to the model, not a turn of its chat format."""
+    for marker in MARKERS[template]:
+        if len(pieces := tok.encode(marker)) != 1:
+            raise ValueError(f"{model_dir}: its tokenizer splits {marker} into {len(pieces)} "
+                             f"tokens: the model is not made for the {template} prompt format "
+                             f"(--template r1, qwen or toy)")
 
 
 class Tokenizer:

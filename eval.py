@@ -97,9 +97,10 @@ def main(argv=None):
         if not os.path.isdir(a.model):
             raise ValueError(f"--model {a.model}: no such folder")
         check_weights(a.model)
-        positions = load_config(a.model).max_position_embeddings
+        config = load_config(a.model)
         tok = data.Tokenizer(a.model)
         template = a.template or tok.template
+        data.check_template(tok, template, a.model)
         recipe = RECIPES[a.recipe] if a.recipe else next(
             (r for r in RECIPES.values() if r.template == template), RECIPES[PAPER])
         a.data = a.data or recipe.eval_data
@@ -120,15 +121,16 @@ def main(argv=None):
                             ("--top-p", a.top_p, 0 < a.top_p <= 1)):
         if not ok:
             raise SystemExit(f"[fastcurl] {flag} {value}: out of range")
-    if max_prompt + max_tokens > positions:
+    if max_prompt + max_tokens > (positions := config.max_position_embeddings):
         raise SystemExit(f"[fastcurl] --max-prompt {max_prompt} + --max-tokens {max_tokens} "
                          f"exceeds {a.model}'s max_position_embeddings {positions}")
     if a.out and rank == 0:
         out_dir = os.path.dirname(os.path.abspath(a.out))
         if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
             raise SystemExit(f"[fastcurl] --out {a.out}: {out_dir} is not a writable folder")
-    model = Transformer.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=device)
-    kind, why = choose_engine(a.rollout, model.config)
+    kind, why = choose_engine(a.rollout, config)  # vLLM loads its own copy of the weights
+    model = None if kind == "vllm" else Transformer.from_pretrained(
+        a.model, dtype=getattr(torch, a.dtype), device=device)
     if rank == 0:
         print(f"[fastcurl] rollout engine: {kind} ({why})", flush=True)
     engine = make_engine(kind, model, tok, model_dir=a.model, rank=rank, world=world, seed=a.seed,

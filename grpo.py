@@ -133,6 +133,7 @@ class Plan:
     eval_tokens: int            # the held-out response budget
     max_model_len: int          # the longest prompt + response the engine will be asked for
     engine: tuple[str, str]     # (torch | vllm, why)
+    save_dtype: torch.dtype     # the checkpoints' Hugging Face weights
     token_budget: int
     grad_checkpointing: bool
     rank: int
@@ -214,8 +215,11 @@ def make_plan(options: Options, overrides: dict, rank: int, world: int, device) 
     todo = [p for p in plans if not p.complete]
     if not todo:
         return None
+    save_dtype = config.torch_dtype if options.save_dtype == "source" else options.save_dtype
+    if not isinstance(getattr(torch, save_dtype, None), torch.dtype):
+        fail(f"{src}/config.json: torch_dtype {save_dtype!r} is not a torch dtype (--save-dtype)")
     plan = Plan(options, todo, config, tok, template, eval_file, eval_problems, eval_tokens,
-                max_model_len, choose_engine(options.rollout, config),
+                max_model_len, choose_engine(options.rollout, config), getattr(torch, save_dtype),
                 options.token_budget or recipe.token_budget,
                 recipe.grad_checkpointing if options.grad_checkpointing is None
                 else options.grad_checkpointing, rank, world, device)
@@ -233,6 +237,7 @@ def read_inputs(options, src, data_file, eval_file, stages):
         check_weights(src)
         tok = data.Tokenizer(src)
         template = options.template or tok.template
+        data.check_template(tok, template, src)
         sets, mean_len, _ = data.split_by_length(data.load_problems(data_file), template)
         encoded = {k: data.encode_problems(sets[s.split], tok, template, s.max_prompt)
                    for k, s in stages.items()}
@@ -338,7 +343,7 @@ def build(plan: Plan):
     engine, sized for every stage of the run -> (policy, engine). The native engine samples from
     its own full copy of the policy under fsdp, refreshed after every update (vLLM loads its own
     from the checkpoint folder)."""
-    start_from = plan.stages[0].resume_from or plan.stages[0].src
+    start_from = checkpoint.weights_folder(plan.stages[0].resume_from or plan.stages[0].src)
     policy = curriculum.load_model(start_from, plan.options, plan.device)
     sampler_model = policy
     if plan.options.fsdp != "none" and plan.engine[0] == "torch":
@@ -346,7 +351,8 @@ def build(plan: Plan):
             start_from, dtype=getattr(torch, plan.options.dtype), device=plan.device).eval()
     engine = make_engine(plan.engine[0], sampler_model, plan.tok, model_dir=start_from,
                          rank=plan.rank, world=plan.world, seed=plan.options.seed,
-                         dtype=plan.options.dtype, max_model_len=plan.max_model_len)
+                         dtype=plan.options.dtype, max_model_len=plan.max_model_len,
+                         memory=plan.options.vllm_memory)
     return policy, engine
 
 

@@ -342,10 +342,11 @@ def choose_engine(kind: str, cfg) -> tuple[str, str]:
 
 
 def make_engine(kind: str, model, tok, *, model_dir: str, max_model_len: int, rank: int = 0,
-                world: int = 1, seed: int = 0, dtype: str = "float32"):
+                world: int = 1, seed: int = 0, dtype: str = "float32", memory: float | None = None):
     """kind "torch": sample from `model` (the policy or its inference copy); "vllm": colocated vLLM
-    on model_dir, serving prompt + response up to max_model_len tokens."""
+    on model_dir, serving prompt + response up to max_model_len tokens in `memory` (a share of the
+    device's)."""
     if kind == "vllm":
         return VLLMEngine(model_dir, max_model_len=max_model_len, rank=rank, world=world, seed=seed,
-                          dtype=dtype)
+                          dtype=dtype, gpu_memory_utilization=memory)
     return TorchEngine(model, tok.eos_ids, tok.pad_id)

@@ -87,6 +87,14 @@ def test_split_known_distribution(tmp_path):
     assert mean_r1 == 22 + len(data.R1_SUFFIX) and len(sets_r1["L1"]) == 300
 
 
+def test_split_keeps_every_field_of_a_row(tmp_path):
+    rows = [{"problem": "x" * n, "answer": 142.0, "solution": f"s{n}", "level": n} for n in range(1, 9)]
+    f = write(tmp_path / "p.json", json.dumps(rows))
+    data.main(["split", f, "--out", str(tmp_path / "s"), "--template", "toy"])
+    back = [json.loads(line) for line in (tmp_path / "s" / "L2.jsonl").read_text().splitlines()]
+    assert back == rows  # the answer too, as it was written (142.0, not "142")
+
+
 def test_sampler_shards_reshuffles_and_resumes():
     full = data.Sampler(10, 4, 0, 1, seed=3)
     r0, r1 = data.Sampler(10, 4, 0, 2, seed=3), data.Sampler(10, 4, 1, 2, seed=3)

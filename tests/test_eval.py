@@ -36,3 +36,22 @@ def test_eval_command_on_a_small_file(tmp_path):
     assert abs(res["pass@1"] - sum(p["correct"] / 3 for p in per) / 12) < 1e-12
     assert res["pass@3"] >= res["pass@1"] and 0 <= res["pass@1"] <= 1
     assert all(len(p["lengths"]) == 3 for p in per)
+
+
+def test_eval_loads_no_copy_of_the_weights_when_vllm_serves(tmp_path, monkeypatch, capsys):
+    """vLLM loads the checkpoint itself: eval.py must not hold a second full copy (7 GB at 1.5B).
+    The native engine on a model built here stands in for vLLM, which owns its process on a CPU."""
+    import eval as evaluator
+    from model import Transformer
+    from rollout import TorchEngine
+
+    rows = [json.loads(line) for line in open(f"{ROOT}/assets/toy/eval.jsonl")][:4]
+    (tmp_path / "small.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    stand_in = Transformer.from_pretrained(f"{ROOT}/assets/toy/model")
+    loads = []
+    monkeypatch.setattr(Transformer, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
+    monkeypatch.setattr(evaluator, "choose_engine", lambda kind, config: ("vllm", "a stand-in"))
+    monkeypatch.setattr(evaluator, "make_engine",
+                        lambda kind, model, tok, **kw: TorchEngine(stand_in, tok.eos_ids, tok.pad_id))
+    evaluator.main(["--data", str(tmp_path / "small.jsonl"), "--k", "1"])
+    assert "small.jsonl" in capsys.readouterr().out and loads == []
