@@ -1,7 +1,8 @@
 """Stages that end by rule (curriculum.end_reason) on synthetic metric streams: each rule ends the
 stage exactly where it should and never before; and the whole range of stages in one process:
 equal to the stages run one command at a time, and a SIGKILL in stage 2 then --resume equal to an
-uninterrupted run, with 2 ranks under torchrun switching stage at the same step."""
+uninterrupted run, with 2 ranks under torchrun switching stage at the same step, from a bf16
+source (checkpoints in bf16, fp32 master weights carried across stages and resumes)."""
 import dataclasses
 import json
 import os
@@ -136,15 +137,31 @@ def metrics(out):
 
 
 def weights(out):
-    with open(f"{out}/stage2/final/model.safetensors", "rb") as f:
-        return f.read()
+    with open(f"{out}/stage2/final/model.safetensors", "rb") as f, \
+            open(f"{out}/stage2/final/master/model.safetensors", "rb") as master:
+        return f.read(), master.read()
+
+
+def bf16_toy(folder):
+    """The toy model stored in bf16, as the real model is: its checkpoints are then bf16 too."""
+    import shutil
+
+    from model import Transformer
+
+    toy = os.path.join(ROOT, "assets", "toy", "model")
+    Transformer.from_pretrained(toy).save_pretrained(str(folder), dtype=torch.bfloat16)
+    for name in os.listdir(toy):
+        if name.startswith("token") or name.startswith("generation"):
+            shutil.copy(os.path.join(toy, name), folder)
+    return str(folder)
 
 
 @pytest.mark.slow
 def test_stage_range_in_one_process_equals_separate_commands_and_resumes_after_a_kill(tmp_path):
     from bench.kill_resume import kill_all
     one, sep, cut = tmp_path / "one", tmp_path / "sep", tmp_path / "cut"
-    r = run(torchrun(one, "1-2"))
+    source = ["--model", bf16_toy(tmp_path / "bf16")]
+    r = run(torchrun(one, "1-2", *source))
     assert r.stdout.count("rollout engine:") == 1  # one engine for both stages
     rows = metrics(one)
     assert [(m["stage"], m["step"]) for m in rows] == [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3)]
@@ -161,12 +178,12 @@ def test_stage_range_in_one_process_equals_separate_commands_and_resumes_after_a
         assert views[0]["state"]["end"] and len(views[0]["state"]["truncated"]) == (2, 3)[s - 1]
     # the same stages as two commands (stage 2 reads stage 1's final from disk): the same numbers
     run(torchrun(sep, "1", "--steps", "5", "--end-trunc", "1", "--dynamic-sampling", "0",
-                 "--overlong", "mask"))
+                 "--overlong", "mask", *source))
     run(torchrun(sep, "2", "--steps", "3", "--end-trunc", "off", "--dynamic-sampling", "2",
                  "--overlong", "penalty"))
     assert metrics(sep) == metrics(one) and weights(sep) == weights(one)
     # SIGKILL in stage 2 (its step-1 checkpoint written, step 2 under way), then --resume
-    p = subprocess.Popen(torchrun(cut, "1-2"), cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    p = subprocess.Popen(torchrun(cut, "1-2", *source), cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     t, f = time.time(), cut / "stage2" / "step1" / "manifest.json"
@@ -176,6 +193,6 @@ def test_stage_range_in_one_process_equals_separate_commands_and_resumes_after_a
     kill_all(p.pid)
     p.wait()
     assert not (cut / "stage2" / "final").exists()
-    r = run(torchrun(cut, "1-2", "--resume"))
+    r = run(torchrun(cut, "1-2", "--resume", *source))
     assert "stage 1 is already complete" in r.stdout and "resumed from" in r.stdout
     assert metrics(cut) == metrics(one) and weights(cut) == weights(one)
