@@ -2,6 +2,7 @@
 log-probs, weights pushed after a step, and the main command under torchrun with --rollout vllm."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,10 +31,15 @@ def test_torchrun_two_ranks_with_vllm(tmp_path):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         f"{ROOT}/grpo.py", "--stage", "1", "--out", str(out), "--steps", "3", "--batch", "8",
-                        "--rollout", "vllm", "--eval-k", "0", "--save-every", "0"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                        "--rollout", "vllm", "--eval-k", "0", "--save-every", "0", "--vllm-memory", "0.12"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", VLLM_LOGGING_LEVEL="INFO"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "rollout engine: vllm" in r.stdout
+    # vLLM on a CPU reserves --vllm-memory of the memory node for each rank's worker, and says so
+    shares = [float(requested) / float(total) for total, requested in re.findall(
+        r"/([\d.]+)\) GiB for KV cache .*? with ([\d.]+) GiB requested memory", r.stdout + r.stderr)]
+    assert len(shares) == 2 and all(abs(share - 0.12) < 0.005 for share in shares), shares
     rows = [json.loads(line) for line in open(out / "stage1" / "metrics.jsonl")]
     assert len(rows) == 3
     for row in rows:
