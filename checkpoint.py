@@ -53,8 +53,8 @@ def sha256(path: str) -> str:
     return "sampled:" + h.hexdigest()
 
 
-def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: int = 0,
-                    keep: int = 0, dtype: torch.dtype = torch.float32):
+def save_checkpoint(path: str, trainer, extra: dict, src_dir: str, rank: int = 0, keep: int = 0,
+                    dtype: torch.dtype = torch.float32):
     """Write the checkpoint atomically (see above), its weights in `dtype`; keep the newest `keep`
     step folders (0: all)."""
     tmp = path + ".tmp"
@@ -66,7 +66,7 @@ def save_checkpoint(path: str, model, trainer, extra: dict, src_dir: str, rank: 
     for folder, folder_dtype in folders:
         weights = trainer.full_state_dict()  # under fsdp: gathered unit by unit on every rank
         if rank == 0:
-            model.save_pretrained(folder, state_dict=weights, dtype=folder_dtype)
+            trainer.model.save_pretrained(folder, state_dict=weights, dtype=folder_dtype)
             for fn in TOKENIZER_FILES:
                 if os.path.exists(os.path.join(src_dir, fn)):
                     shutil.copy(os.path.join(src_dir, fn), folder)

@@ -31,7 +31,7 @@ import fsdp
 from eval import evaluate_file
 from model import Transformer
 from reward import reward_errors, score_completions
-from trainer import TrainConfig, Trainer, group_advantages
+from trainer import Trainer, group_advantages
 
 
 def run(plan, policy, engine) -> str | None:
@@ -48,9 +48,7 @@ def run(plan, policy, engine) -> str | None:
         reference = load_model(stage_plan.src, plan.options, plan.device, frozen=True) \
             if stage_plan.settings.kl_coef else None
         # 2. a fresh optimizer and sampler; a resume restores them and where the stage was
-        trainer = Trainer(policy, TrainConfig(token_budget=plan.token_budget,
-                                              grad_checkpointing=plan.grad_checkpointing),
-                          reference, plan.tok.pad_id)
+        trainer = Trainer(policy, plan.train, reference, plan.tok.pad_id)
         sampler = data.Sampler(len(stage_plan.prompts), stage_plan.settings.batch, plan.rank,
                                plan.world, seed=plan.options.seed * 1000 + stage_plan.number)
         state = StageState()
@@ -70,10 +68,17 @@ def run(plan, policy, engine) -> str | None:
             return (f"[fastcurl] {plan.options.max_skips} updates in a row had a NaN/inf loss or "
                     f"gradient norm; saved {saved}. Look at the learning rate, the data of the "
                     f"last steps (metrics.jsonl) and --dtype; rerun with --resume after a change.")
-        # 4. the final checkpoint, 5. the held-out score
+        # 4. the final checkpoint, 5. the held-out score (eval.json and the log)
         save(plan, stage_plan, trainer, sampler, state, "final")
         if plan.eval_file:
-            write_held_out(plan, stage_plan, engine, state)
+            result = score_held_out(plan, stage_plan.settings, engine)
+            if plan.rank == 0:
+                result.update(stage=stage_plan.number, end_step=state.step, end_reason=state.end)
+                with open(os.path.join(stage_plan.dir, "eval.json"), "w") as f:
+                    json.dump(result, f, indent=2)
+                say(plan, f"stage {stage_plan.number} held-out {os.path.basename(plan.eval_file)}: "
+                          f"pass@1 {result['pass@1']:.3f} (k={plan.options.eval_k}), mean length "
+                          f"{result['response_len/mean']:.1f}")
     return None
 
 
@@ -81,7 +86,7 @@ def train_stage(plan, stage_plan, trainer, sampler, engine, state, stop) -> str:
     """Steps from state.step until a rule ends the stage (state.end says why) -> "done", "stopped"
     (a signal: checkpointed) or "nan" (--max-skips bad updates in a row: checkpointed)."""
     stage, options = stage_plan.settings, plan.options
-    log = MetricsLog(plan, stage_plan, state.step)
+    first_step, t_start = state.step, time.time()
     while True:
         # 1-2. a batch of prompts (this rank's share), n samples each from the engine, rewards
         t0 = time.time()
@@ -100,7 +105,13 @@ def train_stage(plan, stage_plan, trainer, sampler, engine, state, stop) -> str:
         # 6. one metrics line over all ranks (and the held-out score every --eval-every steps)
         rollout = rollout_metrics(*batch.sampled, stage.n, plan.world)
         state.count(rollout, stats.pop("skipped_updates"), batch.rounds * stage.batch)
-        record = metrics_line(stage_plan, state, rollout, stats, batch, (t0, t1, t2, t3))
+        record = {"step": state.step, "stage": stage_plan.number,
+                  **{k: v for k, v in rollout.items() if k not in ("tokens", "errors")}, **stats,
+                  "skipped_steps": state.skipped_steps, "reward/errors": state.reward_errors,
+                  "time/rollout_s": t1 - t0, "time/train_s": t2 - t1, "time/sync_s": t3 - t2,
+                  "throughput/tokens_per_s": rollout["tokens"] / (t3 - t0)}
+        if stage.dynamic_sampling:
+            record["dynamic/rounds"], record["dynamic/groups"] = batch.rounds, batch.groups
         if options.eval_every and state.step % options.eval_every == 0:
             pass_at_1 = score_held_out(plan, stage, engine, options.eval_limit or None)["pass@1"]
             record.update({"eval/pass@1": pass_at_1, "time/eval_s": time.time() - t3})
@@ -109,18 +120,14 @@ def train_stage(plan, stage_plan, trainer, sampler, engine, state, stop) -> str:
         state.end = end_reason(stage, state, len(stage_plan.prompts)) or ""
         if state.end:
             record["stage_end"] = state.end
-        log.write(record, state)
+        log_step(plan, stage_plan, record, state, first_step, t_start)
         # 8. a checkpoint every --save-every steps, and on the way out
-        status = "done"
-        if state.skips_in_row >= options.max_skips:
-            status = "nan"
-        elif stop():  # a collective: every rank asks, at the same step
-            status = "stopped"
+        status = ("nan" if state.skips_in_row >= options.max_skips
+                  else "stopped" if stop() else "done")  # stop(): a collective, every rank asks it
         periodic = options.save_every and state.step % options.save_every == 0
         if status != "done" or (periodic and not state.end):
             save(plan, stage_plan, trainer, sampler, state, f"step{state.step}")
         if status != "done" or state.end:
-            log.close()
             return status
 
 
@@ -165,20 +172,19 @@ def end_reason(stage, state: StageState, n_prompts: int) -> str | None:
     Thresholds compare with a slack of 1e-9: a truncated fraction or a pass@1 is a multiple of
     1/(samples), far coarser, while the rounding of a W-term mean is ~W x 1e-16."""
     W, slack, step = stage.end_window, 1e-9, state.step
-    truncated, rewards, evals = state.truncated, state.rewards, state.evals
-    if stage.end_trunc is not None and len(truncated) >= W:
-        mean = sum(truncated[-W:]) / W
+    if stage.end_trunc is not None and len(state.truncated) >= W:
+        mean = sum(state.truncated[-W:]) / W
         if mean <= stage.end_trunc + slack:
             return f"truncation: {mean:.3f} (mean of {W} steps) <= {stage.end_trunc}"
-    if stage.end_plateau and len(rewards) >= W:
-        means = [sum(rewards[i - W:i]) / W for i in range(W, len(rewards) + 1)]
+    if stage.end_plateau and len(state.rewards) >= W:
+        means = [sum(state.rewards[i - W:i]) / W for i in range(W, len(state.rewards) + 1)]
         best = max(range(len(means)), key=means.__getitem__)  # the first step reaching the best
         if len(means) - 1 - best >= stage.end_plateau:
             return (f"plateau: the {W}-step mean reward's best, {means[best]:.3f} at step "
                     f"{best + W}, not exceeded for {stage.end_plateau} steps")
-    if stage.end_eval is not None and evals and evals[-1][0] == step:
-        if evals[-1][1] >= stage.end_eval - slack:
-            return f"eval: held-out pass@1 {evals[-1][1]:.3f} >= {stage.end_eval}"
+    if stage.end_eval is not None and state.evals and state.evals[-1][0] == step:
+        if state.evals[-1][1] >= stage.end_eval - slack:
+            return f"eval: held-out pass@1 {state.evals[-1][1]:.3f} >= {stage.end_eval}"
     if stage.end_epochs and state.drawn + stage.batch > stage.end_epochs * n_prompts:
         return f"epochs: {state.drawn} prompts drawn of {n_prompts}, {stage.end_epochs} epoch(s)"
     if step >= stage.steps:
@@ -224,30 +230,27 @@ def sample_batch(plan, stage_plan, step: int, engine, sampler) -> Batch:
     answer scores 1; a response cut at the budget scores 0; then shape_rewards).
 
     With dynamic sampling (DAPO) a group whose n rewards are all equal has no gradient: such groups
-    are dropped and another batch of prompts is sampled, up to stage.dynamic_sampling extra rounds,
-    until all ranks together hold stage.batch groups whose rewards differ; the first stage.batch
-    of them (in rank order) are trained on. Fewer after the last round: what there is (none at all:
-    the first round's groups, whose advantages are 0). The sampler moves past every prompt drawn,
-    so a resume draws the same rounds."""
+    are dropped and more prompts sampled, up to stage.dynamic_sampling extra rounds, until all ranks
+    together hold stage.batch groups whose rewards differ; the first stage.batch (in rank order) are
+    trained on. Fewer after the last round: what there is (none at all: the first round's, whose
+    advantages are 0). The sampler moves past every prompt drawn: a resume draws the same rounds."""
     stage, n, prompts = stage_plan.settings, stage_plan.settings.n, stage_plan.prompts
-    sampled, rewards = [], []
+    sampled, per_round = [], []
     for rnd in range(stage.dynamic_sampling + 1):
         batch = [prompts[i] for i in sampler.next()]
-        completions = engine.generate(
-            [ids for ids, _ in batch], n=n, max_tokens=stage.max_tokens,
-            temperature=stage.temperature, top_p=stage.top_p,
-            seed=rollout_seed(plan.options.seed, stage_plan.number, step, plan.rank, rnd))
+        seed = rollout_seed(plan.options.seed, stage_plan.number, step, plan.rank, rnd)
+        completions = engine.generate([ids for ids, _ in batch], n=n, max_tokens=stage.max_tokens,
+                                      temperature=stage.temperature, top_p=stage.top_p, seed=seed)
         answers = [batch[i // n][1] for i in range(len(completions))]
         scores = torch.tensor(score_completions(completions, answers, plan.tok.decode),
                               device=fsdp.comm_device())
         sampled += completions
-        rewards.append(shape_rewards(stage, completions, scores))
+        per_round.append(shape_rewards(stage, completions, scores))
         if not stage.dynamic_sampling:
-            return Batch(completions, rewards[0], (completions, rewards[0]), 1, stage.batch)
-        every_round = torch.cat(rewards)
-        informative = (every_round.view(-1, n).std(-1) > 0).nonzero().view(-1).tolist() \
-            if n > 1 else []
-        counts = _all_ranks(every_round.new_tensor([float(len(informative))]), plan.world).view(-1)
+            return Batch(completions, per_round[0], (completions, per_round[0]), 1, stage.batch)
+        rewards = torch.cat(per_round)  # every round's, as `sampled`
+        informative = (rewards.view(-1, n).std(-1) > 0).nonzero().view(-1).tolist() if n > 1 else []
+        counts = _all_ranks(rewards.new_tensor([float(len(informative))]), plan.world).view(-1)
         if counts.sum() >= stage.batch:
             break
     before = int(counts[:plan.rank].sum().item())
@@ -256,88 +259,56 @@ def sample_batch(plan, stage_plan, step: int, engine, sampler) -> Batch:
     if groups == 0:
         mine = list(range(stage.batch // plan.world))
     pick = [g * n + j for g in mine for j in range(n)]
-    return Batch([sampled[i] for i in pick], every_round[pick], (sampled, every_round), rnd + 1,
-                 groups)
+    return Batch([sampled[i] for i in pick], rewards[pick], (sampled, rewards), rnd + 1, groups)
 
 
 # ---- step 6: metrics, held-out scores, files -----------------------------------------------------
 
 def rollout_metrics(completions, rewards: torch.Tensor, n: int, world: int) -> dict:
     """Reward, length, truncation, zero-advantage share, tokens and verifier errors over all ranks:
-    every rank's values in one all-gather (on the collectives' device), then one copy to the
-    host."""
+    every rank's values in one all-gather (on the collectives' device), one copy to the host."""
     N = len(completions)
     zero = (rewards.view(-1, n).std(-1) == 0).float() if n > 1 else rewards.new_ones(N // n)
-    n_tokens = sum(len(c.prompt_ids) + len(c.response_ids) for c in completions)
-    lengths = [float(len(c.response_ids)) for c in completions]
-    cut = [float(c.finish_reason == "length") for c in completions]
-    mine = torch.cat([rewards, rewards.new_tensor(lengths), rewards.new_tensor(cut), zero,
-                      rewards.new_tensor([float(n_tokens), float(reward_errors())])])
+    lengths = [len(c.response_ids) for c in completions]
+    cut = [c.finish_reason == "length" for c in completions]
+    n_tokens = sum(len(c.prompt_ids) for c in completions) + sum(lengths)
+    mine = torch.cat([rewards, rewards.new_tensor(lengths + cut), zero,
+                      rewards.new_tensor([n_tokens, reward_errors()])])
     every = _all_ranks(mine, world)  # [world, 3N + N/n + 2]
     R, L, T = (every[:, k * N:(k + 1) * N].reshape(-1) for k in range(3))
     Z, tokens, errors = every[:, 3 * N:-2].reshape(-1), every[:, -2].sum(), every[:, -1].sum()
     host = torch.stack([R.mean(), R.std(), L.mean(), L.max(), T.mean(), Z.mean(), tokens,
                         errors]).tolist()
-    out = dict(zip(["reward/mean", "reward/std", "response_len/mean", "response_len/max",
-                    "truncated_frac", "zero_adv_frac", "tokens"], host))
-    out["errors"] = int(host[7])
-    return out
+    return dict(zip(["reward/mean", "reward/std", "response_len/mean", "response_len/max",
+                     "truncated_frac", "zero_adv_frac", "tokens"], host), errors=int(host[7]))
 
 
-def metrics_line(stage_plan, state: StageState, rollout: dict, stats: dict, batch: Batch,
-                 times: tuple) -> dict:
-    """The step's metrics.jsonl record (names in the README)."""
-    t0, t1, t2, t3 = times
-    record = {"step": state.step, "stage": stage_plan.number,
-              **{k: v for k, v in rollout.items() if k not in ("tokens", "errors")}, **stats,
-              "skipped_steps": state.skipped_steps, "reward/errors": state.reward_errors,
-              "time/rollout_s": t1 - t0, "time/train_s": t2 - t1, "time/sync_s": t3 - t2,
-              "throughput/tokens_per_s": rollout["tokens"] / (t3 - t0)}
-    if stage_plan.settings.dynamic_sampling:
-        record["dynamic/rounds"], record["dynamic/groups"] = batch.rounds, batch.groups
-    return record
-
-
-class MetricsLog:
-    """Rank 0: metrics.jsonl (one line per step), the progress line, the stage's end, and the
-    warnings given once (every response cut; dynamic sampling short of groups)."""
-
-    def __init__(self, plan, stage_plan, start: int):
-        self.stage_plan, self.start, self.t_start = stage_plan, start, time.time()
-        self.file = open(os.path.join(stage_plan.dir, "metrics.jsonl"), "a") \
-            if plan.rank == 0 else None
-
-    def write(self, record: dict, state: StageState):
-        if self.file is None:
-            return
-        stage, number, step = self.stage_plan.settings, self.stage_plan.number, record["step"]
-        if record["truncated_frac"] == 1.0 and "all_cut" not in state.warned:
-            state.warned.append("all_cut")
-            print(f"[fastcurl] warning: every response of step {step} was cut at the budget "
-                  f"({stage.max_tokens} tokens): cut responses score 0, nothing is learned",
-                  flush=True)
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        per_step = (time.time() - self.t_start) / (step - self.start)
-        held_out = (f" eval {record['eval/pass@1']:.3f} ({record['time/eval_s']:.1f}s)"
-                    if "eval/pass@1" in record else "")
-        print(f"stage {number} step {step}/{stage.steps} reward {record['reward/mean']:.3f} "
-              f"len {record['response_len/mean']:.1f} trunc {record['truncated_frac']:.2f} "
-              f"entropy {record['entropy/mean']:.3f} kl {record['kl/mean']:.4f}{held_out} "
-              f"step {per_step:.1f}s eta <= {per_step * (stage.steps - step):.0f}s", flush=True)
-        if record.get("dynamic/groups", stage.batch) < stage.batch and "few_groups" not in \
-                state.warned:
-            state.warned.append("few_groups")
-            print(f"[fastcurl] step {step}: {record['dynamic/groups']} of {stage.batch} groups had "
-                  f"rewards that differ after {record['dynamic/rounds']} rounds "
-                  f"(--dynamic-sampling {stage.dynamic_sampling}): training on them "
-                  f"(dynamic/groups in metrics.jsonl)", flush=True)
-        if state.end:
-            print(f"[fastcurl] stage {number} ends after step {step}: {state.end}", flush=True)
-
-    def close(self):
-        if self.file:
-            self.file.close()
+def log_step(plan, stage_plan, record: dict, state: StageState, first_step: int, t_start: float):
+    """Rank 0: the step's metrics.jsonl line, the progress line (time per step since first_step),
+    the stage's end, and the warnings given once (every response cut; too few groups differ)."""
+    if plan.rank != 0:
+        return
+    stage, number, step = stage_plan.settings, stage_plan.number, record["step"]
+    if record["truncated_frac"] == 1.0 and "all_cut" not in state.warned:
+        state.warned.append("all_cut")
+        say(plan, f"warning: every response of step {step} was cut at the budget "
+                  f"({stage.max_tokens} tokens): cut responses score 0, nothing is learned")
+    with open(os.path.join(stage_plan.dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    per_step = (time.time() - t_start) / (step - first_step)
+    held_out = (f" eval {record['eval/pass@1']:.3f} ({record['time/eval_s']:.1f}s)"
+                if "eval/pass@1" in record else "")
+    print(f"stage {number} step {step}/{stage.steps} reward {record['reward/mean']:.3f} "
+          f"len {record['response_len/mean']:.1f} trunc {record['truncated_frac']:.2f} "
+          f"entropy {record['entropy/mean']:.3f} kl {record['kl/mean']:.4f}{held_out} "
+          f"step {per_step:.1f}s eta <= {per_step * (stage.steps - step):.0f}s", flush=True)
+    if record.get("dynamic/groups", stage.batch) < stage.batch and "few_groups" not in state.warned:
+        state.warned.append("few_groups")
+        say(plan, f"step {step}: {record['dynamic/groups']} of {stage.batch} groups had rewards "
+                  f"that differ after {record['dynamic/rounds']} rounds (--dynamic-sampling "
+                  f"{stage.dynamic_sampling}): training on them (dynamic/groups in metrics.jsonl)")
+    if state.end:
+        say(plan, f"stage {number} ends after step {step}: {state.end}")
 
 
 def score_held_out(plan, stage, engine, limit: int | None = None) -> dict:
@@ -349,26 +320,21 @@ def score_held_out(plan, stage, engine, limit: int | None = None) -> dict:
                          world=plan.world, problems=plan.eval_problems, limit=limit)
 
 
-def write_held_out(plan, stage_plan, engine, state: StageState):
-    """The end of a stage: its held-out score into eval.json and the log."""
-    result = score_held_out(plan, stage_plan.settings, engine)
-    if plan.rank == 0:
-        result.update(stage=stage_plan.number, end_step=state.step, end_reason=state.end)
-        with open(os.path.join(stage_plan.dir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        say(plan, f"stage {stage_plan.number} held-out {os.path.basename(plan.eval_file)}: pass@1 "
-                  f"{result['pass@1']:.3f} (k={plan.options.eval_k}), mean length "
-                  f"{result['response_len/mean']:.1f}")
-
-
 def begin_stage_files(plan, stage_plan, state: StageState):
-    """Rank 0: the run's identity (run.json), and metrics logged after the checkpoint by a run that
-    died dropped."""
+    """Rank 0: the run's identity (run.json), and metrics.jsonl without the lines logged after the
+    checkpoint (by a run that died before its next one)."""
     if plan.rank == 0:
         os.makedirs(stage_plan.dir, exist_ok=True)
         with open(os.path.join(stage_plan.dir, "run.json"), "w") as f:
             json.dump(stage_plan.identity, f, indent=1)
-        truncate_metrics(os.path.join(stage_plan.dir, "metrics.jsonl"), state.step)
+        metrics = os.path.join(stage_plan.dir, "metrics.jsonl")
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                keep = [line for line in f
+                        if line.strip() and json.loads(line).get("step", 0) <= state.step]
+            with open(metrics + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(metrics + ".tmp", metrics)
     fsdp.barrier()
 
 
@@ -378,16 +344,14 @@ def save(plan, stage_plan, trainer, sampler, state: StageState, name: str):
     extra = {"step": state.step, "stage": stage_plan.number, "sampler": sampler.state(),
              "recipe": plan.options.recipe, "seed": plan.options.seed,
              "state": dataclasses.asdict(state)}
-    checkpoint.save_checkpoint(os.path.join(stage_plan.dir, name), trainer.model, trainer, extra,
-                               stage_plan.src, plan.rank, keep=plan.options.keep,
-                               dtype=plan.save_dtype)
+    checkpoint.save_checkpoint(os.path.join(stage_plan.dir, name), trainer, extra, stage_plan.src,
+                               plan.rank, keep=plan.options.keep, dtype=plan.save_dtype)
 
 
 def load_model(path: str, options, device, frozen: bool = False) -> Transformer:
     """Any model the run needs (the policy, the reference) from a checkpoint folder (its fp32
-    master/ where it has one), sharded as --fsdp says and computing in --dtype: whole on every rank
-    in --dtype (none), or fp32 master shards gathered in --dtype for each unit's compute (hand:
-    fsdp.shard; torch: FSDP2)."""
+    master/ if any), computing in --dtype, sharded as --fsdp says: none, whole on every rank in
+    --dtype; hand (fsdp.shard) or torch (FSDP2), fp32 master shards gathered in --dtype per unit."""
     dtype = getattr(torch, options.dtype)
     model = Transformer.from_pretrained(checkpoint.weights_folder(path), device=device,
                                         dtype=dtype if options.fsdp == "none" else torch.float32)
@@ -414,53 +378,33 @@ def _all_ranks(x: torch.Tensor, world: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def truncate_metrics(path: str, last_step: int):
-    """Drop lines logged after `last_step` (by a run that died before its next checkpoint)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    rows = []
-    for f in sorted(glob.glob(os.path.join(run_dir, "stage*", "metrics.jsonl")),
-                    key=lambda p: int(os.path.basename(os.path.dirname(p))[5:])):
-        with open(f) as fh:
-            rows += [json.loads(line) for line in fh if line.strip()]
-    return rows
-
-
 def plot(run_dir: str, out: str | None = None) -> str:
     """Reward, response length, entropy and truncated fraction against global steps, stage
     boundaries marked with the rule that ended each stage."""
     try:
         import matplotlib
-        import matplotlib.ticker
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("plotting needs matplotlib: pip install matplotlib (or pip install -e "
                          ".[plot])")
-    rows = read_metrics(run_dir)
+    rows = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "stage*", "metrics.jsonl")),
+                       key=lambda p: int(os.path.basename(os.path.dirname(p))[5:])):
+        with open(path) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
     if not rows:
         raise SystemExit(f"{run_dir}: no stage*/metrics.jsonl to plot")
-    x = list(range(1, len(rows) + 1))
     keys = [("reward/mean", "reward"), ("response_len/mean", "response length (tokens)"),
             ("entropy/mean", "entropy"), ("truncated_frac", "truncated fraction")]
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 9), sharex=True)
     bounds = [i + 1 for i in range(1, len(rows)) if rows[i]["stage"] != rows[i - 1]["stage"]]
     for ax, (k, label) in zip(axes, keys):
-        ax.plot(x, [r.get(k, float("nan")) for r in rows], lw=1)
+        ax.plot(range(1, len(rows) + 1), [r.get(k, float("nan")) for r in rows], lw=1)
         for b in bounds:
             ax.axvline(b - 0.5, color="gray", ls="--", lw=0.8)
         ax.set_ylabel(label)
-    starts = [1] + bounds
-    for s in starts:
+    for s in [1] + bounds:
         axes[0].text(s, axes[0].get_ylim()[1], f" stage {rows[s - 1]['stage']}", va="top",
                      fontsize=8)
     for i, r in enumerate(rows):  # why each stage ended, at its last step
@@ -468,7 +412,7 @@ def plot(run_dir: str, out: str | None = None) -> str:
             axes[-1].text(i + 1.5, axes[-1].get_ylim()[1], r["stage_end"].split(":")[0] + " ",
                           rotation=90, va="top", ha="right", fontsize=7, color="gray")
     axes[-1].set_xlabel("step (all stages)")
-    axes[-1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[-1].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.tight_layout()
     out = out or os.path.join(run_dir, "curriculum.png")
     fig.savefig(out, dpi=100)

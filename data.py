@@ -42,8 +42,7 @@ def _answer(v, where):
     if isinstance(v, str):
         raise ValueError(f"{where}: field 'answer' is empty or blank")
     kinds = "a list" if isinstance(v, bool) or v is None else "a non-empty list"
-    raise ValueError(f"{where}: field 'answer' must be a string, a number or {kinds}, "
-                     f"got {v!r}")
+    raise ValueError(f"{where}: field 'answer' must be a string, a number or {kinds}, got {v!r}")
 
 
 def _row(row, where) -> Problem:
@@ -81,10 +80,8 @@ def load_problems(path: str) -> list[Problem]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(
-                f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        rows = pq.read_table(path).to_pylist()
-        out = [_row(r, f"{path}:row {i + 1}") for i, r in enumerate(rows)]
+            raise ImportError(f"{path}: parquet needs pyarrow (pip install pyarrow)") from None
+        out = [_row(r, f"{path}:row {i}") for i, r in enumerate(pq.read_table(path).to_pylist(), 1)]
     else:
         with open(path, "rb") as f:
             raw = f.read()
@@ -112,10 +109,9 @@ def _json(text: str, path: str, line: int):
 
 
 def write_jsonl(path: str, problems: list[Problem]):
+    rows = (p.record or {"problem": p.problem, "answer": p.answer} for p in problems)
     with open(path + ".tmp", "w") as f:
-        for p in problems:
-            row = p.record or {"problem": p.problem, "answer": p.answer}
-            f.write(json.dumps(row, default=str) + "\n")
+        f.writelines(json.dumps(row, default=str) + "\n" for row in rows)
     os.replace(path + ".tmp", path)
 
 

@@ -27,38 +27,36 @@ from model import Config, Transformer, check_weights, load_config
 from rollout import choose_engine, make_engine
 from settings import DEFAULT_RECIPE, RECIPES, HelpFormatter, Recipe, Stage, add_flags, check, \
     check_stage, eval_budget, flag_of, parse_value, setting, stage_defaults
+from trainer import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
     """The run's settings, the same for every stage (a stage's are settings.Stage)."""
     stage: str = setting("1", "a stage (2) or a range of stages run in one process (1-4)")
-    recipe: str = setting(DEFAULT_RECIPE, "the stage table and its defaults",
-                          choices=tuple(RECIPES))
-    model: str | None = setting(None, "the first stage's starting checkpoint, a Hugging Face "
-                                      "folder (default: the recipe's for stage 1, stage N-1's "
-                                      "final for stage N)")
-    data: str | None = setting(None, "the problem file: JSON, JSONL or parquet (default: "
-                                           "the recipe's)")
+    recipe: str = setting(DEFAULT_RECIPE, "the stage table and its defaults", choices=RECIPES)
+    model: str | None = setting(None, "the first stage's starting Hugging Face checkpoint "
+                                "(default: the recipe's at stage 1, stage N-1's final at stage N)")
+    data: str | None = setting(None, "the problem file: JSON, JSONL or parquet (default: the "
+                               "recipe's)")
     eval_data: str | None = setting(None, "held-out problems scored at the end of each stage "
-                                                "(default: the recipe's, with its data)")
+                                    "(default: the recipe's, with its data)")
     out: str | None = setting(None, "output folder (default runs/<recipe>)")
     resume: bool = setting(False, "continue the run in --out from its last checkpoint")
     rollout: str = setting("auto", "rollout engine: vLLM when it can serve the model (auto), or "
-                                   "the native torch engine", choices=("auto", "torch", "vllm"))
+                           "the native torch engine", choices=("auto", "torch", "vllm"))
     template: str | None = setting(None, "prompt format (default: from the checkpoint's "
-                                         "tokenizer)", choices=("r1", "qwen", "toy"))
+                                   "tokenizer)", choices=("r1", "qwen", "toy"))
     device: str = setting("auto", "auto: GPU LOCAL_RANK when there is a GPU, else the CPU",
                           choices=("auto", "cuda", "cpu"))
     dtype: str = setting("float32", "compute dtype (the master weights stay fp32 under fsdp)",
                          choices=("float32", "bfloat16"))
     fsdp: str = setting("hand", "hand: fsdp.py; torch: FSDP2's fully_shard; none: plain data "
-                                "parallel", choices=("hand", "torch", "none"))
+                        "parallel", choices=("hand", "torch", "none"))
     token_budget: int | None = setting(None, "tokens per packed training micro-batch (default: "
-                                            "the recipe's)",
-                                       range="[1, inf)")
+                                       "the recipe's)", range="[1, inf)")
     grad_checkpointing: bool | None = setting(None, "recompute activations in the backward "
-                                                    "(default: the recipe's)")
+                                              "(default: the recipe's)")
     seed: int = setting(0, "seeds the sampler, the engine and the model's random numbers")
     save_every: int = setting(10, "a checkpoint every K steps (0: only the final)",
                               range="[0, inf)")
@@ -68,12 +66,10 @@ class Options:
     eval_every: int = setting(0, "also score the held-out file every K steps (0: never)",
                               range="[0, inf)")
     eval_limit: int = setting(64, "problems scored by --eval-every (0: all)", range="[0, inf)")
-    eval_tokens: int | None = setting(None, "the held-out response budget (default: the "
-                                            "largest response budget of the stages run)",
-                                      range="[1, inf)")
-    save_dtype: str = setting("source", "the dtype of a checkpoint's Hugging Face weights "
-                              "(source: the starting checkpoint's)",
-                              choices=("source", "float32", "bfloat16"))
+    eval_tokens: int | None = setting(None, "the held-out response budget (default: the largest "
+                                      "response budget of the stages run)", range="[1, inf)")
+    save_dtype: str = setting("source", "the dtype of the Hugging Face weights saved (source: the "
+                              "starting checkpoint's)", choices=("source", "float32", "bfloat16"))
     vllm_memory: float | None = setting(None, "the share of the device's memory vLLM takes "
                                         "(default: 0.4 on a GPU, 0.15 on a CPU)", range="(0, 1]")
 
@@ -125,7 +121,6 @@ class Plan:
     """The run, resolved from the command line."""
     options: Options
     stages: list[StagePlan]     # those still to run, in order
-    config: Config              # the model's
     tok: data.Tokenizer
     template: str
     eval_file: str | None       # the held-out file (None: no eval)
@@ -134,8 +129,7 @@ class Plan:
     max_model_len: int          # the longest prompt + response the engine will be asked for
     engine: tuple[str, str]     # (torch | vllm, why)
     save_dtype: torch.dtype     # the checkpoints' Hugging Face weights
-    token_budget: int
-    grad_checkpointing: bool
+    train: TrainConfig          # the trainer's token budget and gradient checkpointing
     rank: int
     world: int
     device: torch.device
@@ -155,13 +149,13 @@ def stage_settings(options: Options, overrides: dict[str, str], world: int) -> d
     fields = {f.name: f for f in dataclasses.fields(Stage)}
     try:
         for name, text in overrides.items():
-            values = text.split(",")
+            field, values = fields[name], text.split(",")
             if len(values) not in (1, len(numbers)):
-                raise ValueError(f"{flag_of(fields[name])} {text}: give one value, or "
+                raise ValueError(f"{flag_of(field)} {text}: give one value, or "
                                  f"{len(numbers)} separated by commas (one per stage)")
             for k, value in zip(numbers, values * len(numbers) if len(values) == 1 else values):
-                stages[k] = dataclasses.replace(stages[k], **{name: parse_value(Stage, fields[name],
-                                                                                value)})
+                stages[k] = dataclasses.replace(stages[k],
+                                                **{name: parse_value(Stage, field, value)})
         for k, stage in stages.items():
             check_stage(stage, world, f" (stage {k})" if len(numbers) > 1 else "")
     except ValueError as e:
@@ -203,6 +197,7 @@ def make_plan(options: Options, overrides: dict, rank: int, world: int, device) 
             fail(f"{data_file}: split {stage.split} has {len(prompts)} prompts ({dropped} dropped "
                  f"over {stage.max_prompt} tokens), fewer than --batch {stage.batch}")
     plans = []
+    log = (lambda text: print(text, flush=True)) if rank == 0 else (lambda text: None)
     for k, stage in stages.items():
         stage_src = src if k == min(stages) else os.path.join(out, f"stage{k - 1}", "final")
         identity = {"recipe": options.recipe, "stage": k, "seed": options.seed,
@@ -210,7 +205,7 @@ def make_plan(options: Options, overrides: dict, rank: int, world: int, device) 
                     "world": world, "stage_config": dataclasses.asdict(stage)}
         stage_plan = StagePlan(k, stage, os.path.join(out, f"stage{k}"), stage_src,
                                encoded[k][0], identity)
-        find_earlier(options, stage_plan, plans, config, rank)
+        find_earlier(options, stage_plan, plans, config, log)
         plans.append(stage_plan)
     todo = [p for p in plans if not p.complete]
     if not todo:
@@ -218,11 +213,12 @@ def make_plan(options: Options, overrides: dict, rank: int, world: int, device) 
     save_dtype = config.torch_dtype if options.save_dtype == "source" else options.save_dtype
     if not isinstance(getattr(torch, save_dtype, None), torch.dtype):
         fail(f"{src}/config.json: torch_dtype {save_dtype!r} is not a torch dtype (--save-dtype)")
-    plan = Plan(options, todo, config, tok, template, eval_file, eval_problems, eval_tokens,
+    plan = Plan(options, todo, tok, template, eval_file, eval_problems, eval_tokens,
                 max_model_len, choose_engine(options.rollout, config), getattr(torch, save_dtype),
-                options.token_budget or recipe.token_budget,
-                recipe.grad_checkpointing if options.grad_checkpointing is None
-                else options.grad_checkpointing, rank, world, device)
+                TrainConfig(token_budget=options.token_budget or recipe.token_budget,
+                            grad_checkpointing=recipe.grad_checkpointing
+                            if options.grad_checkpointing is None else options.grad_checkpointing),
+                rank, world, device)
     if rank == 0:
         print_plan(plan, {k: encoded[k][1] for k in stages}, mean_len)
     return plan
@@ -241,10 +237,9 @@ def read_inputs(options, src, data_file, eval_file, stages):
         sets, mean_len, _ = data.split_by_length(data.load_problems(data_file), template)
         encoded = {k: data.encode_problems(sets[s.split], tok, template, s.max_prompt)
                    for k, s in stages.items()}
-        eval_problems = None
-        if eval_file:
-            eval_problems = data.load_problems(eval_file)
-            data.encode_problems(eval_problems, tok, template, 10 ** 9)  # its characters
+        eval_problems = data.load_problems(eval_file) if eval_file else None
+        if eval_problems:  # its characters
+            data.encode_problems(eval_problems, tok, template, 10 ** 9)
     except (ValueError, OSError, ImportError) as e:
         fail(str(e))
     return config, tok, template, encoded, eval_problems, mean_len
@@ -300,7 +295,7 @@ def start_checkpoint(options: Options, recipe: Recipe, out: str, stage: int) -> 
     return src
 
 
-def find_earlier(options: Options, stage_plan: StagePlan, before: list, config: Config, rank: int):
+def find_earlier(options: Options, stage_plan: StagePlan, before: list, config: Config, log):
     """An earlier run of this stage in its folder: complete (skipped), or a step checkpoint to
     continue from (--resume); a stage after one still to run must not hold a run. A folder that
     holds a run without --resume, or a different run (run.json), stops with one line."""
@@ -322,27 +317,22 @@ def find_earlier(options: Options, stage_plan: StagePlan, before: list, config: 
                  f"complete: choose another --out")
         if checkpoint.check_checkpoint(os.path.join(stage_plan.dir, "final")) is None:
             stage_plan.complete = True
-            if rank == 0:
-                print(f"[fastcurl] stage {stage_plan.number} is already complete: "
-                      f"{stage_plan.dir}/final", flush=True)
+            log(f"[fastcurl] stage {stage_plan.number} is already complete: {stage_plan.dir}/final")
             return
-        stage_plan.resume_from = checkpoint.latest_checkpoint(
-            stage_plan.dir, log=print if rank == 0 else lambda *_: None)
-        resume_from = stage_plan.resume_from
+        resume_from = stage_plan.resume_from = checkpoint.latest_checkpoint(stage_plan.dir, log=log)
         if resume_from and not checkpoint.same_architecture(load_config(resume_from), config):
             fail(f"{resume_from}/config.json does not match {stage_plan.src}/config.json: not "
                  f"the same model")
-    if options.resume and stage_plan.resume_from is None and first_to_run and rank == 0:
+    if options.resume and stage_plan.resume_from is None and first_to_run:
         # nothing to resume (a crash before the first checkpoint, or a stage not begun)
-        print(f"[fastcurl] --resume: no checkpoint in {stage_plan.dir} yet: stage "
-              f"{stage_plan.number} starts from step 0", flush=True)
+        log(f"[fastcurl] --resume: no checkpoint in {stage_plan.dir} yet: stage "
+            f"{stage_plan.number} starts from step 0")
 
 
 def build(plan: Plan):
-    """The policy at the first stage's starting point (a resume's checkpoint) and the rollout
-    engine, sized for every stage of the run -> (policy, engine). The native engine samples from
-    its own full copy of the policy under fsdp, refreshed after every update (vLLM loads its own
-    from the checkpoint folder)."""
+    """-> (the policy at the first stage's start (a resume's checkpoint), the rollout engine sized
+    for every stage). Under fsdp the native engine samples from its own full copy of the policy,
+    refreshed after every update (vLLM loads its own from the checkpoint folder)."""
     start_from = checkpoint.weights_folder(plan.stages[0].resume_from or plan.stages[0].src)
     policy = curriculum.load_model(start_from, plan.options, plan.device)
     sampler_model = policy
