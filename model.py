@@ -13,6 +13,7 @@ state_dict is a checkpoint and a checkpoint is a state_dict.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
 
@@ -52,26 +53,45 @@ class Config:
 
     @classmethod
     def from_hf(cls, d: dict, path: str = "config.json") -> "Config":
-        """Read a transformers config.json dict; refuse what this file does not implement."""
+        """Read a transformers config.json dict; refuse what this file does not implement and a
+        field that is missing, of the wrong type or out of range, naming it."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: not a JSON object")
         mt = d.get("model_type")
         if mt not in ("qwen2", "llama"):
             raise ValueError(f"{path}: model_type {mt!r} is not supported (qwen2 or llama)")
         rp = d.get("rope_parameters") or {}  # transformers >= 5 moves rope_theta in here
         for rs in (d.get("rope_scaling"), rp):
-            if rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+            if rs and (not isinstance(rs, dict)
+                       or rs.get("rope_type", rs.get("type")) not in (None, "default")):
                 raise ValueError(f"{path}: rope scaling {rs} is not supported (plain RoPE only)")
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known and v is not None}
         if "rope_theta" not in kw and "rope_theta" in rp:
             kw["rope_theta"] = rp["rope_theta"]
-        kw["attention_bias"] = True if mt == "qwen2" else bool(d.get("attention_bias", False))
+        kw["attention_bias"] = mt == "qwen2" or d.get("attention_bias") or False
         if "num_attention_heads" in kw:
             kw.setdefault("num_key_value_heads", kw["num_attention_heads"])
         kw["torch_dtype"] = str(d.get("torch_dtype") or d.get("dtype") or "float32")
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in kw]
         if missing:
             raise ValueError(f"{path}: missing field(s) {', '.join(missing)}")
-        return cls(**kw)
+        for f in fields(cls):
+            if f.name in kw and not of_type(kw[f.name], f.type):
+                raise ValueError(f"{path}: {f.name} is {kw[f.name]!r}, expected "
+                                 f"{f.type.removesuffix(' | None')}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "head_dim"):
+            if kw.get(name, 1) < 1:
+                raise ValueError(f"{path}: {name} is {kw[name]}, expected at least 1")
+        cfg = cls(**kw)
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ValueError(f"{path}: num_attention_heads {cfg.num_attention_heads} is not a "
+                             f"multiple of num_key_value_heads {cfg.num_key_value_heads}")
+        if cfg.head_dim % 2 or not cfg.head_dim:
+            raise ValueError(f"{path}: head_dim {cfg.head_dim} (else hidden_size / "
+                             "num_attention_heads) must be even and at least 2 (rotary embeddings)")
+        return cfg
 
     def to_hf(self) -> dict:
         d = asdict(self)
@@ -84,6 +104,15 @@ class Config:
         else:
             d["mlp_bias"] = False
         return d
+
+
+def of_type(value, annotation: str) -> bool:
+    """Whether a JSON value fits a Config field's annotation ("int | list[int] | None", ...); a
+    boolean is no number and a number no boolean."""
+    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str}
+    return any(isinstance(value, list) and all(of_type(v, "int") for v in value)
+               if kind == "list[int]" else kind in kinds and isinstance(value, kinds[kind])
+               and isinstance(value, bool) == (kind == "bool") for kind in annotation.split(" | "))
 
 
 class RMSNorm(nn.Module):
@@ -247,32 +276,18 @@ class Transformer(nn.Module):
         """Build on the meta device, allocate once, then copy tensors in shard by shard."""
         from safetensors import safe_open
 
-        cfg = load_config(path)
+        cfg = check_weights(path)  # every tensor's name and shape, before anything is allocated
         with torch.device("meta"):
             model = cls(cfg)
         model.to_empty(device=device).to(dtype)  # allocates each parameter apart: re-tie the head
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         params = dict(model.named_parameters())  # a tied head once, as model.embed_tokens.weight
-        missing = set(params)
         for file in checkpoint_files(path):
             with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
                 for name in f.keys():
-                    if name.endswith("rotary_emb.inv_freq") or (
-                            name == "lm_head.weight" and cfg.tie_word_embeddings):
-                        continue  # a computed buffer; a tied checkpoint's copy of the embedding
-                    if name not in params:
-                        raise ValueError(f"{file}: unexpected tensor {name!r} "
-                                         f"for a {cfg.model_type} model")
-                    t = f.get_tensor(name)
-                    if t.shape != params[name].shape:
-                        raise ValueError(f"{file}: {name} has shape {tuple(t.shape)}, "
-                                         f"config.json implies {tuple(params[name].shape)}")
-                    params[name].copy_(t)
-                    missing.discard(name)
-        if missing:
-            raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensor(s), "
-                             f"e.g. {sorted(missing)[:3]}")
+                    if name in params:  # not a rotary buffer, nor a tied checkpoint's head
+                        params[name].copy_(f.get_tensor(name))
         return model
 
     def save_pretrained(self, path: str, state_dict=None, max_shard_bytes: int = 5 << 30,
@@ -324,47 +339,93 @@ def load_config(path: str) -> Config:
     if not os.path.exists(fn):
         raise FileNotFoundError(f"{path}: no config.json "
                                 "(is this a Hugging Face checkpoint folder?)")
-    with open(fn) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{fn}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    try:
+        with open(fn, "rb") as f:
+            d = json.loads(f.read())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{fn}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{fn}: not UTF-8 text") from None
     return Config.from_hf(d, fn)
 
 
 def checkpoint_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, fn) for fn in files]
+        try:
+            with open(index, "rb") as f:
+                files = sorted(set(json.loads(f.read())["weight_map"].values()))
+            return [os.path.join(path, fn) for fn in files]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"{index}: not a JSON object whose weight_map names each tensor's "
+                             "file") from None
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]
     raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def check_weights(path: str):
-    """Raise ValueError naming the file when a weight file is missing, unreadable or truncated: each
-    safetensors file is an 8-byte header length, a JSON header with every tensor's byte range, then
-    the bytes; the last range must end exactly at the end of the file."""
-    for file in checkpoint_files(path):
-        if not os.path.exists(file):
-            raise ValueError(f"{file}: missing (named by model.safetensors.index.json)")
-        size = os.path.getsize(file)
-        try:
-            with open(file, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if not 0 < n <= size - 8:
-                    raise ValueError
-                header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-                      default=0)
-        except (ValueError, KeyError, TypeError, IndexError):
-            raise ValueError(f"{file}: not a readable safetensors file") from None
-        if 8 + n + end != size:
-            raise ValueError(f"{file}: truncated or damaged: its header describes {8 + n + end} "
-                             f"bytes, the file has {size}")
+FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # the safetensors dtypes a model loads
+
+
+def read_header(file: str) -> dict[str, tuple[str, tuple]]:
+    """A safetensors file's tensors -> {name: (dtype, shape)}, from its header alone: an 8-byte
+    header length, a JSON header with every tensor's dtype, shape and byte range, then the bytes,
+    which end exactly at the end of the file. ValueError naming the file when it is missing,
+    unreadable, truncated or damaged."""
+    if not os.path.exists(file):
+        raise ValueError(f"{file}: missing (named by model.safetensors.index.json)")
+    size = os.path.getsize(file)
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        tensors = {k: (v["dtype"], tuple(int(d) for d in v["shape"])) for k, v in header.items()}
+        ranges = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise ValueError(f"{file}: not a readable safetensors file") from None
+    if 8 + n + end != size:
+        raise ValueError(f"{file}: truncated or damaged: its header describes {8 + n + end} "
+                         f"bytes, the file has {size}")
+    for name, (dtype, shape) in tensors.items():
+        if dtype not in FLOAT_BYTES:
+            raise ValueError(f"{file}: {name} has dtype {dtype!r}, expected one of "
+                             f"{', '.join(FLOAT_BYTES)}")
+        if ranges[name] != FLOAT_BYTES[dtype] * math.prod(shape):
+            raise ValueError(f"{file}: damaged: {name}'s {ranges[name]} bytes do not hold "
+                             f"{dtype} {shape}")
+    return tensors
+
+
+def check_weights(path: str) -> Config:
+    """Check a checkpoint folder from config.json and the weight files' headers (no tensor data is
+    read): every file whole, and its tensors the ones config.json implies, in name and shape, as
+    from_pretrained loads them. ValueError naming the file -> the config."""
+    cfg = load_config(path)
+    with torch.device("meta"):
+        want = {name: tuple(p.shape) for name, p in Transformer(cfg).named_parameters()}
+    missing, files = set(want), checkpoint_files(path)
+    for file in files:
+        for name, (_, shape) in read_header(file).items():
+            if name.endswith("rotary_emb.inv_freq") or (
+                    name == "lm_head.weight" and cfg.tie_word_embeddings):
+                continue  # a computed buffer; a tied checkpoint's copy of the embedding
+            if name not in missing:
+                raise ValueError(f"{file}: unexpected tensor {name!r} for a {cfg.model_type} "
+                                 f"model{' (a second copy)' if name in want else ''}")
+            if shape != want[name]:
+                raise ValueError(f"{file}: {name} has shape {shape}, config.json implies "
+                                 f"{want[name]}")
+            missing.discard(name)
+    if missing:
+        where = files[0] if len(files) == 1 else os.path.join(path, "model.safetensors.index.json")
+        raise ValueError(f"{where}: lacks {len(missing)} tensor(s) that config.json implies, e.g. "
+                         f"{', '.join(sorted(missing)[:3])}")
+    return cfg
 
 
 def init_weights(model: Transformer, std: float = 0.02, seed: int = 0):
