@@ -113,7 +113,7 @@ def final_answer(text: str) -> str:
         return boxed
     text = _TAIL.sub("", text[-MAX_ANSWER_LEN:], count=1)  # a final answer is at the end
     stated = _STATED.search(text)
-    text = (stated.group(1) or stated.group(2)) if stated else text
+    text = (stated.group(1) or stated.group(2) or "") if stated else text
     hidden = text.replace("\\$", "\0")  # an escaped dollar sign does not open math
     last_sentence = re.split(r"(?<=[.!?$])\s+(?=[A-Z])", hidden)[-1]
     for prose in (hidden, last_sentence):  # prose without math: its last number

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import reward
-from reward import extract_answer, is_equiv, math_reward, score_batch
+from reward import final_answer, extract_answer, is_equiv, math_reward, score_batch
 
 reward.start_workers()
 
@@ -72,6 +72,9 @@ def test_math_reward_forms():
     assert math_reward("\\boxed{c}", ["a", "b"]) == 0.0
     assert math_reward(None, "1") == 0.0
     assert math_reward("\\boxed{1}", None) == 0.0
+    # a gold that states nothing ("The final answer is ."): no answer, and the other golds still count
+    assert final_answer("The final answer is . ") == ""
+    assert math_reward("\\boxed{5}", ["The final answer is . ", "5"]) == 1.0
 
 
 HOSTILE = ["9^{9^{9^{9^{9}}}}", "10^{10^{10^{10}}}", "{" * 5000 + "1" + "}" * 5000, "\\frac{1}{0}", "1/0",
