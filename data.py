@@ -151,12 +151,18 @@ class Tokenizer:
         fn = os.path.join(path, "tokenizer.json")
         if not os.path.exists(fn):
             raise FileNotFoundError(f"{path}: no tokenizer.json")
-        self.tok = HFTokenizer.from_file(fn)
+        try:
+            self.tok = HFTokenizer.from_file(fn)
+        except Exception as e:  # tokenizers raises a plain Exception for any damage
+            raise ValueError(f"{fn}: not a readable tokenizer: {str(e).splitlines()[0]}") from None
         eos = None
-        for name in ("generation_config.json", "config.json"):
-            if eos is None and os.path.exists(os.path.join(path, name)):
-                with open(os.path.join(path, name)) as f:
-                    eos = json.load(f).get("eos_token_id")
+        for file in (os.path.join(path, n) for n in ("generation_config.json", "config.json")):
+            if eos is None and os.path.exists(file):
+                try:
+                    with open(file, "rb") as f:
+                        eos = json.loads(f.read()).get("eos_token_id")
+                except (ValueError, AttributeError):  # bad JSON or UTF-8; not an object
+                    raise ValueError(f"{file}: not a JSON object") from None
         self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         vocab = self.tok.get_vocab()
         pads = [vocab[t] for t in ("<pad>", "<|endoftext|>", "<｜end▁of▁sentence｜>") if t in vocab]
