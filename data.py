@@ -94,12 +94,23 @@ def load_problems(path: str) -> list[Problem]:
             raise ValueError(f"{path}:{line}: bytes that are not UTF-8 ({e.reason})") from None
         if text.lstrip().startswith("["):  # one JSON list
             out = [_row(r, f"{path}:item {i + 1}") for i, r in enumerate(_json(text, path, 1))]
+        elif _spread_object(text):
+            raise ValueError(f"{path}: one JSON object over several lines, where a JSON list of "
+                             "problems or JSON lines (one problem per line) is expected")
         else:  # JSON lines
             out = [_row(_json(line, path, i + 1), f"{path}:{i + 1}")
                    for i, line in enumerate(text.splitlines()) if line.strip()]
     if not out:
         raise ValueError(f"{path}: no problems in the file")
     return out
+
+
+def _spread_object(text: str) -> bool:
+    """Whether text is one JSON object written over several lines (pretty-printed)."""
+    try:
+        return "\n" in text.strip() and isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _json(text: str, path: str, line: int):

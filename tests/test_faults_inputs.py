@@ -73,3 +73,16 @@ def test_a_folder_as_a_problem_file_is_one_line(tmp_path):
     assert f"{folder}: not a regular file" in exit_line(
         evaluate.main, ["--data", str(folder), "--device", "cpu"])
     assert not out.exists()
+
+
+def test_a_pretty_printed_object_is_named_as_such(tmp_path):
+    path, out = tmp_path / "problems.json", tmp_path / "out"
+    row = {"problem": "1+2", "answer": "3"}
+    path.write_text(json.dumps(row, indent=2))
+    line = exit_line(plan_of, "--data", str(path), *QUICK, "--out", str(out))
+    assert f"{path}: one JSON object over several lines" in line and "a JSON list" in line, line
+    assert "invalid JSON" not in line and not out.exists()
+    path.write_text(json.dumps(row))  # one object on one line is a JSON-lines file of one problem
+    assert data.load_problems(str(path))[0].answer == "3"
+    path.write_text(json.dumps({"problems": [row] * 8}, indent=2))  # a list wrapped in an object
+    assert "one JSON object" in exit_line(plan_of, "--data", str(path), *QUICK, "--out", str(out))
