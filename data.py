@@ -267,10 +267,13 @@ def main(argv=None):
         probs = load_problems(a.file)
         if os.path.exists(a.out) and not os.path.isdir(a.out):
             raise ValueError(f"--out {a.out}: a file, not a folder")
+        try:
+            os.makedirs(a.out, exist_ok=True)
+        except OSError as e:  # a file above it, no permission
+            raise ValueError(f"--out {a.out}: cannot be made a folder ({e.strerror})") from None
     except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"[fastcurl] {e}")
     sets, mean, lens = split_by_length(probs, a.template)
-    os.makedirs(a.out, exist_ok=True)
     print(f"{a.file}: {len(probs)} problems, mean user-turn length {mean:.1f} characters")
     print(histogram(lens))
     for name, ps in sets.items():

@@ -13,6 +13,7 @@ Every input is checked before the model loads; --out gets the results so far aft
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -23,10 +24,10 @@ import torch.distributed as dist
 
 import data
 from fsdp import close_dist, finish, setup_dist
-from model import Transformer, check_weights, load_config
+from model import Transformer, check_weights
 from reward import score_completions
 from rollout import choose_engine, make_engine
-from settings import DEFAULT_RECIPE, PAPER, RECIPES, eval_budget
+from settings import DEFAULT_RECIPE, PAPER, RECIPES, check, eval_budget
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -68,6 +69,23 @@ def evaluate_file(engine, tok, template: str, path: str, *, problems: list, k: i
             "time_s": time.time() - t0, "per_problem": rows}
 
 
+def checked_settings(a, recipe):
+    """The flags grpo.py has too, as a stage of the recipe (its defaults, the eval budget) checked
+    against the same ranges; --k, --limit and --out. ValueError naming the flag."""
+    budget = recipe.eval_tokens or eval_budget(recipe.stages)
+    given = {"max_tokens": budget if a.max_tokens is None else a.max_tokens,
+             "max_prompt": a.max_prompt, "temperature": a.temperature, "top_p": a.top_p}
+    stage = dataclasses.replace(recipe.stages[0],
+                                **{k: v for k, v in given.items() if v is not None})
+    check(stage)
+    for flag, value in (("--k", a.k), ("--limit", a.limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+    if a.out and os.path.isdir(a.out):
+        raise ValueError(f"--out {a.out}: a folder; give the results file's name")
+    return stage
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,8 +114,7 @@ def main(argv=None):
     try:
         if not os.path.isdir(a.model):
             raise ValueError(f"--model {a.model}: no such folder")
-        check_weights(a.model)
-        config = load_config(a.model)
+        config = check_weights(a.model)
         tok = data.Tokenizer(a.model)
         template = a.template or tok.template
         data.check_template(tok, template, a.model)
@@ -109,18 +126,10 @@ def main(argv=None):
         files = [(path, data.load_problems(path)) for path in a.data.split(",")]
         for _, problems in files:
             data.encode_problems(problems[:a.limit], tok, template, 10 ** 9)
+        stage = checked_settings(a, recipe)
     except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"[fastcurl] {e}")
-    temperature = a.temperature if a.temperature is not None else recipe.stages[0].temperature
-    max_tokens = a.max_tokens or recipe.eval_tokens or eval_budget(recipe.stages)
-    max_prompt = a.max_prompt or recipe.stages[0].max_prompt
-    for flag, value, ok in (("--k", a.k, a.k >= 1), ("--max-tokens", max_tokens, max_tokens >= 1),
-                            ("--max-prompt", max_prompt, max_prompt >= 1),
-                            ("--limit", a.limit, a.limit is None or a.limit >= 1),
-                            ("--temperature", temperature, temperature > 0),
-                            ("--top-p", a.top_p, 0 < a.top_p <= 1)):
-        if not ok:
-            raise SystemExit(f"[fastcurl] {flag} {value}: out of range")
+    temperature, max_tokens, max_prompt = stage.temperature, stage.max_tokens, stage.max_prompt
     if max_prompt + max_tokens > (positions := config.max_position_embeddings):
         raise SystemExit(f"[fastcurl] --max-prompt {max_prompt} + --max-tokens {max_tokens} "
                          f"exceeds {a.model}'s max_position_embeddings {positions}")

@@ -86,3 +86,33 @@ def test_a_pretty_printed_object_is_named_as_such(tmp_path):
     assert data.load_problems(str(path))[0].answer == "3"
     path.write_text(json.dumps({"problems": [row] * 8}, indent=2))  # a list wrapped in an object
     assert "one JSON object" in exit_line(plan_of, "--data", str(path), *QUICK, "--out", str(out))
+
+
+@pytest.mark.parametrize("flag,value,allowed", [("--max-tokens", "0", "at least 1"),
+                                                ("--max-prompt", "0", "at least 1"),
+                                                ("--temperature", "inf", "above 0"),
+                                                ("--top-p", "0", "in (0, 1]")])
+def test_eval_flags_have_grpos_ranges(tmp_path, flag, value, allowed):
+    out = tmp_path / "out"
+    line = exit_line(evaluate.main, [flag, value, "--device", "cpu"])
+    assert f"{flag} " in line and f": must be {allowed}" in line, line
+    grpo_line = exit_line(plan_of, flag, value, *QUICK, "--out", str(out))
+    assert line.split(": must be")[1] == grpo_line.split(": must be")[1], (line, grpo_line)
+
+
+def test_eval_out_an_existing_folder_is_one_line_then_a_file_there_is_written(tmp_path, capsys):
+    small = small_file(tmp_path, 2)
+    args = ["--data", small, "--k", "1", "--max-tokens", "4", "--rollout", "torch", "--device", "cpu"]
+    line = exit_line(evaluate.main, [*args, "--out", str(tmp_path)])
+    assert f"--out {tmp_path}: a folder" in line, line
+    evaluate.main([*args, "--out", str(tmp_path / "results.json")])
+    assert json.loads((tmp_path / "results.json").read_text())["results"][0]["problems"] == 2
+
+
+def test_split_out_under_a_file_is_one_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    line = exit_line(data.main, ["split", data.TOY_EVAL, "--out", str(a_file / "splits")])
+    assert f"--out {a_file / 'splits'}: cannot be made a folder" in line, line
+    data.main(["split", data.TOY_EVAL, "--out", str(tmp_path / "splits")])
+    assert sorted(os.listdir(tmp_path / "splits")) == ["L1.jsonl", "L2.jsonl", "L3.jsonl"]
