@@ -116,3 +116,40 @@ def test_split_out_under_a_file_is_one_line(tmp_path):
     assert f"--out {a_file / 'splits'}: cannot be made a folder" in line, line
     data.main(["split", data.TOY_EVAL, "--out", str(tmp_path / "splits")])
     assert sorted(os.listdir(tmp_path / "splits")) == ["L1.jsonl", "L2.jsonl", "L3.jsonl"]
+
+
+def test_held_out_prompts_longer_than_the_engine_takes_are_dropped_and_counted(tmp_path, capsys):
+    # eval.py's engine serves --max-prompt + --max-tokens = 24 tokens: a prompt of 24 or more would
+    # be refused by vLLM mid-eval (prompt plus at least one response token), so it is never sent
+    path, results = tmp_path / "held_out.jsonl", tmp_path / "results.json"
+    short = data.load_problems(data.TOY_EVAL)[:3]
+    long = data.Problem("+".join(["1"] * 20), "20")
+    data.write_jsonl(str(path), [short[0], long, short[1], long, short[2]])
+    evaluate.main(["--data", str(path), "--k", "1", "--max-prompt", "16", "--max-tokens", "8",
+                   "--rollout", "torch", "--device", "cpu", "--out", str(results)])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.split()[1] == "3" and "(2 dropped: prompt + 1 token over the engine's" in row, row
+    result = json.loads(results.read_text())["results"][0]
+    assert (result["problems"], result["dropped"]) == (3, 2)
+    assert [r["index"] for r in result["per_problem"]] == [0, 2, 4]
+
+
+def test_evaluate_file_never_sends_a_prompt_the_engine_cannot_take(monkeypatch):
+    from model import Transformer
+    from rollout import make_engine
+    tok = data.Tokenizer(data.TOY_MODEL)
+    model = Transformer.from_pretrained(data.TOY_MODEL)
+    engine = make_engine("torch", model, tok, model_dir=data.TOY_MODEL, max_model_len=12)
+    sent, generate = [], engine.generate
+    monkeypatch.setattr(engine, "generate", lambda prompts, **kw: sent.extend(prompts) or generate(
+        prompts, **kw))
+    problems = [data.Problem("1+2", "3"), data.Problem("+".join(["1"] * 6), "6")]
+    lengths = [len(tok.encode(data.format_prompt(p.problem, "toy"))) for p in problems]
+    assert lengths[0] < 12 <= lengths[1], lengths
+    result = evaluate.evaluate_file(engine, tok, "toy", "held_out", problems=problems, k=2,
+                                    temperature=1.0, max_tokens=4, max_prompt=64)
+    assert (result["problems"], result["dropped"]) == (1, 1) and len(sent) == 1
+    problems = problems[1:]  # every prompt too long: a result of no problems, not a crash
+    result = evaluate.evaluate_file(engine, tok, "toy", "held_out", problems=problems, k=2,
+                                    temperature=1.0, max_tokens=4, max_prompt=64)
+    assert (result["problems"], result["dropped"], result["pass@1"]) == (0, 1, 0.0)
