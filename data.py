@@ -265,11 +265,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         probs = load_problems(a.file)
-        if os.path.exists(a.out) and not os.path.isdir(a.out):
-            raise ValueError(f"--out {a.out}: a file, not a folder")
         try:
             os.makedirs(a.out, exist_ok=True)
-        except OSError as e:  # a file above it, no permission
+        except OSError as e:  # a file at --out or above it, no permission
             raise ValueError(f"--out {a.out}: cannot be made a folder ({e.strerror})") from None
     except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"[fastcurl] {e}")

@@ -114,18 +114,25 @@ def test_split_out_under_a_file_is_one_line(tmp_path):
     a_file.write_text("")
     line = exit_line(data.main, ["split", data.TOY_EVAL, "--out", str(a_file / "splits")])
     assert f"--out {a_file / 'splits'}: cannot be made a folder" in line, line
+    line = exit_line(data.main, ["split", data.TOY_EVAL, "--out", str(a_file)])
+    assert f"--out {a_file}: cannot be made a folder (File exists)" in line, line
     data.main(["split", data.TOY_EVAL, "--out", str(tmp_path / "splits")])
     assert sorted(os.listdir(tmp_path / "splits")) == ["L1.jsonl", "L2.jsonl", "L3.jsonl"]
+
+
+def with_long_prompts(path):
+    """Five held-out problems, the 2nd and 4th 40 tokens long."""
+    short = data.load_problems(data.TOY_EVAL)[:3]
+    long = data.Problem("+".join(["1"] * 20), "20")
+    data.write_jsonl(str(path), [short[0], long, short[1], long, short[2]])
+    return str(path)
 
 
 def test_held_out_prompts_longer_than_the_engine_takes_are_dropped_and_counted(tmp_path, capsys):
     # eval.py's engine serves --max-prompt + --max-tokens = 24 tokens: a prompt of 24 or more would
     # be refused by vLLM mid-eval (prompt plus at least one response token), so it is never sent
-    path, results = tmp_path / "held_out.jsonl", tmp_path / "results.json"
-    short = data.load_problems(data.TOY_EVAL)[:3]
-    long = data.Problem("+".join(["1"] * 20), "20")
-    data.write_jsonl(str(path), [short[0], long, short[1], long, short[2]])
-    evaluate.main(["--data", str(path), "--k", "1", "--max-prompt", "16", "--max-tokens", "8",
+    path, results = with_long_prompts(tmp_path / "held_out.jsonl"), tmp_path / "results.json"
+    evaluate.main(["--data", path, "--k", "1", "--max-prompt", "16", "--max-tokens", "8",
                    "--rollout", "torch", "--device", "cpu", "--out", str(results)])
     row = capsys.readouterr().out.strip().splitlines()[-1]
     assert row.split()[1] == "3" and "(2 dropped: prompt + 1 token over the engine's" in row, row
@@ -153,3 +160,14 @@ def test_evaluate_file_never_sends_a_prompt_the_engine_cannot_take(monkeypatch):
     result = evaluate.evaluate_file(engine, tok, "toy", "held_out", problems=problems, k=2,
                                     temperature=1.0, max_tokens=4, max_prompt=64)
     assert (result["problems"], result["dropped"], result["pass@1"]) == (0, 1, 0.0)
+
+
+@pytest.mark.slow
+def test_vllm_is_never_sent_a_prompt_it_refuses(tmp_path):
+    if os.environ.get("FASTCURL_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+    path = with_long_prompts(tmp_path / "held_out.jsonl")
+    r = run("eval.py", "--data", path, "--k", "1", "--max-prompt", "16", "--max-tokens", "8",
+            "--rollout", "vllm", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rollout engine: vllm" in r.stdout and "(2 dropped: prompt + 1 token" in r.stdout
