@@ -76,6 +76,8 @@ def load_problems(path: str) -> list[Problem]:
     """Load a JSON, JSONL or parquet problem file; a bad record stops it with file, line, field."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such problem file")
+    if not os.path.isfile(path):  # a folder; a FIFO, whose open would wait for a writer
+        raise ValueError(f"{path}: not a regular file")
     if path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
@@ -92,12 +94,23 @@ def load_problems(path: str) -> list[Problem]:
             raise ValueError(f"{path}:{line}: bytes that are not UTF-8 ({e.reason})") from None
         if text.lstrip().startswith("["):  # one JSON list
             out = [_row(r, f"{path}:item {i + 1}") for i, r in enumerate(_json(text, path, 1))]
+        elif _spread_object(text):
+            raise ValueError(f"{path}: one JSON object over several lines, where a JSON list of "
+                             "problems or JSON lines (one problem per line) is expected")
         else:  # JSON lines
             out = [_row(_json(line, path, i + 1), f"{path}:{i + 1}")
                    for i, line in enumerate(text.splitlines()) if line.strip()]
     if not out:
         raise ValueError(f"{path}: no problems in the file")
     return out
+
+
+def _spread_object(text: str) -> bool:
+    """Whether text is one JSON object written over several lines (pretty-printed)."""
+    try:
+        return "\n" in text.strip() and isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def _json(text: str, path: str, line: int):
@@ -151,12 +164,18 @@ class Tokenizer:
         fn = os.path.join(path, "tokenizer.json")
         if not os.path.exists(fn):
             raise FileNotFoundError(f"{path}: no tokenizer.json")
-        self.tok = HFTokenizer.from_file(fn)
+        try:
+            self.tok = HFTokenizer.from_file(fn)
+        except Exception as e:  # tokenizers raises a plain Exception for any damage
+            raise ValueError(f"{fn}: not a readable tokenizer: {str(e).splitlines()[0]}") from None
         eos = None
-        for name in ("generation_config.json", "config.json"):
-            if eos is None and os.path.exists(os.path.join(path, name)):
-                with open(os.path.join(path, name)) as f:
-                    eos = json.load(f).get("eos_token_id")
+        for file in (os.path.join(path, n) for n in ("generation_config.json", "config.json")):
+            if eos is None and os.path.exists(file):
+                try:
+                    with open(file, "rb") as f:
+                        eos = json.loads(f.read()).get("eos_token_id")
+                except (ValueError, AttributeError):  # bad JSON or UTF-8; not an object
+                    raise ValueError(f"{file}: not a JSON object") from None
         self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         vocab = self.tok.get_vocab()
         pads = [vocab[t] for t in ("<pad>", "<|endoftext|>", "<｜end▁of▁sentence｜>") if t in vocab]
@@ -246,12 +265,13 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         probs = load_problems(a.file)
-        if os.path.exists(a.out) and not os.path.isdir(a.out):
-            raise ValueError(f"--out {a.out}: a file, not a folder")
+        try:
+            os.makedirs(a.out, exist_ok=True)
+        except OSError as e:  # a file at --out or above it, no permission
+            raise ValueError(f"--out {a.out}: cannot be made a folder ({e.strerror})") from None
     except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"[fastcurl] {e}")
     sets, mean, lens = split_by_length(probs, a.template)
-    os.makedirs(a.out, exist_ok=True)
     print(f"{a.file}: {len(probs)} problems, mean user-turn length {mean:.1f} characters")
     print(histogram(lens))
     for name, ps in sets.items():

@@ -13,6 +13,7 @@ Every input is checked before the model loads; --out gets the results so far aft
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -23,10 +24,10 @@ import torch.distributed as dist
 
 import data
 from fsdp import close_dist, finish, setup_dist
-from model import Transformer, check_weights, load_config
+from model import Transformer, check_weights
 from reward import score_completions
 from rollout import choose_engine, make_engine
-from settings import DEFAULT_RECIPE, PAPER, RECIPES, eval_budget
+from settings import DEFAULT_RECIPE, PAPER, RECIPES, check, eval_budget
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -38,34 +39,56 @@ def evaluate_file(engine, tok, template: str, path: str, *, problems: list, k: i
                   temperature: float, top_p: float = 1.0, max_tokens: int, max_prompt: int,
                   seed: int = 0, rank: int = 0, world: int = 1, limit: int | None = None) -> dict:
     """Score the first `limit` problems of the file at `path`; under several ranks each takes
-    problems rank::world and rank 0 gets all."""
+    problems rank::world and rank 0 gets all. A prompt that leaves the engine no room for a
+    response token (vLLM refuses it, mid-eval) is not sent: counted in "dropped"."""
     probs = problems[:limit]
-    mine = list(range(rank, len(probs), world))
+    mine = range(rank, len(probs), world)
     enc, _ = data.encode_problems([probs[i] for i in mine], tok, template, 10 ** 9)
+    room = engine.max_model_len or math.inf
+    kept = [(i, ids, answer) for i, (ids, answer) in zip(mine, enc) if len(ids) < room]
     t0 = time.time()
-    comps = engine.generate([ids for ids, _ in enc], n=k, max_tokens=max_tokens,
+    comps = engine.generate([ids for _, ids, _ in kept], n=k, max_tokens=max_tokens,
                             temperature=temperature, top_p=top_p, seed=seed + rank)
-    rewards = score_completions(comps, [answer for _, answer in enc for _ in range(k)], tok.decode)
+    rewards = score_completions(comps, [answer for *_, answer in kept for _ in range(k)],
+                                tok.decode)
     rows = []
-    for j, i in enumerate(mine):
+    for j, (i, ids, _) in enumerate(kept):
         cs = comps[j * k:(j + 1) * k]
         rows.append({"index": i, "problem": probs[i].problem, "answer": probs[i].answer,
                      "correct": int(sum(rewards[j * k:(j + 1) * k])), "k": k,
                      "lengths": [len(c.response_ids) for c in cs],
                      "truncated": sum(c.finish_reason == "length" for c in cs),
-                     "prompt_over_budget": len(enc[j][0]) > max_prompt,
+                     "prompt_over_budget": len(ids) > max_prompt,
                      "sample": tok.decode(cs[0].response_ids)})
     if world > 1:
         allrows = [None] * world
         dist.all_gather_object(allrows, rows)
         rows = sorted((r for part in allrows for r in part), key=lambda r: r["index"])
-    lens = [n for r in rows for n in r["lengths"]]
-    return {"file": path, "problems": len(rows), "k": k, "temperature": temperature,
-            "max_tokens": max_tokens, "pass@1": sum(r["correct"] / k for r in rows) / len(rows),
-            f"pass@{k}": sum(pass_at_k(k, r["correct"], k) for r in rows) / len(rows),
+    lens, scored = [n for r in rows for n in r["lengths"]] or [0], max(len(rows), 1)
+    return {"file": path, "problems": len(rows), "dropped": len(probs) - len(rows), "k": k,
+            "temperature": temperature, "max_tokens": max_tokens,
+            "pass@1": sum(r["correct"] / k for r in rows) / scored,
+            f"pass@{k}": sum(pass_at_k(k, r["correct"], k) for r in rows) / scored,
             "response_len/mean": sum(lens) / len(lens), "response_len/max": max(lens),
             "truncated_frac": sum(r["truncated"] for r in rows) / len(lens),
             "time_s": time.time() - t0, "per_problem": rows}
+
+
+def checked_settings(a, recipe):
+    """The flags grpo.py has too, as a stage of the recipe (its defaults, the eval budget) checked
+    against the same ranges; --k, --limit and --out. ValueError naming the flag."""
+    budget = recipe.eval_tokens or eval_budget(recipe.stages)
+    given = {"max_tokens": budget if a.max_tokens is None else a.max_tokens,
+             "max_prompt": a.max_prompt, "temperature": a.temperature, "top_p": a.top_p}
+    stage = dataclasses.replace(recipe.stages[0],
+                                **{k: v for k, v in given.items() if v is not None})
+    check(stage)
+    for flag, value in (("--k", a.k), ("--limit", a.limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be at least 1")
+    if a.out and os.path.isdir(a.out):
+        raise ValueError(f"--out {a.out}: a folder; give the results file's name")
+    return stage
 
 
 def main(argv=None):
@@ -96,8 +119,7 @@ def main(argv=None):
     try:
         if not os.path.isdir(a.model):
             raise ValueError(f"--model {a.model}: no such folder")
-        check_weights(a.model)
-        config = load_config(a.model)
+        config = check_weights(a.model)
         tok = data.Tokenizer(a.model)
         template = a.template or tok.template
         data.check_template(tok, template, a.model)
@@ -109,18 +131,10 @@ def main(argv=None):
         files = [(path, data.load_problems(path)) for path in a.data.split(",")]
         for _, problems in files:
             data.encode_problems(problems[:a.limit], tok, template, 10 ** 9)
+        stage = checked_settings(a, recipe)
     except (ValueError, OSError, ImportError) as e:
         raise SystemExit(f"[fastcurl] {e}")
-    temperature = a.temperature if a.temperature is not None else recipe.stages[0].temperature
-    max_tokens = a.max_tokens or recipe.eval_tokens or eval_budget(recipe.stages)
-    max_prompt = a.max_prompt or recipe.stages[0].max_prompt
-    for flag, value, ok in (("--k", a.k, a.k >= 1), ("--max-tokens", max_tokens, max_tokens >= 1),
-                            ("--max-prompt", max_prompt, max_prompt >= 1),
-                            ("--limit", a.limit, a.limit is None or a.limit >= 1),
-                            ("--temperature", temperature, temperature > 0),
-                            ("--top-p", a.top_p, 0 < a.top_p <= 1)):
-        if not ok:
-            raise SystemExit(f"[fastcurl] {flag} {value}: out of range")
+    temperature, max_tokens, max_prompt = stage.temperature, stage.max_tokens, stage.max_prompt
     if max_prompt + max_tokens > (positions := config.max_position_embeddings):
         raise SystemExit(f"[fastcurl] --max-prompt {max_prompt} + --max-tokens {max_tokens} "
                          f"exceeds {a.model}'s max_position_embeddings {positions}")
@@ -153,9 +167,11 @@ def main(argv=None):
 def print_row(r: dict, k: int, header: bool):
     if header:
         print(f"{'file':32s}     n  pass@1  pass@k      len    max  trunc")
+    dropped = (f"  ({r['dropped']} dropped: prompt + 1 token over the engine's max_model_len)"
+               if r["dropped"] else "")
     print(f"{os.path.basename(r['file'])[:32]:32s} {r['problems']:5d} {100 * r['pass@1']:7.1f} "
           f"{100 * r[f'pass@{k}']:7.1f} {r['response_len/mean']:8.1f} {r['response_len/max']:6d} "
-          f"{100 * r['truncated_frac']:6.1f}", flush=True)
+          f"{100 * r['truncated_frac']:6.1f}{dropped}", flush=True)
 
 
 if __name__ == "__main__":

@@ -80,15 +80,13 @@ class Config:
             if f.name in kw and not of_type(kw[f.name], f.type):
                 raise ValueError(f"{path}: {f.name} is {kw[f.name]!r}, expected "
                                  f"{f.type.removesuffix(' | None')}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                     "num_key_value_heads", "head_dim"):
-            if kw.get(name, 1) < 1:
-                raise ValueError(f"{path}: {name} is {kw[name]}, expected at least 1")
+            if f.type == "int" and kw.get(f.name, 1) < 1:  # the sizes and counts
+                raise ValueError(f"{path}: {f.name} is {kw[f.name]}, expected at least 1")
         cfg = cls(**kw)
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise ValueError(f"{path}: num_attention_heads {cfg.num_attention_heads} is not a "
                              f"multiple of num_key_value_heads {cfg.num_key_value_heads}")
-        if cfg.head_dim % 2 or not cfg.head_dim:
+        if cfg.head_dim < 2 or cfg.head_dim % 2:
             raise ValueError(f"{path}: head_dim {cfg.head_dim} (else hidden_size / "
                              "num_attention_heads) must be even and at least 2 (rotary embeddings)")
         return cfg
@@ -109,10 +107,13 @@ class Config:
 def of_type(value, annotation: str) -> bool:
     """Whether a JSON value fits a Config field's annotation ("int | list[int] | None", ...); a
     boolean is no number and a number no boolean."""
-    kinds = {"int": int, "float": (int, float), "bool": bool, "str": str}
-    return any(isinstance(value, list) and all(of_type(v, "int") for v in value)
-               if kind == "list[int]" else kind in kinds and isinstance(value, kinds[kind])
-               and isinstance(value, bool) == (kind == "bool") for kind in annotation.split(" | "))
+    types = {"int": int, "float": (int, float), "bool": bool, "str": str}
+    for kind in annotation.split(" | "):
+        if kind == "list[int]" and isinstance(value, list):
+            return all(of_type(v, "int") for v in value)
+        if isinstance(value, types.get(kind, ())) and isinstance(value, bool) == (kind == "bool"):
+            return True
+    return False
 
 
 class RMSNorm(nn.Module):
@@ -368,20 +369,17 @@ def checkpoint_files(path: str) -> list[str]:
 FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # the safetensors dtypes a model loads
 
 
-def read_header(file: str) -> dict[str, tuple[str, tuple]]:
-    """A safetensors file's tensors -> {name: (dtype, shape)}, from its header alone: an 8-byte
-    header length, a JSON header with every tensor's dtype, shape and byte range, then the bytes,
-    which end exactly at the end of the file. ValueError naming the file when it is missing,
-    unreadable, truncated or damaged."""
+def read_header(file: str) -> dict[str, tuple]:
+    """A safetensors file's tensors -> {name: shape}, from its header alone (an 8-byte length, a
+    JSON header with each tensor's dtype, shape and byte range, then the bytes up to the file's
+    end), or ValueError naming the file: missing, unreadable, truncated, damaged or not float."""
     if not os.path.exists(file):
         raise ValueError(f"{file}: missing (named by model.safetensors.index.json)")
     size = os.path.getsize(file)
     try:
         with open(file, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if not 0 < n <= size - 8:
-                raise ValueError
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n) if 0 < n <= size - 8 else b"")
         header.pop("__metadata__", None)
         tensors = {k: (v["dtype"], tuple(int(d) for d in v["shape"])) for k, v in header.items()}
         ranges = {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()}
@@ -398,19 +396,18 @@ def read_header(file: str) -> dict[str, tuple[str, tuple]]:
         if ranges[name] != FLOAT_BYTES[dtype] * math.prod(shape):
             raise ValueError(f"{file}: damaged: {name}'s {ranges[name]} bytes do not hold "
                              f"{dtype} {shape}")
-    return tensors
+    return {name: shape for name, (_, shape) in tensors.items()}
 
 
 def check_weights(path: str) -> Config:
-    """Check a checkpoint folder from config.json and the weight files' headers (no tensor data is
-    read): every file whole, and its tensors the ones config.json implies, in name and shape, as
-    from_pretrained loads them. ValueError naming the file -> the config."""
+    """-> the folder's Config, once every weight file's header (no tensor data) holds exactly the
+    tensors config.json implies, in name and shape, as from_pretrained loads them."""
     cfg = load_config(path)
     with torch.device("meta"):
         want = {name: tuple(p.shape) for name, p in Transformer(cfg).named_parameters()}
     missing, files = set(want), checkpoint_files(path)
     for file in files:
-        for name, (_, shape) in read_header(file).items():
+        for name, shape in read_header(file).items():
             if name.endswith("rotary_emb.inv_freq") or (
                     name == "lm_head.weight" and cfg.tie_word_embeddings):
                 continue  # a computed buffer; a tied checkpoint's copy of the embedding

@@ -59,6 +59,8 @@ class TorchEngine:
     """Generation from a model.Transformer with a static KV cache. Shares the trainer's module, so
     update_weights has nothing to copy unless a separate inference copy is given."""
 
+    max_model_len: int | None = None  # prompt + response it serves (make_engine's); None: any
+
     def __init__(self, model: Transformer, eos_ids: list[int], pad_id: int = 0, max_rows: int = 512,
                  packed: bool | None = None, decode: str | None = None):
         self.model, self.eos_ids, self.pad_id, self.max_rows = (model, list(eos_ids), pad_id,
@@ -262,7 +264,7 @@ class VLLMEngine:
         if world > 1:
             kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world)
         self.llm = vllm.LLM(**kw)
-        self.asleep = False
+        self.asleep, self.max_model_len = False, max_model_len
 
     def generate(self, prompts, n=1, max_tokens=64, temperature=1.0, top_p=1.0,
                  seed=0) -> list[Completion]:
@@ -349,4 +351,6 @@ def make_engine(kind: str, model, tok, *, model_dir: str, max_model_len: int, ra
     if kind == "vllm":
         return VLLMEngine(model_dir, max_model_len=max_model_len, rank=rank, world=world, seed=seed,
                           dtype=dtype, gpu_memory_utilization=memory)
-    return TorchEngine(model, tok.eos_ids, tok.pad_id)
+    engine = TorchEngine(model, tok.eos_ids, tok.pad_id)
+    engine.max_model_len = max_model_len  # as vLLM's: the same prompts are scored by either engine
+    return engine
