@@ -57,8 +57,10 @@ def run(plan, policy, engine) -> str | None:
                                                     plan.rank))
             say(plan, f"resumed from {stage_plan.resume_from} at step {state.step}")
         begin_stage_files(plan, stage_plan, state)
-        # 3. steps until a rule ends the stage (or a signal, or updates that keep failing)
-        status = train_stage(plan, stage_plan, trainer, sampler, engine, state, stop)
+        # 3. steps until a rule ends the stage (or a signal, or updates that keep failing); a
+        # checkpoint whose state has an end was saved by a signal in the stage's last step
+        status = "done" if state.end else train_stage(plan, stage_plan, trainer, sampler, engine,
+                                                      state, stop)
         saved = checkpoint.latest_marker(stage_plan.dir)
         if status == "stopped":
             say(plan, f"stopped by a signal; checkpoint in {saved}: rerun the same command with "
