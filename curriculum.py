@@ -56,7 +56,9 @@ def run(plan, policy, engine) -> str | None:
             state = StageState(**checkpoint.restore(stage_plan.resume_from, trainer, sampler,
                                                     plan.rank))
             say(plan, f"resumed from {stage_plan.resume_from} at step {state.step}")
-        begin_stage_files(plan, stage_plan, state)
+        problem = begin_stage_files(plan, stage_plan, state)
+        if problem:
+            return problem
         # 3. steps until a rule ends the stage (or a signal, or updates that keep failing); a
         # checkpoint whose state has an end was saved by a signal in the stage's last step
         status = "done" if state.end else train_stage(plan, stage_plan, trainer, sampler, engine,
@@ -322,22 +324,56 @@ def score_held_out(plan, stage, engine, limit: int | None = None) -> dict:
                          world=plan.world, problems=plan.eval_problems, limit=limit)
 
 
-def begin_stage_files(plan, stage_plan, state: StageState):
+def begin_stage_files(plan, stage_plan, state: StageState) -> str | None:
     """Rank 0: the run's identity (run.json), and metrics.jsonl without the lines logged after the
-    checkpoint (by a run that died before its next one)."""
+    checkpoint (by a run that died before its next one) -> None, or on every rank the message to
+    exit with (a damaged line)."""
+    problem = None
     if plan.rank == 0:
         os.makedirs(stage_plan.dir, exist_ok=True)
         with open(os.path.join(stage_plan.dir, "run.json"), "w") as f:
             json.dump(stage_plan.identity, f, indent=1)
         metrics = os.path.join(stage_plan.dir, "metrics.jsonl")
         if os.path.exists(metrics):
-            with open(metrics) as f:
-                keep = [line for line in f
-                        if line.strip() and json.loads(line).get("step", 0) <= state.step]
-            with open(metrics + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(metrics + ".tmp", metrics)
-    fsdp.barrier()
+            keep, problem = metrics_until(plan, metrics, state.step)
+            if keep is not None:
+                with open(metrics + ".tmp", "w") as f:
+                    f.writelines(keep)
+                os.replace(metrics + ".tmp", metrics)
+    return on_every_rank(problem)
+
+
+def metrics_until(plan, path: str, step: int) -> tuple[list | None, str | None]:
+    """metrics.jsonl's lines of the steps up to `step` -> (lines, None), or (None, what is wrong).
+    A last line cut short (a kill while it was written) is dropped with a note."""
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+            if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
+                raise ValueError
+        except ValueError:
+            if number == len(lines) and not line.endswith("\n"):
+                say(plan, f"{path}: its last line was cut short (a kill while it was written): "
+                          f"dropped")
+                continue
+            return None, (f"[fastcurl] {path} line {number} is not a metrics row (a JSON object "
+                          f"with an integer step): repair or delete it, then rerun with --resume")
+        if row and row.get("step", 0) <= step:
+            keep.append(line.rstrip("\n") + "\n")
+    return keep, None
+
+
+def on_every_rank(problem: str | None) -> str | None:
+    """The first rank's problem (None: none) on every rank, so that all ranks leave together (also
+    a barrier)."""
+    if not dist.is_initialized():
+        return problem
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, problem)
+    return next((p for p in every if p), None)
 
 
 def save(plan, stage_plan, trainer, sampler, state: StageState, name: str):

@@ -2,6 +2,8 @@
 size, a full disk. Each drives the real CLI (torchrun where ranks matter)."""
 import json
 import os
+import re
+import shutil
 import signal
 import time
 
@@ -10,6 +12,13 @@ import pytest
 from tests.test_resilience import metrics, run, start, wait_for_steps
 
 pytestmark = pytest.mark.slow  # every test here starts processes
+
+
+def one_line(r, needle):
+    """Status non-zero, the message on stderr, no worker's traceback (torchrun adds its own
+    ChildFailedError report after any worker's non-zero status)."""
+    assert r.returncode != 0 and needle in r.stderr, (r.stdout[-1000:], r.stderr[-3000:])
+    assert not re.search(r"\[rank\d\]: Traceback", r.stderr), r.stderr[-3000:]
 
 
 def same_weights(a, b):
@@ -32,3 +41,24 @@ def test_a_signal_in_the_stages_last_step_then_resume_ends_the_stage(tmp_path):
     assert "resumed from" in r.stdout and "step 4/" not in r.stdout, r.stdout
     assert metrics(cut) == metrics(ref)
     assert same_weights(cut, ref)
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_named(tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    run(ref, "--steps", "3")
+    # what a kill while step 3's line was written leaves: step2/, 2 rows and half of the third
+    shutil.copytree(ref, cut)
+    shutil.rmtree(cut / "stage1" / "final")
+    rows = (ref / "stage1" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (cut / "stage1" / "metrics.jsonl").write_text("".join(rows[:2]) + rows[2][:len(rows[2]) // 2])
+    r = run(cut, "--steps", "3", "--resume")
+    assert r.stdout.count("last line was cut short") == 1, r.stdout
+    assert metrics(cut) == metrics(ref)
+    assert same_weights(cut, ref)
+    # a damaged line that is not the last: one line naming the file and line, nothing rewritten
+    rows[1] = rows[1][:20] + "\n"
+    (cut / "stage1" / "metrics.jsonl").write_text("".join(rows))
+    shutil.rmtree(cut / "stage1" / "final")
+    r = run(cut, "--steps", "3", "--resume", check=False)
+    one_line(r, f"{cut}/stage1/metrics.jsonl line 2 is not a metrics row")
+    assert (cut / "stage1" / "metrics.jsonl").read_text() == "".join(rows)
