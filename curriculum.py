@@ -44,13 +44,14 @@ def run(plan, policy, engine) -> str | None:
             return None
         # 1. a fresh start for the stage's random numbers, then its reference policy: its
         # starting weights (the previous stage's final), frozen
-        torch.manual_seed(plan.options.seed * 1009 + plan.rank)
+        torch.manual_seed(fit_seed(plan.options.seed * 1009 + plan.rank))
         reference = load_model(stage_plan.src, plan.options, plan.device, frozen=True) \
             if stage_plan.settings.kl_coef else None
         # 2. a fresh optimizer and sampler; a resume restores them and where the stage was
         trainer = Trainer(policy, plan.train, reference, plan.tok.pad_id)
+        sampler_seed = fit_seed(plan.options.seed * 1000 + stage_plan.number, SAMPLER_SEED_BITS)
         sampler = data.Sampler(len(stage_plan.prompts), stage_plan.settings.batch, plan.rank,
-                               plan.world, seed=plan.options.seed * 1000 + stage_plan.number)
+                               plan.world, seed=sampler_seed)
         state = StageState()
         if stage_plan.resume_from:
             state = StageState(**checkpoint.restore(stage_plan.resume_from, trainer, sampler,
@@ -196,11 +197,21 @@ def end_reason(stage, state: StageState, n_prompts: int) -> str | None:
     return None
 
 
+def fit_seed(seed: int, bits: int = 62) -> int:
+    """A derived seed that every generator takes (a 64-bit integer, with room for the small
+    offsets added later: rank, round, chunk): reduced modulo 2**bits where it is out of
+    (-2**bits, 2**bits), so that the seeds of any --seed in that range stay as they are."""
+    return seed if abs(seed) < 1 << bits else seed % (1 << bits)
+
+
+SAMPLER_SEED_BITS = 42  # data.Sampler seeds each epoch with seed * 1_000_003 (< 2**20) + epoch
+
+
 # ---- steps 1-2: samples and rewards --------------------------------------------------------------
 
 def rollout_seed(seed: int, stage: int, step: int, rank: int, rnd: int = 0) -> int:
     """The engine's seed for one rank's samples of a step (rnd: dynamic sampling's extra round)."""
-    base = ((seed * 1_000_003 + stage) * 1_000_003 + step) * 1009 + rank
+    base = fit_seed(((seed * 1_000_003 + stage) * 1_000_003 + step) * 1009 + rank)
     return base if not rnd else (base * 1_000_003 + rnd) % (1 << 62)
 
 
@@ -320,7 +331,8 @@ def score_held_out(plan, stage, engine, limit: int | None = None) -> dict:
     for every stage so that their scores compare like for like; every rank takes part."""
     return evaluate_file(engine, plan.tok, plan.template, plan.eval_file, k=plan.options.eval_k,
                          temperature=stage.temperature, max_tokens=plan.eval_tokens,
-                         max_prompt=stage.max_prompt, seed=plan.options.seed, rank=plan.rank,
+                         max_prompt=stage.max_prompt, seed=fit_seed(plan.options.seed),
+                         rank=plan.rank,
                          world=plan.world, problems=plan.eval_problems, limit=limit)
 
 

@@ -62,3 +62,10 @@ def test_a_torn_last_metrics_line_is_dropped_and_a_damaged_one_named(tmp_path):
     r = run(cut, "--steps", "3", "--resume", check=False)
     one_line(r, f"{cut}/stage1/metrics.jsonl line 2 is not a metrics row")
     assert (cut / "stage1" / "metrics.jsonl").read_text() == "".join(rows)
+
+
+@pytest.mark.parametrize("seed", [20000, 2 ** 70])
+def test_seeds_of_any_size(tmp_path, seed):
+    out = tmp_path / "run"
+    r = run(out, "--steps", "2", "--seed", str(seed), "--eval-k", "2", "--dynamic-sampling", "1")
+    assert "step 2/2" in r.stdout and os.path.exists(out / "stage1" / "eval.json"), r.stdout
