@@ -5,9 +5,12 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
+
+import checkpoint
 
 from tests.test_resilience import metrics, run, start, wait_for_steps
 
@@ -69,3 +72,60 @@ def test_seeds_of_any_size(tmp_path, seed):
     out = tmp_path / "run"
     r = run(out, "--steps", "2", "--seed", str(seed), "--eval-k", "2", "--dynamic-sampling", "1")
     assert "step 2/2" in r.stdout and os.path.exists(out / "stage1" / "eval.json"), r.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real small filesystem (tmpfs, mounted as root): mount(size) (re)mounts it at its path."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = []
+
+    def mount(size):
+        opts = f"remount,size={size}" if mounted else f"size={size}"
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(size)
+        return disk
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_a_full_disk_at_a_checkpoint_then_the_rerun_continues_exactly(tmp_path, small_disk):
+    ref = tmp_path / "ref"
+    run(ref, "--steps", "3")
+    disk = small_disk("40M")  # step2/ (~32 MB) fits, final/ does not
+    out = disk / "run"
+    r = run(out, "--steps", "3", check=False)
+    one_line(r, f"{out}/stage1: no space left on its disk")
+    assert "MiB free" in r.stderr
+    left = sorted(os.listdir(out / "stage1"))
+    assert left == ["latest", "metrics.jsonl", "run.json", "step2"], left  # no .tmp
+    assert checkpoint.check_checkpoint(str(out / "stage1" / "step2"), content=True) is None
+    small_disk("100M")  # space freed
+    r = run(out, "--steps", "3", "--resume")
+    assert f"resumed from {out}/stage1/step2" in r.stdout
+    assert metrics(out) == metrics(ref)
+    assert same_weights(out, ref)
+
+
+def test_a_full_disk_before_the_first_step_is_one_line(tmp_path, small_disk):
+    disk = small_disk("3M")
+    out = disk / "run"
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:  # the disk full to its last byte
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    os.close(fd)
+    r = run(out, "--steps", "1", check=False)
+    one_line(r, f"{out}/stage1: no space left on its disk")
+    assert os.listdir(out / "stage1") == []  # neither run.json nor its .tmp
+    os.remove(disk / "filler")
+    r = run(out, "--steps", "1", "--save-every", "0", "--resume", check=False)
+    assert r.returncode != 0 and "no space left" in r.stderr  # the final checkpoint: 3 MB is little
+    assert [n for n in os.listdir(out / "stage1") if n.endswith(".tmp")] == []
