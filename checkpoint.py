@@ -13,6 +13,7 @@ checks.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fsdp import barrier, comm_device
+from fsdp import comm_device
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
@@ -54,10 +55,11 @@ def sha256(path: str) -> str:
 
 
 def save_checkpoint(path: str, trainer, extra: dict, src_dir: str, rank: int = 0, keep: int = 0,
-                    dtype: torch.dtype = torch.float32):
+                    dtype: torch.dtype = torch.float32) -> str | None:
     """Write the checkpoint atomically (see above), its weights in `dtype`; keep the newest `keep`
-    step folders (0: all)."""
-    tmp = path + ".tmp"
+    step folders (0: all) -> None, or on every rank the message of a write that found the disk
+    full (step<K>.tmp removed, the checkpoints before untouched)."""
+    tmp, parent, problem = path + ".tmp", os.path.dirname(path), None
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     folders, master = [(tmp, dtype)], next(trainer.model.parameters()).dtype
@@ -65,54 +67,99 @@ def save_checkpoint(path: str, trainer, extra: dict, src_dir: str, rank: int = 0
         folders.append((os.path.join(tmp, MASTER), master))
     for folder, folder_dtype in folders:
         weights = trainer.full_state_dict()  # under fsdp: gathered unit by unit on every rank
-        if rank == 0:
-            trainer.model.save_pretrained(folder, state_dict=weights, dtype=folder_dtype)
-            for fn in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(src_dir, fn)):
-                    shutil.copy(os.path.join(src_dir, fn), folder)
-        else:
-            for _ in weights:
-                pass
-    if rank == 0:
-        torch.save(extra, os.path.join(tmp, "trainer_state.pt"))
-    barrier()
+        if rank == 0 and not problem:
+            problem = full_disk(parent, lambda: write_weights(trainer, folder, weights,
+                                                               folder_dtype, src_dir))
+        for _ in weights:  # what was not written: the other ranks gather with this one
+            pass
+    if rank == 0 and not problem:
+        problem = full_disk(parent, lambda: torch.save(extra, os.path.join(tmp,
+                                                                           "trainer_state.pt")))
     # each rank's own view of the loop's state too: the ranks must agree on it (tests compare)
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-           "python": random.getstate()}
-    torch.save({"rng": rng, "trainer": trainer.state_dict(), "extra": extra},
-               os.path.join(tmp, f"rank{rank}.pt"))
-    barrier()
-    if rank == 0:
-        umask = os.umask(0o022)  # read by setting, then set back
-        os.umask(umask)
-        mode = 0o666 & ~umask  # as any file the user writes (safetensors' temp files are 0600)
-        manifest = {"files": {}, **{k: v for k, v in extra.items() if isinstance(v, (int, str))}}
-        for fn in sorted(os.path.relpath(os.path.join(folder, name), tmp)
-                         for folder, _, names in os.walk(tmp) for name in names):
-            file = os.path.join(tmp, fn)
-            with open(file, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(file, mode)
-            manifest["files"][fn] = {"bytes": os.path.getsize(file), "sha256": sha256(file)}
-        with open(os.path.join(tmp, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
+    if not (problem := on_every_rank(problem)):
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+               "python": random.getstate()}
+        problem = full_disk(parent, lambda: torch.save(
+            {"rng": rng, "trainer": trainer.state_dict(), "extra": extra},
+            os.path.join(tmp, f"rank{rank}.pt")))
+    if not (problem := on_every_rank(problem)) and rank == 0:
+        problem = full_disk(parent, lambda: publish(tmp, path, extra, keep))
+    if (problem := on_every_rank(problem)) and rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(os.path.join(parent, "latest.tmp")):
+            os.remove(os.path.join(parent, "latest.tmp"))
+    return problem
+
+
+def write_weights(trainer, folder: str, weights, dtype: torch.dtype, src_dir: str):
+    """A Hugging Face folder: the weights in dtype, the source's tokenizer files."""
+    trainer.model.save_pretrained(folder, state_dict=weights, dtype=dtype)
+    for fn in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src_dir, fn)):
+            shutil.copy(os.path.join(src_dir, fn), folder)
+
+
+def publish(tmp: str, path: str, extra: dict, keep: int):
+    """The written folder's manifest, then the folder renamed into place and the `latest` marker
+    replaced (the folder's entries on disk too), then the step folders beyond `keep` removed."""
+    umask = os.umask(0o022)  # read by setting, then set back
+    os.umask(umask)
+    mode = 0o666 & ~umask  # as any file the user writes (safetensors' temp files are 0600)
+    manifest = {"files": {}, **{k: v for k, v in extra.items() if isinstance(v, (int, str))}}
+    for fn in sorted(os.path.relpath(os.path.join(folder, name), tmp)
+                     for folder, _, names in os.walk(tmp) for name in names):
+        file = os.path.join(tmp, fn)
+        with open(file, "rb+") as f:
             os.fsync(f.fileno())
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-        parent = os.path.dirname(path)
-        with open(os.path.join(parent, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(path) + "\n")
-        os.replace(os.path.join(parent, "latest.tmp"), os.path.join(parent, "latest"))
-        fd = os.open(parent, os.O_RDONLY)  # the directory's entries on disk too
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if keep:
-            for old in step_dirs(parent)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
+        os.chmod(file, mode)
+        manifest["files"][fn] = {"bytes": os.path.getsize(file), "sha256": sha256(file)}
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    parent = os.path.dirname(path)
+    with open(os.path.join(parent, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(path) + "\n")
+    os.replace(os.path.join(parent, "latest.tmp"), os.path.join(parent, "latest"))
+    fd = os.open(parent, os.O_RDONLY)  # the directory's entries on disk too
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if keep:
+        for old in step_dirs(parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def full_disk(folder: str, write) -> str | None:
+    """write() -> None, or when the disk or the quota was full the one-line message naming the
+    folder and the space left; other errors raise. An OSError says so by its errno, safetensors in
+    its text; torch.save's RuntimeError says only that a write failed: then the space left tells
+    (a write fails for want of space only with less than a block left)."""
+    try:
+        write()
+        return None
+    except Exception as e:
+        free = shutil.disk_usage(folder).free
+        reasons = [os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT)]
+        if not (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 1 << 20
+                or any(reason in str(e) for reason in reasons)):
+            raise
+        return (f"[fastcurl] {os.path.abspath(folder)}: no space left on its disk (or quota): "
+                f"{free / 2 ** 20:.1f} MiB free; free some space, then rerun the same command "
+                f"with --resume")
+
+
+def on_every_rank(problem: str | None) -> str | None:
+    """The first rank's problem (None: none) on every rank, so that all ranks leave together (also
+    a barrier)."""
+    if not dist.is_initialized():
+        return problem
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, problem)
+    return next((p for p in every if p), None)
 
 
 def same_architecture(c1, c2) -> bool:

@@ -44,21 +44,26 @@ def run(plan, policy, engine) -> str | None:
             return None
         # 1. a fresh start for the stage's random numbers, then its reference policy: its
         # starting weights (the previous stage's final), frozen
-        torch.manual_seed(plan.options.seed * 1009 + plan.rank)
+        torch.manual_seed(fit_seed(plan.options.seed * 1009 + plan.rank))
         reference = load_model(stage_plan.src, plan.options, plan.device, frozen=True) \
             if stage_plan.settings.kl_coef else None
         # 2. a fresh optimizer and sampler; a resume restores them and where the stage was
         trainer = Trainer(policy, plan.train, reference, plan.tok.pad_id)
+        sampler_seed = fit_seed(plan.options.seed * 1000 + stage_plan.number, SAMPLER_SEED_BITS)
         sampler = data.Sampler(len(stage_plan.prompts), stage_plan.settings.batch, plan.rank,
-                               plan.world, seed=plan.options.seed * 1000 + stage_plan.number)
+                               plan.world, seed=sampler_seed)
         state = StageState()
         if stage_plan.resume_from:
             state = StageState(**checkpoint.restore(stage_plan.resume_from, trainer, sampler,
                                                     plan.rank))
             say(plan, f"resumed from {stage_plan.resume_from} at step {state.step}")
-        begin_stage_files(plan, stage_plan, state)
-        # 3. steps until a rule ends the stage (or a signal, or updates that keep failing)
-        status = train_stage(plan, stage_plan, trainer, sampler, engine, state, stop)
+        problem = begin_stage_files(plan, stage_plan, state)
+        if problem:
+            return problem
+        # 3. steps until a rule ends the stage (or a signal, or updates that keep failing); a
+        # checkpoint whose state has an end was saved by a signal in the stage's last step
+        status = "done" if state.end else train_stage(plan, stage_plan, trainer, sampler, engine,
+                                                      state, stop)
         saved = checkpoint.latest_marker(stage_plan.dir)
         if status == "stopped":
             say(plan, f"stopped by a signal; checkpoint in {saved}: rerun the same command with "
@@ -68,23 +73,30 @@ def run(plan, policy, engine) -> str | None:
             return (f"[fastcurl] {plan.options.max_skips} updates in a row had a NaN/inf loss or "
                     f"gradient norm; saved {saved}. Look at the learning rate, the data of the "
                     f"last steps (metrics.jsonl) and --dtype; rerun with --resume after a change.")
-        # 4. the final checkpoint, 5. the held-out score (eval.json and the log)
-        save(plan, stage_plan, trainer, sampler, state, "final")
+        if status != "done":  # a write that found the disk full
+            return status
+        # 4. the held-out score (eval.json and the log), 5. the final checkpoint, last: a stage
+        # with its final is complete
         if plan.eval_file:
-            result = score_held_out(plan, stage_plan.settings, engine)
+            result, problem = score_held_out(plan, stage_plan.settings, engine), None
             if plan.rank == 0:
                 result.update(stage=stage_plan.number, end_step=state.step, end_reason=state.end)
-                with open(os.path.join(stage_plan.dir, "eval.json"), "w") as f:
-                    json.dump(result, f, indent=2)
+                problem = write_atomic(os.path.join(stage_plan.dir, "eval.json"),
+                                       json.dumps(result, indent=2))
                 say(plan, f"stage {stage_plan.number} held-out {os.path.basename(plan.eval_file)}: "
                           f"pass@1 {result['pass@1']:.3f} (k={plan.options.eval_k}), mean length "
                           f"{result['response_len/mean']:.1f}")
+            if problem := checkpoint.on_every_rank(problem):
+                return problem
+        if problem := save(plan, stage_plan, trainer, sampler, state, "final"):
+            return problem
     return None
 
 
 def train_stage(plan, stage_plan, trainer, sampler, engine, state, stop) -> str:
     """Steps from state.step until a rule ends the stage (state.end says why) -> "done", "stopped"
-    (a signal: checkpointed) or "nan" (--max-skips bad updates in a row: checkpointed)."""
+    (a signal: checkpointed), "nan" (--max-skips bad updates in a row: checkpointed), or the
+    message of a write that found the disk full (the checkpoint before is the last)."""
     stage, options = stage_plan.settings, plan.options
     first_step, t_start = state.step, time.time()
     while True:
@@ -120,13 +132,15 @@ def train_stage(plan, stage_plan, trainer, sampler, engine, state, stop) -> str:
         state.end = end_reason(stage, state, len(stage_plan.prompts)) or ""
         if state.end:
             record["stage_end"] = state.end
-        log_step(plan, stage_plan, record, state, first_step, t_start)
+        if problem := checkpoint.on_every_rank(log_step(plan, stage_plan, record, state,
+                                                        first_step, t_start)):
+            return problem
         # 8. a checkpoint every --save-every steps, and on the way out
         status = ("nan" if state.skips_in_row >= options.max_skips
                   else "stopped" if stop() else "done")  # stop(): a collective, every rank asks it
         periodic = options.save_every and state.step % options.save_every == 0
         if status != "done" or (periodic and not state.end):
-            save(plan, stage_plan, trainer, sampler, state, f"step{state.step}")
+            status = save(plan, stage_plan, trainer, sampler, state, f"step{state.step}") or status
         if status != "done" or state.end:
             return status
 
@@ -192,11 +206,21 @@ def end_reason(stage, state: StageState, n_prompts: int) -> str | None:
     return None
 
 
+def fit_seed(seed: int, bits: int = 62) -> int:
+    """A derived seed that every generator takes (a 64-bit integer, with room for the small
+    offsets added later: rank, round, chunk): reduced modulo 2**bits where it is out of
+    (-2**bits, 2**bits), so that the seeds of any --seed in that range stay as they are."""
+    return seed if abs(seed) < 1 << bits else seed % (1 << bits)
+
+
+SAMPLER_SEED_BITS = 42  # data.Sampler seeds each epoch with seed * 1_000_003 (< 2**20) + epoch
+
+
 # ---- steps 1-2: samples and rewards --------------------------------------------------------------
 
 def rollout_seed(seed: int, stage: int, step: int, rank: int, rnd: int = 0) -> int:
     """The engine's seed for one rank's samples of a step (rnd: dynamic sampling's extra round)."""
-    base = ((seed * 1_000_003 + stage) * 1_000_003 + step) * 1009 + rank
+    base = fit_seed(((seed * 1_000_003 + stage) * 1_000_003 + step) * 1009 + rank)
     return base if not rnd else (base * 1_000_003 + rnd) % (1 << 62)
 
 
@@ -285,16 +309,24 @@ def rollout_metrics(completions, rewards: torch.Tensor, n: int, world: int) -> d
 
 def log_step(plan, stage_plan, record: dict, state: StageState, first_step: int, t_start: float):
     """Rank 0: the step's metrics.jsonl line, the progress line (time per step since first_step),
-    the stage's end, and the warnings given once (every response cut; too few groups differ)."""
+    the stage's end, and the warnings given once (every response cut; too few groups differ) ->
+    None, or the message of a full disk."""
     if plan.rank != 0:
-        return
+        return None
     stage, number, step = stage_plan.settings, stage_plan.number, record["step"]
     if record["truncated_frac"] == 1.0 and "all_cut" not in state.warned:
         state.warned.append("all_cut")
         say(plan, f"warning: every response of step {step} was cut at the budget "
                   f"({stage.max_tokens} tokens): cut responses score 0, nothing is learned")
-    with open(os.path.join(stage_plan.dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    metrics = os.path.join(stage_plan.dir, "metrics.jsonl")
+    size = os.path.getsize(metrics) if os.path.exists(metrics) else 0
+
+    def append():
+        with open(metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if problem := checkpoint.full_disk(stage_plan.dir, append):  # without the part written
+        os.truncate(metrics, size)
+        return problem
     per_step = (time.time() - t_start) / (step - first_step)
     held_out = (f" eval {record['eval/pass@1']:.3f} ({record['time/eval_s']:.1f}s)"
                 if "eval/pass@1" in record else "")
@@ -316,36 +348,72 @@ def score_held_out(plan, stage, engine, limit: int | None = None) -> dict:
     for every stage so that their scores compare like for like; every rank takes part."""
     return evaluate_file(engine, plan.tok, plan.template, plan.eval_file, k=plan.options.eval_k,
                          temperature=stage.temperature, max_tokens=plan.eval_tokens,
-                         max_prompt=stage.max_prompt, seed=plan.options.seed, rank=plan.rank,
+                         max_prompt=stage.max_prompt, seed=fit_seed(plan.options.seed),
+                         rank=plan.rank,
                          world=plan.world, problems=plan.eval_problems, limit=limit)
 
 
-def begin_stage_files(plan, stage_plan, state: StageState):
+def begin_stage_files(plan, stage_plan, state: StageState) -> str | None:
     """Rank 0: the run's identity (run.json), and metrics.jsonl without the lines logged after the
-    checkpoint (by a run that died before its next one)."""
+    checkpoint (by a run that died before its next one) -> None, or on every rank the message to
+    exit with (a damaged line)."""
+    problem = None
+    fsdp.barrier()  # every rank has read the folder (grpo.make_plan) before it changes
     if plan.rank == 0:
         os.makedirs(stage_plan.dir, exist_ok=True)
-        with open(os.path.join(stage_plan.dir, "run.json"), "w") as f:
-            json.dump(stage_plan.identity, f, indent=1)
+        problem = write_atomic(os.path.join(stage_plan.dir, "run.json"),
+                               json.dumps(stage_plan.identity, indent=1))
         metrics = os.path.join(stage_plan.dir, "metrics.jsonl")
-        if os.path.exists(metrics):
-            with open(metrics) as f:
-                keep = [line for line in f
-                        if line.strip() and json.loads(line).get("step", 0) <= state.step]
-            with open(metrics + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(metrics + ".tmp", metrics)
-    fsdp.barrier()
+        if os.path.exists(metrics) and not problem:
+            keep, problem = metrics_until(plan, metrics, state.step)
+            problem = problem or write_atomic(metrics, "".join(keep))
+    return checkpoint.on_every_rank(problem)
+
+
+def write_atomic(path: str, text: str) -> str | None:
+    """A file's new content through path.tmp, renamed into place: a write that fails leaves the
+    old one -> None, or the message of a full disk (path.tmp removed)."""
+    def write():
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    if problem := checkpoint.full_disk(os.path.dirname(path), write):
+        os.remove(path + ".tmp")
+    return problem
+
+
+def metrics_until(plan, path: str, step: int) -> tuple[list | None, str | None]:
+    """metrics.jsonl's lines of the steps up to `step` -> (lines, None), or (None, what is wrong).
+    A last line cut short (a kill while it was written) is dropped with a note."""
+    with open(path, errors="replace") as f:
+        lines = f.readlines()
+    keep = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+            if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
+                raise ValueError
+        except ValueError:
+            if number == len(lines) and not line.endswith("\n"):
+                say(plan, f"{path}: its last line was cut short (a kill while it was written): "
+                          f"dropped")
+                continue
+            return None, (f"[fastcurl] {path} line {number} is not a metrics row (a JSON object "
+                          f"with an integer step): repair or delete it, then rerun with --resume")
+        if row and row.get("step", 0) <= step:
+            keep.append(line.rstrip("\n") + "\n")
+    return keep, None
 
 
 def save(plan, stage_plan, trainer, sampler, state: StageState, name: str):
     """A checkpoint of the stage (every rank takes part): the weights, each rank's optimizer and
-    random states, the sampler and the stage's state."""
+    random states, the sampler and the stage's state -> None, or the message of a full disk."""
     extra = {"step": state.step, "stage": stage_plan.number, "sampler": sampler.state(),
              "recipe": plan.options.recipe, "seed": plan.options.seed,
              "state": dataclasses.asdict(state)}
-    checkpoint.save_checkpoint(os.path.join(stage_plan.dir, name), trainer, extra, stage_plan.src,
-                               plan.rank, keep=plan.options.keep, dtype=plan.save_dtype)
+    return checkpoint.save_checkpoint(os.path.join(stage_plan.dir, name), trainer, extra,
+                                      stage_plan.src, plan.rank, keep=plan.options.keep,
+                                      dtype=plan.save_dtype)
 
 
 def load_model(path: str, options, device, frozen: bool = False) -> Transformer:
