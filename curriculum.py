@@ -85,7 +85,8 @@ def run(plan, policy, engine) -> str | None:
                                        json.dumps(result, indent=2))
                 say(plan, f"stage {stage_plan.number} held-out {os.path.basename(plan.eval_file)}: "
                           f"pass@1 {result['pass@1']:.3f} (k={plan.options.eval_k}), mean length "
-                          f"{result['response_len/mean']:.1f}")
+                          f"{result['response_len/mean']:.1f}" + (f", {result['dropped']} prompts "
+                          "over the engine's max_model_len dropped" if result["dropped"] else ""))
             if problem := checkpoint.on_every_rank(problem):
                 return problem
         if problem := save(plan, stage_plan, trainer, sampler, state, "final"):
