@@ -168,7 +168,8 @@ def make_plan(options: Options, overrides: dict, rank: int, world: int, device) 
     recipe = RECIPES[options.recipe]
     stages = stage_settings(options, overrides, world)
     out = options.out or os.path.join("runs", options.recipe)
-    check_writable(os.path.join(out, f"stage{min(stages)}"))
+    for k in stages:
+        check_writable(os.path.join(out, f"stage{k}"))
     src = start_checkpoint(options, recipe, out, min(stages))
     data_file = options.data or recipe.data
     if data_file is None:
@@ -292,6 +293,9 @@ def start_checkpoint(options: Options, recipe: Recipe, out: str, stage: int) -> 
     if not os.path.exists(os.path.join(src, "config.json")):
         fail(f"--stage {stage} starts from stage {stage - 1}'s final checkpoint, but {src} "
              f"does not exist: run --stage {stage - 1} with --out {out} first")
+    if problem := checkpoint.check_checkpoint(src, content=True):
+        fail(f"--stage {stage} starts from {src}, which is damaged ({problem}): run --stage "
+             f"{stage - 1} again, or pass --model")
     return src
 
 
