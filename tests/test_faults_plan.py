@@ -46,9 +46,9 @@ def one_line_error(r, *needles):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A finished one-step run of stage 1 (copy it before changing it)."""
+    """A finished one-step run of stages 1-2 (copy it before changing it)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    r = run("--out", str(out), *QUICK)
+    r = run("--stage", "1-2", "--out", str(out), *QUICK)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -75,9 +75,83 @@ def test_a_later_stage_folder_not_writable_is_found_before_stage_1(tmp_path):
 
 def test_a_damaged_previous_final_is_one_line(finished, tmp_path):
     out = copy_of(finished, tmp_path)
+    shutil.rmtree(out / "stage2")
     weights = out / "stage1" / "final" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF  # same size: only its sha256 tells
     weights.write_bytes(bytes(data))
     line = refused("--stage", "2", "--out", str(out), *QUICK)
     assert "stage1/final, which is damaged (model.safetensors's content differs" in line
+
+
+# ---- 2. run.json damaged or missing -------------------------------------------------------------
+
+def test_run_json_not_json_is_one_line(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    (out / "stage1" / "run.json").write_text('{"recipe": "toy", "st')
+    line = refused("--out", str(out), *QUICK, "--resume")
+    assert "stage1/run.json is damaged" in line and "choose another --out" in line
+
+
+def test_run_json_missing_beside_a_run_is_one_line(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    (out / "stage1" / "run.json").unlink()
+    assert "holds a run (metrics.jsonl) but no run.json" in refused(
+        "--out", str(out), *QUICK, "--resume", "--lr", "0.5")
+
+
+# ---- 3. the identity: what changes the results is refused by name, lr and steps may change --------
+
+def test_what_changes_the_results_is_named_with_old_and_new_values(finished, tmp_path, capsys):
+    out = str(copy_of(finished, tmp_path))
+    train = os.path.join(ROOT, "assets", "toy", "train.jsonl")
+    same, edited = tmp_path / "same.jsonl", tmp_path / "edited.jsonl"
+    shutil.copy(train, same)
+    edited.write_text("".join(open(train).readlines()[:-1]))  # one row fewer
+    assert plan_of("--out", out, *QUICK, "--resume", "--data", str(same)) is None  # complete
+    assert f"data {train} -> {same}" in capsys.readouterr().out  # a moved file: logged
+    line = refused("--out", out, *QUICK, "--resume", "--data", str(edited))
+    assert "data_sha256 " in line and "holds a different run" in line
+    line = refused("--out", out, *QUICK, "--resume", "--dtype", "bfloat16", "--fsdp", "none",
+                   "--max-tokens", "30")
+    assert "fsdp hand -> none; dtype float32 -> bfloat16; stage_config.max_tokens 40 -> 30" in line
+    options, flags = grpo.parse_args(["--out", out, *QUICK, "--resume"])
+    with pytest.raises(SystemExit) as e:
+        grpo.make_plan(options, flags, rank=0, world=2, device=torch.device("cpu"))
+    assert "world 1 -> 2" in str(e.value)
+
+
+def test_a_changed_learning_rate_is_allowed_and_logged(finished, tmp_path, capsys):
+    out = str(copy_of(finished, tmp_path))
+    assert plan_of("--out", out, *QUICK, "--resume", "--lr", "5e-05") is None
+    assert "with changes: stage_config.lr 0.0001 -> 5e-05" in capsys.readouterr().out
+
+
+def test_a_finished_stage_continues_to_a_larger_steps(finished, tmp_path):
+    """A final ended by its cap continues from there to the new cap; the steps after equal those
+    of a run given the larger cap from the start."""
+    out = copy_of(finished, tmp_path)
+    quick2 = [*QUICK, "--steps", "2"]
+    r = run("--out", str(out), *quick2, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ended at its cap, step 1: continuing from" in r.stdout
+    assert "with changes: stage_config.steps 1 -> 2" in r.stdout
+    r = run("--out", str(tmp_path / "straight"), *quick2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [[{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "through"))}
+             for line in open(folder / "stage1" / "metrics.jsonl")]
+            for folder in (out, tmp_path / "straight")]
+    assert rows[0][0].pop("stage_end") == "steps: the stage's cap, 1"  # the first cap: history
+    assert len(rows[0]) == 2 and rows[0] == rows[1]
+    assert plan_of("--out", str(out), *quick2, "--resume") is None  # now complete at 2
+
+
+# ---- 4. run.json's paths inside the folder are relative: a moved folder resumes ------------------
+
+def test_a_moved_run_folder_resumes(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    moved = tmp_path / "elsewhere"
+    os.rename(out, moved)
+    assert json.loads((moved / "stage2" / "run.json").read_text())["model"] == \
+        os.path.join("stage1", "final")
+    assert plan_of("--stage", "1-2", "--out", str(moved), *QUICK, "--resume") is None
