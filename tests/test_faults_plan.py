@@ -155,3 +155,12 @@ def test_a_moved_run_folder_resumes(finished, tmp_path):
     assert json.loads((moved / "stage2" / "run.json").read_text())["model"] == \
         os.path.join("stage1", "final")
     assert plan_of("--stage", "1-2", "--out", str(moved), *QUICK, "--resume") is None
+
+
+# ---- 5. empty text for a setting -----------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--model", "--out", "--data", "--eval-data"])
+def test_empty_text_for_a_path_is_one_line(flag):
+    assert refused(flag, "", *QUICK) == f"[fastcurl] {flag} '': empty (leave the flag out for " \
+        f"its default)"
+
