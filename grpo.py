@@ -234,6 +234,9 @@ def read_inputs(options, src, data_file, eval_file, stages):
         config = load_config(src)
         check_weights(src)
         tok = data.Tokenizer(src)
+        if tok.tok.get_vocab_size() > config.vocab_size:  # its ids would index past the embedding
+            raise ValueError(f"{src}/config.json: vocab_size {config.vocab_size} is smaller than "
+                             f"the {tok.tok.get_vocab_size()} tokens of its tokenizer.json")
         template = options.template or tok.template
         data.check_template(tok, template, src)
         sets, mean_len, _ = data.split_by_length(data.load_problems(data_file), template)

@@ -164,3 +164,20 @@ def test_empty_text_for_a_path_is_one_line(flag):
     assert refused(flag, "", *QUICK) == f"[fastcurl] {flag} '': empty (leave the flag out for " \
         f"its default)"
 
+
+# ---- 6. a vocabulary larger than the model's embedding ------------------------------------------
+
+def test_vocab_size_below_the_tokenizer_is_one_line_before_run_json(tmp_path):
+    from safetensors.torch import load_file, save_file
+    model = tmp_path / "model"
+    shutil.copytree(os.path.join(ROOT, "assets", "toy", "model"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = 16  # the tokenizer has 22 tokens
+    (model / "config.json").write_text(json.dumps(config))
+    weights = load_file(model / "model.safetensors")
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"][:16].clone()
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "run"
+    line = refused("--model", str(model), "--out", str(out), *QUICK)
+    assert "config.json: vocab_size 16 is smaller than the 22 tokens of its tokenizer.json" in line
+    assert not out.exists()
