@@ -265,6 +265,10 @@ def torch_fully_shard(module: nn.Module, param_dtype=None, reduce_dtype=torch.fl
     """The same units with torch's FSDP2 `fully_shard`: for comparison, or for those who like it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if not dist.is_initialized():  # one process without torchrun: a group of one, in memory
+        cuda = next(module.parameters()).is_cuda
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for blk in module.model.layers:
         fully_shard(blk, mp_policy=mp)

@@ -181,3 +181,15 @@ def test_vocab_size_below_the_tokenizer_is_one_line_before_run_json(tmp_path):
     line = refused("--model", str(model), "--out", str(out), *QUICK)
     assert "config.json: vocab_size 16 is smaller than the 22 tokens of its tokenizer.json" in line
     assert not out.exists()
+
+
+# ---- 7. --fsdp torch without torchrun: a group of one ----------------------------------------
+
+def test_fsdp_torch_runs_on_one_process_like_hand(finished, tmp_path):
+    r = run("--out", str(tmp_path / "run"), *QUICK, "--fsdp", "torch")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [{k: v for k, v in json.loads(open(folder / "stage1" / "metrics.jsonl").readline())
+             .items() if not k.startswith(("time/", "through"))}
+            for folder in (tmp_path / "run", finished)]
+    assert rows[0].pop("grad_norm") == pytest.approx(rows[1].pop("grad_norm"), rel=1e-5)
+    assert rows[0] == rows[1]  # FSDP2 sums the gradient norm in another order
