@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import sys
@@ -393,12 +394,31 @@ def build(plan: Plan):
     return policy, engine
 
 
+def lock_folder(out: str):
+    """One run per output folder at a time: an exclusive lock on out/.lock, held while the process
+    lives (the system drops it when the process ends, however it ends; children do not inherit
+    it)."""
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"--out {out}: another run is writing there (it holds {out}/.lock): wait for it to "
+             f"end or choose another --out")
+    LOCKS.append(fd)
+
+
+LOCKS = []  # the open lock files: closing one would drop its lock
+
+
 def main(argv=None):
     options, stage_flags = parse_args(argv)
     rank, world, device = fsdp.setup_dist(options.device)
     plan = make_plan(options, stage_flags, rank, world, device)
     if plan is None:
         return fsdp.close_dist()
+    if rank == 0:
+        lock_folder(os.path.dirname(plan.stages[0].dir))
     policy, engine = build(plan)
     failure = curriculum.run(plan, policy, engine)
     fsdp.close_dist(engine)

@@ -193,3 +193,24 @@ def test_fsdp_torch_runs_on_one_process_like_hand(finished, tmp_path):
             for folder in (tmp_path / "run", finished)]
     assert rows[0].pop("grad_norm") == pytest.approx(rows[1].pop("grad_norm"), rel=1e-5)
     assert rows[0] == rows[1]  # FSDP2 sums the gradient norm in another order
+
+
+# ---- 8. one run per output folder ---------------------------------------------------------------
+
+def test_a_second_run_into_a_folder_in_use_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"),
+        str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run("--out", str(out), *QUICK)
+        one_line_error(r, f"--out {out}: another run is writing there")
+        assert sorted(os.listdir(out)) == [".lock"]
+    finally:
+        holder.kill()  # as a crash would: the lock goes with the process
+        holder.wait()
+    r = run("--out", str(out), *QUICK)
+    assert r.returncode == 0, r.stderr[-3000:]
