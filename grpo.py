@@ -98,8 +98,8 @@ def parse_args(argv=None) -> tuple[Options, dict[str, str]]:
 
 
 def fail(message: str):
-    """Bad input: one line, exit status 1, nothing written."""
-    sys.exit(f"[fastcurl] {message}")
+    """Bad input: one line (rank 0's under torchrun), exit status 1, nothing written."""
+    fsdp.exit_once(f"[fastcurl] {message}")
 
 
 # ---- the plan: every stage of the range, checked before any compute ------------------------------

@@ -214,3 +214,19 @@ def test_a_second_run_into_a_folder_in_use_is_one_line(tmp_path):
         holder.wait()
     r = run("--out", str(out), *QUICK)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+# ---- 9. under torchrun, rank 0 says it -----------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [["--batch", "-4"], ["--data", "no/such.jsonl"]])
+def test_under_torchrun_a_bad_input_is_said_once(tmp_path, bad):
+    """(before the process group, and after it); torchrun then adds its own ChildFailedError."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", os.path.join(ROOT, "grpo.py"), "--out", str(out),
+                        *QUICK, *bad], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.startswith("[fastcurl]")]
+    assert len(lines) == 1 and bad[1] in lines[0], r.stderr[-3000:]
+    assert not out.exists()
