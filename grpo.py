@@ -419,6 +419,7 @@ def main(argv=None):
         return fsdp.close_dist()
     if rank == 0:
         lock_folder(os.path.dirname(plan.stages[0].dir))
+    fsdp.barrier()  # every rank's checks done before rank 0 writes run.json, which they look for
     policy, engine = build(plan)
     failure = curriculum.run(plan, policy, engine)
     fsdp.close_dist(engine)
