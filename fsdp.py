@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -35,16 +36,26 @@ import torch.nn as nn
 # One device per process, chosen once: CUDA (device LOCAL_RANK) under NCCL, or the CPU under gloo.
 # Every collective in this project takes tensors on comm_device(), the one place that knows which.
 
+def exit_once(message: str):
+    """Bad input: the line on rank 0 only (every rank finds the same), exit status 1 on every rank.
+    The other ranks wait a moment first: torchrun stops all ranks once one has exited, which could
+    otherwise stop rank 0 before it has said why."""
+    if int(os.environ.get("RANK", "0")):
+        time.sleep(2)
+        sys.exit(1)
+    sys.exit(message)
+
+
 def setup_dist(device: str = "auto") -> tuple[int, int, torch.device]:
     """Join the torchrun job (if any) -> (rank, world, compute device); device: auto|cuda|cpu."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            sys.exit("[fastcurl] --device cuda: this torch sees no CUDA GPU (pass --device cpu)")
+            exit_once("[fastcurl] --device cuda: this torch sees no CUDA GPU (pass --device cpu)")
         procs, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
         if procs > gpus:
-            sys.exit(f"[fastcurl] {procs} processes on this machine but {gpus} GPU(s): use "
+            exit_once(f"[fastcurl] {procs} processes on this machine but {gpus} GPU(s): use "
                      f"--nproc_per_node {gpus} or less, or pass --device cpu to run "
                      f"{procs} CPU ranks")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -265,6 +276,10 @@ def torch_fully_shard(module: nn.Module, param_dtype=None, reduce_dtype=torch.fl
     """The same units with torch's FSDP2 `fully_shard`: for comparison, or for those who like it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if not dist.is_initialized():  # one process without torchrun: a group of one, in memory
+        cuda = next(module.parameters()).is_cuda
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for blk in module.model.layers:
         fully_shard(blk, mp_policy=mp)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import os
 import sys
@@ -97,8 +98,8 @@ def parse_args(argv=None) -> tuple[Options, dict[str, str]]:
 
 
 def fail(message: str):
-    """Bad input: one line, exit status 1, nothing written."""
-    sys.exit(f"[fastcurl] {message}")
+    """Bad input: one line (rank 0's under torchrun), exit status 1, nothing written."""
+    fsdp.exit_once(f"[fastcurl] {message}")
 
 
 # ---- the plan: every stage of the range, checked before any compute ------------------------------
@@ -168,7 +169,8 @@ def make_plan(options: Options, overrides: dict, rank: int, world: int, device) 
     recipe = RECIPES[options.recipe]
     stages = stage_settings(options, overrides, world)
     out = options.out or os.path.join("runs", options.recipe)
-    check_writable(os.path.join(out, f"stage{min(stages)}"))
+    for k in stages:
+        check_writable(os.path.join(out, f"stage{k}"))
     src = start_checkpoint(options, recipe, out, min(stages))
     data_file = options.data or recipe.data
     if data_file is None:
@@ -196,13 +198,14 @@ def make_plan(options: Options, overrides: dict, rank: int, world: int, device) 
         if len(prompts) < stage.batch:
             fail(f"{data_file}: split {stage.split} has {len(prompts)} prompts ({dropped} dropped "
                  f"over {stage.max_prompt} tokens), fewer than --batch {stage.batch}")
-    plans = []
+    plans, data_sha256 = [], checkpoint.sha256(data_file)
     log = (lambda text: print(text, flush=True)) if rank == 0 else (lambda text: None)
     for k, stage in stages.items():
         stage_src = src if k == min(stages) else os.path.join(out, f"stage{k - 1}", "final")
         identity = {"recipe": options.recipe, "stage": k, "seed": options.seed,
-                    "data": os.path.abspath(data_file), "model": os.path.abspath(stage_src),
-                    "world": world, "stage_config": dataclasses.asdict(stage)}
+                    "data": inside(data_file, out), "data_sha256": data_sha256,
+                    "model": inside(stage_src, out), "world": world, "fsdp": options.fsdp,
+                    "dtype": options.dtype, "stage_config": dataclasses.asdict(stage)}
         stage_plan = StagePlan(k, stage, os.path.join(out, f"stage{k}"), stage_src,
                                encoded[k][0], identity)
         find_earlier(options, stage_plan, plans, config, log)
@@ -232,6 +235,9 @@ def read_inputs(options, src, data_file, eval_file, stages):
         config = load_config(src)
         check_weights(src)
         tok = data.Tokenizer(src)
+        if tok.tok.get_vocab_size() > config.vocab_size:  # its ids would index past the embedding
+            raise ValueError(f"{src}/config.json: vocab_size {config.vocab_size} is smaller than "
+                             f"the {tok.tok.get_vocab_size()} tokens of its tokenizer.json")
         template = options.template or tok.template
         data.check_template(tok, template, src)
         sets, mean_len, _ = data.split_by_length(data.load_problems(data_file), template)
@@ -292,34 +298,41 @@ def start_checkpoint(options: Options, recipe: Recipe, out: str, stage: int) -> 
     if not os.path.exists(os.path.join(src, "config.json")):
         fail(f"--stage {stage} starts from stage {stage - 1}'s final checkpoint, but {src} "
              f"does not exist: run --stage {stage - 1} with --out {out} first")
+    if problem := checkpoint.check_checkpoint(src, content=True):
+        fail(f"--stage {stage} starts from {src}, which is damaged ({problem}): run --stage "
+             f"{stage - 1} again, or pass --model")
     return src
 
 
 def find_earlier(options: Options, stage_plan: StagePlan, before: list, config: Config, log):
-    """An earlier run of this stage in its folder: complete (skipped), or a step checkpoint to
-    continue from (--resume); a stage after one still to run must not hold a run. A folder that
-    holds a run without --resume, or a different run (run.json), stops with one line."""
+    """An earlier run of this stage in its folder: complete (skipped), or a checkpoint to continue
+    from (--resume); a stage after one still to run must not hold a run. A folder that holds a run
+    without --resume, or a different run (run.json), stops with one line. A final checkpoint ended
+    by the stage's cap is continued when --steps is now larger; one ended by a rule is complete."""
     first_to_run = all(b.complete for b in before)
     run_file = os.path.join(stage_plan.dir, "run.json")
     if os.path.exists(run_file) or os.path.exists(os.path.join(stage_plan.dir, "metrics.jsonl")):
         if not options.resume:
             fail(f"{stage_plan.dir} already holds a run: pass --resume to continue it or choose "
                  f"another --out")
-        if os.path.exists(run_file):
-            with open(run_file) as f:
-                old = json.load(f)
-            differ = [k for k in stage_plan.identity if old.get(k) != stage_plan.identity[k]]
-            if differ:
-                fail(f"{stage_plan.dir} holds a different run ({', '.join(differ)} differ: "
-                     f"{run_file}); resume it with the same arguments or choose another --out")
+        check_identity(stage_plan, run_file, log)
         if not first_to_run:
             fail(f"{stage_plan.dir} holds a run, but an earlier stage of the range is not "
                  f"complete: choose another --out")
-        if checkpoint.check_checkpoint(os.path.join(stage_plan.dir, "final")) is None:
-            stage_plan.complete = True
-            log(f"[fastcurl] stage {stage_plan.number} is already complete: {stage_plan.dir}/final")
-            return
-        resume_from = stage_plan.resume_from = checkpoint.latest_checkpoint(stage_plan.dir, log=log)
+        final = os.path.join(stage_plan.dir, "final")
+        if checkpoint.check_checkpoint(final) is None:
+            ended = torch.load(os.path.join(final, "trainer_state.pt"), weights_only=False)
+            ended = ended["state"]
+            if not ended["end"].startswith("steps:") or ended["step"] >= stage_plan.settings.steps:
+                stage_plan.complete = True
+                log(f"[fastcurl] stage {stage_plan.number} is already complete: {final}")
+                return
+            stage_plan.resume_from = final
+            log(f"[fastcurl] stage {stage_plan.number} ended at its cap, step {ended['step']}: "
+                f"continuing from {final} to --steps {stage_plan.settings.steps}")
+        else:
+            stage_plan.resume_from = checkpoint.latest_checkpoint(stage_plan.dir, log=log)
+        resume_from = stage_plan.resume_from
         if resume_from and not checkpoint.same_architecture(load_config(resume_from), config):
             fail(f"{resume_from}/config.json does not match {stage_plan.src}/config.json: not "
                  f"the same model")
@@ -327,6 +340,41 @@ def find_earlier(options: Options, stage_plan: StagePlan, before: list, config: 
         # nothing to resume (a crash before the first checkpoint, or a stage not begun)
         log(f"[fastcurl] --resume: no checkpoint in {stage_plan.dir} yet: stage "
             f"{stage_plan.number} starts from step 0")
+
+
+# what may change on a resume, logged: the data file's path (its content is data_sha256), the
+# learning rate (the advice after a NaN stop), the cap on steps (a finished stage continued)
+MAY_CHANGE = ("data", "stage_config.lr", "stage_config.steps")
+
+
+def check_identity(stage_plan: StagePlan, run_file: str, log):
+    """The run in the folder is this run: run.json readable, and every field the same but those
+    that may change (logged); else one line naming each field with its old and new values."""
+    if not os.path.exists(run_file):
+        fail(f"{stage_plan.dir} holds a run (metrics.jsonl) but no run.json, so it cannot be "
+             f"checked to be this run: choose another --out")
+    try:
+        with open(run_file) as f:
+            old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as e:
+        fail(f"{run_file} is damaged ({e}): restore it, or choose another --out")
+    flat = lambda identity: {**{k: v for k, v in identity.items() if k != "stage_config"}, **{
+        f"stage_config.{k}": v for k, v in (identity.get("stage_config") or {}).items()}}
+    old, new = flat(old), flat(stage_plan.identity)
+    differ = [f"{k} {old.get(k)} -> {new[k]}" for k in new if old.get(k) != new[k]]
+    if refused := [d for d in differ if d.split()[0] not in MAY_CHANGE]:
+        fail(f"{stage_plan.dir} holds a different run ({'; '.join(refused)}: {run_file}); "
+             f"resume it with the same arguments or choose another --out")
+    if differ:
+        log(f"[fastcurl] --resume of {stage_plan.dir} with changes: {'; '.join(differ)}")
+
+
+def inside(path: str, out: str) -> str:
+    """A path for run.json: relative to the output folder when inside it (the folder may move)."""
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(out))
+    return os.path.abspath(path) if relative.split(os.sep)[0] == ".." else relative
 
 
 def build(plan: Plan):
@@ -346,12 +394,32 @@ def build(plan: Plan):
     return policy, engine
 
 
+def lock_folder(out: str):
+    """One run per output folder at a time: an exclusive lock on out/.lock, held while the process
+    lives (the system drops it when the process ends, however it ends; children do not inherit
+    it)."""
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fail(f"--out {out}: another run is writing there (it holds {out}/.lock): wait for it to "
+             f"end or choose another --out")
+    LOCKS.append(fd)
+
+
+LOCKS = []  # the open lock files: closing one would drop its lock
+
+
 def main(argv=None):
     options, stage_flags = parse_args(argv)
     rank, world, device = fsdp.setup_dist(options.device)
     plan = make_plan(options, stage_flags, rank, world, device)
     if plan is None:
         return fsdp.close_dist()
+    if rank == 0:
+        lock_folder(os.path.dirname(plan.stages[0].dir))
+    fsdp.barrier()  # every rank's checks done before rank 0 writes run.json, which they look for
     policy, engine = build(plan)
     failure = curriculum.run(plan, policy, engine)
     fsdp.close_dist(engine)

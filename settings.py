@@ -74,6 +74,9 @@ def check(obj, label: str = ""):
     the value (and `label`, e.g. the stage) and what is allowed."""
     for f in dataclasses.fields(obj):
         value, meta = getattr(obj, f.name), f.metadata
+        if isinstance(value, str) and not value.strip():  # else "" would quietly be the default
+            raise ValueError(f"{flag_of(f)} {value!r}{label}: empty (leave the flag out for its "
+                             f"default)")
         if meta["choices"] and value is not None and value not in meta["choices"]:
             raise ValueError(f"{flag_of(f)} {value}{label}: must be one of "
                              f"{', '.join(meta['choices'])}")
