@@ -61,7 +61,10 @@ def run(plan, policy, engine) -> str | None:
         if problem:
             return problem
         # 3. steps until a rule ends the stage (or a signal, or updates that keep failing); a
-        # checkpoint whose state has an end was saved by a signal in the stage's last step
+        # checkpoint whose state has an end was saved by a signal in the stage's last step, or is
+        # a final whose cap --resume raised (then the stage goes on)
+        if state.end.startswith("steps") and state.step < stage_plan.settings.steps:
+            state.end = ""
         status = "done" if state.end else train_stage(plan, stage_plan, trainer, sampler, engine,
                                                       state, stop)
         saved = checkpoint.latest_marker(stage_plan.dir)
