@@ -1,4 +1,4 @@
-"""Odd inputs to the problem files and eval.py's flags (issue #29): a FIFO or a folder as a problem
+"""Odd inputs to the problem files and eval.py's flags: a FIFO or a folder as a problem
 file, a pretty-printed JSON object, eval.py's value ranges and --out, data.py split --out under a
 file, held-out prompts longer than the engine takes. Each is one line naming the flag or file, a
 non-zero exit, nothing written, and the corrected command runs."""

@@ -1,4 +1,4 @@
-"""#29, the plan's share: what a run will write or read is checked before any compute, a run's
+"""Bad input found by the plan: what a run will write or read is checked before any compute, a run's
 identity (run.json) catches what changes its results and allows what may change on a resume, one run
 per output folder, and a bad input is one line (one rank's under torchrun)."""
 import json
@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import grpo
+
+pytestmark = pytest.mark.slow  # most tests here start processes or train a step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--steps", "1", "--batch", "4", "--n-samples", "2", "--eval-k", "0", "--rollout", "torch",

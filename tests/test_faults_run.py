@@ -1,4 +1,4 @@
-"""#29, faults during a run: a signal in a stage's last step, a torn metrics.jsonl line, seeds of
+"""Faults during a run: a signal in a stage's last step, a torn metrics.jsonl line, seeds of
 any size, a full disk. Each drives the real CLI (torchrun where ranks matter)."""
 import json
 import os
