@@ -389,8 +389,8 @@ def build(plan: Plan):
             start_from, dtype=getattr(torch, plan.options.dtype), device=plan.device).eval()
     engine = make_engine(plan.engine[0], sampler_model, plan.tok, model_dir=start_from,
                          rank=plan.rank, world=plan.world, dtype=plan.options.dtype,
-                         seed=curriculum.fit_seed(plan.options.seed), max_model_len=plan.max_model_len,
-                         memory=plan.options.vllm_memory)
+                         seed=curriculum.fit_seed(plan.options.seed),
+                         max_model_len=plan.max_model_len, memory=plan.options.vllm_memory)
     return policy, engine
 
 
