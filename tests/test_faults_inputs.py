@@ -8,20 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import data
 import eval as evaluate
-import grpo
+from tests.test_plan import QUICK, plan_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = ["--steps", "1", "--batch", "4", "--n-samples", "2", "--eval-k", "0", "--rollout", "torch",
-         "--device", "cpu"]
-
-
-def plan_of(*argv):
-    options, stage_flags = grpo.parse_args(list(argv))
-    return grpo.make_plan(options, stage_flags, rank=0, world=1, device=torch.device("cpu"))
 
 
 def run(script, *args, timeout=120):

@@ -11,17 +11,11 @@ import pytest
 import torch
 
 import grpo
+from tests.test_plan import QUICK, plan_of
 
 pytestmark = pytest.mark.slow  # most tests here start processes or train a step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUICK = ["--steps", "1", "--batch", "4", "--n-samples", "2", "--eval-k", "0", "--rollout", "torch",
-         "--device", "cpu"]
-
-
-def plan_of(*argv):
-    options, stage_flags = grpo.parse_args(list(argv))
-    return grpo.make_plan(options, stage_flags, rank=0, world=1, device=torch.device("cpu"))
 
 
 def refused(*argv) -> str:

@@ -6,6 +6,10 @@ import data
 import grpo
 
 
+QUICK = ["--steps", "1", "--batch", "4", "--n-samples", "2", "--eval-k", "0", "--rollout", "torch",
+         "--device", "cpu"]  # a run of one small step
+
+
 def plan_of(*argv):
     options, stage_flags = grpo.parse_args(list(argv))
     return grpo.make_plan(options, stage_flags, rank=0, world=1, device=torch.device("cpu"))
