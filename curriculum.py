@@ -353,8 +353,7 @@ def score_held_out(plan, stage, engine, limit: int | None = None) -> dict:
     return evaluate_file(engine, plan.tok, plan.template, plan.eval_file, k=plan.options.eval_k,
                          temperature=stage.temperature, max_tokens=plan.eval_tokens,
                          max_prompt=stage.max_prompt, seed=fit_seed(plan.options.seed),
-                         rank=plan.rank,
-                         world=plan.world, problems=plan.eval_problems, limit=limit)
+                         rank=plan.rank, world=plan.world, problems=plan.eval_problems, limit=limit)
 
 
 def begin_stage_files(plan, stage_plan, state: StageState) -> str | None:
@@ -362,7 +361,6 @@ def begin_stage_files(plan, stage_plan, state: StageState) -> str | None:
     checkpoint (by a run that died before its next one) -> None, or on every rank the message to
     exit with (a damaged line)."""
     problem = None
-    fsdp.barrier()  # every rank has read the folder (grpo.make_plan) before it changes
     if plan.rank == 0:
         os.makedirs(stage_plan.dir, exist_ok=True)
         problem = write_atomic(os.path.join(stage_plan.dir, "run.json"),
