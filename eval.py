@@ -39,7 +39,7 @@ def evaluate_file(engine, tok, template: str, path: str, *, problems: list, k: i
                   temperature: float, top_p: float = 1.0, max_tokens: int, max_prompt: int,
                   seed: int = 0, rank: int = 0, world: int = 1, limit: int | None = None) -> dict:
     """Score the first `limit` problems of the file at `path`; under several ranks each takes
-    problems rank::world and rank 0 gets all. A prompt that leaves the engine no room for a
+    problems rank::world and every rank gets all. A prompt that leaves the engine no room for a
     response token (vLLM refuses it, mid-eval) is not sent: counted in "dropped"."""
     probs = problems[:limit]
     mine = range(rank, len(probs), world)
