@@ -120,9 +120,7 @@ def publish(tmp: str, path: str, extra: dict, keep: int):
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
     parent = os.path.dirname(path)
-    with open(os.path.join(parent, "latest.tmp"), "w") as f:
-        f.write(os.path.basename(path) + "\n")
-    os.replace(os.path.join(parent, "latest.tmp"), os.path.join(parent, "latest"))
+    replace_file(os.path.join(parent, "latest"), os.path.basename(path) + "\n")
     fd = os.open(parent, os.O_RDONLY)  # the directory's entries on disk too
     try:
         os.fsync(fd)
@@ -150,6 +148,22 @@ def full_disk(folder: str, write) -> str | None:
         return (f"[fastcurl] {os.path.abspath(folder)}: no space left on its disk (or quota): "
                 f"{free / 2 ** 20:.1f} MiB free; free some space, then rerun the same command "
                 f"with --resume")
+
+
+def replace_file(path: str, text: str):
+    """path's new content through path.tmp, renamed into place: a crash at any moment leaves the
+    old file or the new one, whole."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_atomic(path: str, text: str) -> str | None:
+    """replace_file -> None, or the message of a full disk (path.tmp removed, the old file kept)."""
+    if problem := full_disk(os.path.dirname(path) or ".", lambda: replace_file(path, text)):
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+    return problem
 
 
 def on_every_rank(problem: str | None) -> str | None:

@@ -16,9 +16,9 @@ stage's settings are a settings.Stage, the run's a grpo.Plan (built and checked 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
+import re
 import sys
 import time
 
@@ -31,16 +31,17 @@ import fsdp
 from eval import evaluate_file
 from model import Transformer
 from reward import reward_errors, score_completions
+from settings import fit_seed
 from trainer import Trainer, group_advantages
 
 
-def run(plan, policy, engine) -> str | None:
-    """Every stage of the plan in order -> None, or the message to exit with."""
-    stop = checkpoint.StopFlag()
+def run(plan, policy, engine, stop) -> str | None:
+    """Every stage of the plan in order -> None, or the message to exit with. stop(): whether a
+    signal asked the run to stop (checkpoint.StopFlag)."""
     for index, stage_plan in enumerate(plan.stages):
-        if index and stop():  # a signal during the previous stage's eval: --resume starts this one
-            say(plan, f"stopped by a signal before stage {stage_plan.number}: rerun the same "
-                      f"command with --resume to continue")
+        if stop():  # a signal during start-up, or during the previous stage's eval
+            say(plan, f"stopped by a signal before stage {stage_plan.number} trained: rerun the "
+                      f"same command" + (" with --resume" if index else "") + " to continue")
             return None
         # 1. a fresh start for the stage's random numbers, then its reference policy: its
         # starting weights (the previous stage's final), frozen
@@ -84,8 +85,8 @@ def run(plan, policy, engine) -> str | None:
             result, problem = score_held_out(plan, stage_plan.settings, engine), None
             if plan.rank == 0:
                 result.update(stage=stage_plan.number, end_step=state.step, end_reason=state.end)
-                problem = write_atomic(os.path.join(stage_plan.dir, "eval.json"),
-                                       json.dumps(result, indent=2))
+                problem = checkpoint.write_atomic(os.path.join(stage_plan.dir, "eval.json"),
+                                                  json.dumps(result, indent=2))
                 say(plan, f"stage {stage_plan.number} held-out {os.path.basename(plan.eval_file)}: "
                           f"pass@1 {result['pass@1']:.3f} (k={plan.options.eval_k}), mean length "
                           f"{result['response_len/mean']:.1f}" + (f", {result['dropped']} prompts "
@@ -208,13 +209,6 @@ def end_reason(stage, state: StageState, n_prompts: int) -> str | None:
     if step >= stage.steps:
         return f"steps: the stage's cap, {stage.steps}"
     return None
-
-
-def fit_seed(seed: int, bits: int = 62) -> int:
-    """A derived seed that every generator takes (a 64-bit integer, with room for the small
-    offsets added later: rank, round, chunk): reduced modulo 2**bits where it is out of
-    (-2**bits, 2**bits), so that the seeds of any --seed in that range stay as they are."""
-    return seed if abs(seed) < 1 << bits else seed % (1 << bits)
 
 
 SAMPLER_SEED_BITS = 42  # data.Sampler seeds each epoch with seed * 1_000_003 (< 2**20) + epoch
@@ -363,25 +357,13 @@ def begin_stage_files(plan, stage_plan, state: StageState) -> str | None:
     problem = None
     if plan.rank == 0:
         os.makedirs(stage_plan.dir, exist_ok=True)
-        problem = write_atomic(os.path.join(stage_plan.dir, "run.json"),
-                               json.dumps(stage_plan.identity, indent=1))
+        problem = checkpoint.write_atomic(os.path.join(stage_plan.dir, "run.json"),
+                                          json.dumps(stage_plan.identity, indent=1))
         metrics = os.path.join(stage_plan.dir, "metrics.jsonl")
         if os.path.exists(metrics) and not problem:
             keep, problem = metrics_until(plan, metrics, state.step)
-            problem = problem or write_atomic(metrics, "".join(keep))
+            problem = problem or checkpoint.write_atomic(metrics, "".join(keep))
     return checkpoint.on_every_rank(problem)
-
-
-def write_atomic(path: str, text: str) -> str | None:
-    """A file's new content through path.tmp, renamed into place: a write that fails leaves the
-    old one -> None, or the message of a full disk (path.tmp removed)."""
-    def write():
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
-    if problem := checkpoint.full_disk(os.path.dirname(path), write):
-        os.remove(path + ".tmp")
-    return problem
 
 
 def metrics_until(plan, path: str, step: int) -> tuple[list | None, str | None]:
@@ -391,20 +373,26 @@ def metrics_until(plan, path: str, step: int) -> tuple[list | None, str | None]:
         lines = f.readlines()
     keep = []
     for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line) if line.strip() else {}
-            if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
-                raise ValueError
-        except ValueError:
+        row = metrics_row(line)
+        if row is None and line.strip():
             if number == len(lines) and not line.endswith("\n"):
                 say(plan, f"{path}: its last line was cut short (a kill while it was written): "
                           f"dropped")
                 continue
             return None, (f"[fastcurl] {path} line {number} is not a metrics row (a JSON object "
                           f"with an integer step): repair or delete it, then rerun with --resume")
-        if row and row.get("step", 0) <= step:
+        if row and row["step"] <= step:
             keep.append(line.rstrip("\n") + "\n")
     return keep, None
+
+
+def metrics_row(line: str) -> dict | None:
+    """One metrics.jsonl line -> its row (a JSON object with an integer step), or None."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 def save(plan, stage_plan, trainer, sampler, state: StageState, name: str):
@@ -458,24 +446,32 @@ def plot(run_dir: str, out: str | None = None) -> str:
     except ImportError:
         raise SystemExit("plotting needs matplotlib: pip install matplotlib (or pip install -e "
                          ".[plot])")
+    if not os.path.isdir(run_dir):
+        raise SystemExit(f"{run_dir}: no such folder (a run's --out)")
     rows = []
-    for path in sorted(glob.glob(os.path.join(run_dir, "stage*", "metrics.jsonl")),
-                       key=lambda p: int(os.path.basename(os.path.dirname(p))[5:])):
-        with open(path) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
+    stages = [int(name[5:]) for name in os.listdir(run_dir) if re.fullmatch(r"stage\d+", name)]
+    for number in sorted(stages):
+        path = os.path.join(run_dir, f"stage{number}", "metrics.jsonl")
+        lines = open(path, errors="replace").readlines() if os.path.isfile(path) else []
+        read = [row for row in map(metrics_row, lines) if row is not None]
+        if len(read) < len(lines):
+            print(f"[fastcurl] {path}: skipped {len(lines) - len(read)} line(s) that are not "
+                  f"metrics rows", file=sys.stderr)
+        rows += read
     if not rows:
-        raise SystemExit(f"{run_dir}: no stage*/metrics.jsonl to plot")
+        raise SystemExit(f"{run_dir}: no stage<N>/metrics.jsonl rows to plot")
     keys = [("reward/mean", "reward"), ("response_len/mean", "response length (tokens)"),
             ("entropy/mean", "entropy"), ("truncated_frac", "truncated fraction")]
     fig, axes = plt.subplots(len(keys), 1, figsize=(8, 9), sharex=True)
-    bounds = [i + 1 for i in range(1, len(rows)) if rows[i]["stage"] != rows[i - 1]["stage"]]
+    stage_of = [row.get("stage") for row in rows]
+    bounds = [i + 1 for i in range(1, len(rows)) if stage_of[i] != stage_of[i - 1]]
     for ax, (k, label) in zip(axes, keys):
         ax.plot(range(1, len(rows) + 1), [r.get(k, float("nan")) for r in rows], lw=1)
         for b in bounds:
             ax.axvline(b - 0.5, color="gray", ls="--", lw=0.8)
         ax.set_ylabel(label)
     for s in [1] + bounds:
-        axes[0].text(s, axes[0].get_ylim()[1], f" stage {rows[s - 1]['stage']}", va="top",
+        axes[0].text(s, axes[0].get_ylim()[1], f" stage {stage_of[s - 1]}", va="top",
                      fontsize=8)
     for i, r in enumerate(rows):  # why each stage ended, at its last step
         if r.get("stage_end"):
@@ -485,7 +481,10 @@ def plot(run_dir: str, out: str | None = None) -> str:
     axes[-1].xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.tight_layout()
     out = out or os.path.join(run_dir, "curriculum.png")
-    fig.savefig(out, dpi=100)
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise SystemExit(f"{out}: cannot write the plot ({e.strerror or e})")
     return out
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+import checkpoint
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOY_MODEL = os.path.join(HERE, "assets", "toy", "model")      # the embedded toy: checkpoint,
 TOY_DATA = os.path.join(HERE, "assets", "toy", "train.jsonl")  # training problems
@@ -123,9 +125,7 @@ def _json(text: str, path: str, line: int):
 
 def write_jsonl(path: str, problems: list[Problem]):
     rows = (p.record or {"problem": p.problem, "answer": p.answer} for p in problems)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(row, default=str) + "\n" for row in rows)
-    os.replace(path + ".tmp", path)
+    checkpoint.replace_file(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
 def user_turn(problem: str, template: str) -> str:

@@ -17,17 +17,19 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
 import data
+from checkpoint import write_atomic
 from fsdp import close_dist, finish, setup_dist
 from model import Transformer, check_weights
 from reward import score_completions
 from rollout import choose_engine, make_engine
-from settings import DEFAULT_RECIPE, PAPER, RECIPES, check, eval_budget
+from settings import DEFAULT_RECIPE, PAPER, RECIPES, check, eval_budget, fit_seed
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -147,20 +149,22 @@ def main(argv=None):
         a.model, dtype=getattr(torch, a.dtype), device=device)
     if rank == 0:
         print(f"[fastcurl] rollout engine: {kind} ({why})", flush=True)
-    engine = make_engine(kind, model, tok, model_dir=a.model, rank=rank, world=world, seed=a.seed,
+    seed = fit_seed(a.seed)
+    engine = make_engine(kind, model, tok, model_dir=a.model, rank=rank, world=world, seed=seed,
                          dtype=a.dtype, max_model_len=max_prompt + max_tokens)
     results = []
     for path, problems in files:
         results.append(evaluate_file(engine, tok, template, path, k=a.k, temperature=temperature,
                                      top_p=a.top_p, max_tokens=max_tokens, max_prompt=max_prompt,
-                                     seed=a.seed, rank=rank, world=world, problems=problems,
+                                     seed=seed, rank=rank, world=world, problems=problems,
                                      limit=a.limit))
         if rank == 0:
             print_row(results[-1], a.k, header=len(results) == 1)
             if a.out:  # written as each file is done: a later failure keeps the earlier scores
-                with open(a.out + ".tmp", "w") as f:
-                    json.dump({"model": a.model, "results": results}, f, indent=2)
-                os.replace(a.out + ".tmp", a.out)
+                problem = write_atomic(a.out, json.dumps({"model": a.model, "results": results},
+                                                         indent=2))
+                if problem:
+                    sys.exit(problem)
     close_dist(engine)
 
 

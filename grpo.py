@@ -27,7 +27,7 @@ import fsdp
 from model import Config, Transformer, check_weights, load_config
 from rollout import choose_engine, make_engine
 from settings import DEFAULT_RECIPE, RECIPES, HelpFormatter, Recipe, Stage, add_flags, check, \
-    check_stage, eval_budget, flag_of, parse_value, setting, stage_defaults
+    check_stage, eval_budget, fit_seed, flag_of, parse_value, setting, stage_defaults
 from trainer import TrainConfig
 
 
@@ -273,14 +273,22 @@ def print_plan(plan: Plan, dropped: dict, mean_len: float):
 
 
 def check_writable(stage_dir: str):
-    """The output folder, or the nearest folder above it that exists, must be a writable folder."""
+    """The output folder, or the nearest folder above it that exists, must be a writable folder,
+    and the names of the folders still to make within the file system's limit."""
     folder = os.path.abspath(stage_dir)
     while not os.path.exists(folder):
+        if os.path.islink(folder):
+            fail(f"--out: {folder} is a link to {os.readlink(folder)}, which does not exist")
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         fail(f"--out: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         fail(f"--out: {folder} is not writable")
+    limit = os.pathconf(folder, "PC_NAME_MAX")
+    for name in os.path.relpath(os.path.abspath(stage_dir), folder).split(os.sep):
+        if len(os.fsencode(name)) > limit:
+            fail(f"--out: the folder name {name[:20]}... is {len(os.fsencode(name))} bytes long: "
+                 f"this file system takes at most {limit}")
 
 
 def start_checkpoint(options: Options, recipe: Recipe, out: str, stage: int) -> str:
@@ -389,7 +397,7 @@ def build(plan: Plan):
             start_from, dtype=getattr(torch, plan.options.dtype), device=plan.device).eval()
     engine = make_engine(plan.engine[0], sampler_model, plan.tok, model_dir=start_from,
                          rank=plan.rank, world=plan.world, dtype=plan.options.dtype,
-                         seed=curriculum.fit_seed(plan.options.seed),
+                         seed=fit_seed(plan.options.seed),
                          max_model_len=plan.max_model_len, memory=plan.options.vllm_memory)
     return policy, engine
 
@@ -412,6 +420,7 @@ LOCKS = []  # the open lock files: closing one would drop its lock
 
 
 def main(argv=None):
+    stop = checkpoint.StopFlag()  # from here on a SIGTERM / SIGINT stops the run cleanly
     options, stage_flags = parse_args(argv)
     rank, world, device = fsdp.setup_dist(options.device)
     plan = make_plan(options, stage_flags, rank, world, device)
@@ -421,7 +430,7 @@ def main(argv=None):
         lock_folder(os.path.dirname(plan.stages[0].dir))
     fsdp.barrier()  # every rank's checks done before rank 0 writes run.json, which they look for
     policy, engine = build(plan)
-    failure = curriculum.run(plan, policy, engine)
+    failure = curriculum.run(plan, policy, engine, stop)
     fsdp.close_dist(engine)
     if failure:
         sys.exit(failure)

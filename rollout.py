@@ -257,7 +257,9 @@ class VLLMEngine:
                                f"engine: need >= 0.10")
         cuda = torch.cuda.is_available()
         self.sleep_level = 1 if cuda else 0
-        kw = dict(model=model_dir, dtype=dtype, max_model_len=max_model_len, seed=seed + rank,
+        # vLLM seeds numpy with its engine seed, which takes only 32 bits
+        kw = dict(model=model_dir, dtype=dtype, max_model_len=max_model_len,
+                  seed=(seed + rank) % (1 << 32),
                   gpu_memory_utilization=gpu_memory_utilization or (0.4 if cuda else 0.15),
                   enforce_eager=not cuda, logprobs_mode="processed_logprobs",
                   enable_prefix_caching=True, enable_sleep_mode=bool(self.sleep_level))

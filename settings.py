@@ -255,3 +255,10 @@ def stage_defaults(field: dataclasses.Field) -> str:
                   (getattr(s, field.name) for s in recipe.stages)]
         parts.append(f"{name}: {values[0] if len(set(values)) == 1 else ','.join(values)}")
     return "; ".join(parts)
+
+
+def fit_seed(seed: int, bits: int = 62) -> int:
+    """A derived seed that every generator takes (a 64-bit integer, with room for the small
+    offsets added later: rank, round, chunk): reduced modulo 2**bits where it is out of
+    (-2**bits, 2**bits), so that the seeds of any --seed in that range stay as they are."""
+    return seed if abs(seed) < 1 << bits else seed % (1 << bits)

@@ -163,3 +163,22 @@ def test_vllm_is_never_sent_a_prompt_it_refuses(tmp_path):
             "--rollout", "vllm", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rollout engine: vllm" in r.stdout and "(2 dropped: prompt + 1 token" in r.stdout
+
+
+def test_plot_reads_what_a_kill_or_a_copy_leaves_and_names_a_missing_folder(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"step": 1, "stage": 1, "reward/mean": 0.1}, {"step": 2, "stage": 2, "reward/mean": 0.3}]
+    (tmp_path / "stage1").mkdir()
+    (tmp_path / "stage1" / "metrics.jsonl").write_text(json.dumps(rows[0]) + '\n{"step": 2, "st')
+    (tmp_path / "stage1.bak").mkdir()  # a copy the user made: not a stage
+    (tmp_path / "stage1.bak" / "metrics.jsonl").write_text("not json\n")
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "stage2" / "metrics.jsonl").write_text(json.dumps(rows[1]) + "\n")
+    r = run("curriculum.py", "plot", str(tmp_path))
+    assert r.returncode == 0 and os.path.exists(tmp_path / "curriculum.png"), r.stderr[-3000:]
+    assert r.stderr == f"[fastcurl] {tmp_path}/stage1/metrics.jsonl: skipped 1 line(s) that are " \
+                       f"not metrics rows\n"
+    r = run("curriculum.py", "plot", str(tmp_path / "elsewhere"))
+    assert r.returncode == 1 and r.stderr == f"{tmp_path}/elsewhere: no such folder (a run's --out)\n"
+    r = run("curriculum.py", "plot", str(tmp_path), str(tmp_path / "no" / "plot.png"))
+    assert r.returncode == 1 and "plot.png: cannot write the plot (No such file" in r.stderr

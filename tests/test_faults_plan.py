@@ -69,6 +69,21 @@ def test_a_later_stage_folder_not_writable_is_found_before_stage_1(tmp_path):
     assert "stage2 is not writable" in refused("--stage", "1-2", "--out", str(tmp_path))
 
 
+def test_out_a_dangling_link_is_one_line_then_the_corrected_command_runs(tmp_path):
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "gone" / "runs")
+    line = refused("--out", str(link), *QUICK)
+    assert line == f"[fastcurl] --out: {link} is a link to {tmp_path}/gone/runs, which does not exist"
+    (tmp_path / "gone" / "runs").mkdir(parents=True)
+    assert plan_of("--out", str(link), *QUICK).stages[0].dir == f"{link}/stage1"
+
+
+def test_out_a_name_over_the_file_systems_limit_is_one_line(tmp_path):
+    line = refused("--out", str(tmp_path / ("a" * 300) / "b"), *QUICK)
+    assert line.startswith("[fastcurl] --out: the folder name aaaaaaaa") and "300 bytes" in line
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_damaged_previous_final_is_one_line(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     shutil.rmtree(out / "stage2")

@@ -1,18 +1,19 @@
-"""Faults during a run: a signal in a stage's last step, a torn metrics.jsonl line, seeds of
-any size, a full disk. Each drives the real CLI (torchrun where ranks matter)."""
+"""Faults during a run: a signal in a stage's last step or during vLLM's start-up, a torn
+metrics.jsonl line, seeds of any size, a full disk. Each drives the real CLI (torchrun where ranks matter)."""
 import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
 import checkpoint
 
-from tests.test_resilience import metrics, run, start, wait_for_steps
+from tests.test_resilience import ROOT, cmd, metrics, run, start, wait_for_steps
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -129,3 +130,42 @@ def test_a_full_disk_before_the_first_step_is_one_line(tmp_path, small_disk):
     r = run(out, "--steps", "1", "--save-every", "0", "--resume", check=False)
     assert r.returncode != 0 and "no space left" in r.stderr  # the final checkpoint: 3 MB is little
     assert [n for n in os.listdir(out / "stage1") if n.endswith(".tmp")] == []
+
+
+def needs_vllm():
+    if os.environ.get("FASTCURL_REQUIRE_VLLM") != "1":
+        pytest.importorskip("vllm")
+
+
+@pytest.mark.parametrize("delay", [0.0, 2.0])  # in vLLM's import, in its engine's start
+def test_a_sigint_during_vllm_start_up_stops_cleanly_then_the_same_command_runs(tmp_path, delay):
+    needs_vllm()
+    out = tmp_path / "run"
+    args = ["--steps", "1", "--eval-k", "0", "--rollout", "vllm"]
+    p = subprocess.Popen(cmd(out, *args, nproc=1), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = []
+    for line in p.stdout:  # the engine's start begins after this line
+        lines.append(line)
+        if "rollout engine: vllm" in line:
+            time.sleep(delay)
+            p.send_signal(signal.SIGINT)
+            break
+    lines += p.stdout.readlines()
+    output = "".join(lines)
+    assert p.wait(timeout=300) == 0, output[-3000:]
+    assert "stopped by a signal before stage 1 trained: rerun the same command" in output, output[-3000:]
+    assert "Traceback" not in output and "step 1/1" not in output, output[-3000:]
+    assert not os.path.exists(out / "stage1" / "run.json")
+    r = run(out, *args, nproc=1)
+    assert "step 1/1" in r.stdout and os.path.exists(out / "stage1" / "final"), r.stdout[-2000:]
+
+
+@pytest.mark.parametrize("engine", ["torch", "vllm"])
+def test_eval_seeds_of_any_size(engine):
+    if engine == "vllm":
+        needs_vllm()
+    r = subprocess.run([sys.executable, f"{ROOT}/eval.py", "--seed", str(2 ** 70), "--limit", "2",
+                        "--k", "1", "--max-tokens", "4", "--rollout", engine], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "eval.jsonl" in r.stdout, r.stderr[-3000:]
