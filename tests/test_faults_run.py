@@ -161,11 +161,11 @@ def test_a_sigint_during_vllm_start_up_stops_cleanly_then_the_same_command_runs(
     assert "step 1/1" in r.stdout and os.path.exists(out / "stage1" / "final"), r.stdout[-2000:]
 
 
-@pytest.mark.parametrize("engine", ["torch", "vllm"])
+@pytest.mark.parametrize("engine", ["torch", "vllm"])  # 2**40 + 5 after fit_seed: over 32 bits
 def test_eval_seeds_of_any_size(engine):
     if engine == "vllm":
         needs_vllm()
-    r = subprocess.run([sys.executable, f"{ROOT}/eval.py", "--seed", str(2 ** 70), "--limit", "2",
+    r = subprocess.run([sys.executable, f"{ROOT}/eval.py", "--seed", str(2 ** 70 + 2 ** 40 + 5), "--limit", "2",
                         "--k", "1", "--max-tokens", "4", "--rollout", engine], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "eval.jsonl" in r.stdout, r.stderr[-3000:]
