@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-import checkpoint
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOY_MODEL = os.path.join(HERE, "assets", "toy", "model")      # the embedded toy: checkpoint,
 TOY_DATA = os.path.join(HERE, "assets", "toy", "train.jsonl")  # training problems
@@ -125,7 +123,9 @@ def _json(text: str, path: str, line: int):
 
 def write_jsonl(path: str, problems: list[Problem]):
     rows = (p.record or {"problem": p.problem, "answer": p.answer} for p in problems)
-    checkpoint.replace_file(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+    with open(path + ".tmp", "w") as f:  # a crash leaves the old file or the new one, whole
+        f.writelines(json.dumps(row, default=str) + "\n" for row in rows)
+    os.replace(path + ".tmp", path)
 
 
 def user_turn(problem: str, template: str) -> str:
