@@ -17,6 +17,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOY_MODEL = os.path.join(HERE, "assets", "toy", "model")      # the embedded toy: checkpoint,
 TOY_DATA = os.path.join(HERE, "assets", "toy", "train.jsonl")  # training problems
 TOY_EVAL = os.path.join(HERE, "assets", "toy", "eval.jsonl")   # and held-out problems
+# the paper's five test sets and two training sets, shipped as DeepScaleR published them
+# (assets/benchmarks/README.md), by the names every problem-file flag takes
+NAMED_SETS = {"aime24": "aime.json", "amc23": "amc.json", "math500": "math.json",
+              "minerva": "minerva.json", "olympiadbench": "olympiad_bench.json",
+              "math-train": "train_math.json", "aime-train": "train_aime.json"}
+PAPER_BENCHMARKS = ["aime24", "amc23", "math500", "minerva", "olympiadbench"]
 R1_SUFFIX = " Let's think step by step and output the final answer within \\boxed{}."
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 # the special tokens each prompt format is written with
@@ -70,6 +76,13 @@ def _row(row, where) -> Problem:
         text = users[-1].removesuffix(R1_SUFFIX)  # verl files carry the instruction already
         return Problem(text, _answer(rm["ground_truth"], where), where, row)
     raise ValueError(f"{where}: missing field 'problem' (or verl's 'prompt' + 'reward_model')")
+
+
+def problem_file(name: str) -> str:
+    """A problem file's path: a bundled set's name (NAMED_SETS), else the path as given."""
+    if name in NAMED_SETS:
+        return os.path.join(HERE, "assets", "benchmarks", NAMED_SETS[name])
+    return name
 
 
 def load_problems(path: str) -> list[Problem]:
@@ -264,7 +277,7 @@ def main(argv=None):
     split.add_argument("--template", default="r1", choices=["r1", "qwen", "toy"])
     a = ap.parse_args(argv)
     try:
-        probs = load_problems(a.file)
+        probs = load_problems(problem_file(a.file))
         try:
             os.makedirs(a.out, exist_ok=True)
         except OSError as e:  # a file at --out or above it, no permission

@@ -49,8 +49,10 @@ def evaluate_file(engine, tok, template: str, path: str, *, problems: list, k: i
     room = engine.max_model_len or math.inf
     kept = [(i, ids, answer) for i, (ids, answer) in zip(mine, enc) if len(ids) < room]
     t0 = time.time()
+    progress = progress_printer(os.path.basename(path), len(kept), world) if rank == 0 else None
     comps = engine.generate([ids for _, ids, _ in kept], n=k, max_tokens=max_tokens,
-                            temperature=temperature, top_p=top_p, seed=seed + rank)
+                            temperature=temperature, top_p=top_p, seed=seed + rank,
+                            progress=progress)
     rewards = score_completions(comps, [answer for *_, answer in kept for _ in range(k)],
                                 tok.decode)
     rows = []
@@ -76,6 +78,26 @@ def evaluate_file(engine, tok, template: str, path: str, *, problems: list, k: i
             "time_s": time.time() - t0, "per_problem": rows}
 
 
+PROGRESS_EVERY_S = 3.0  # seconds between two progress lines of a long evaluation
+
+
+def progress_printer(name: str, total: int, world: int):
+    """-> progress(problems done, response tokens so far) for engine.generate: a line every
+    PROGRESS_EVERY_S seconds with the problems done, tokens/s and the time left (rank 0's)."""
+    start = last = time.time()
+
+    def progress(done: int, tokens: int):
+        nonlocal last
+        now = time.time()
+        if now - last < PROGRESS_EVERY_S or not done:
+            return
+        last, left = now, (total - done) * (now - start) / done
+        print(f"[fastcurl] {name}: {done}/{total} problems" + (" (rank 0's share)" if world > 1
+              else "") + f", {tokens / (now - start):.0f} tokens/s, eta {left // 60:.0f}m"
+              f"{left % 60:02.0f}s", flush=True)
+    return progress
+
+
 def checked_settings(a, recipe):
     """The flags grpo.py has too, as a stage of the recipe (its defaults, the eval budget) checked
     against the same ranges; --k, --limit and --out. ValueError naming the flag."""
@@ -93,7 +115,7 @@ def checked_settings(a, recipe):
     return stage
 
 
-def main(argv=None):
+def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add = ap.add_argument
@@ -101,7 +123,10 @@ def main(argv=None):
         help="whose defaults: held-out file, temperature, budgets (default: the recipe for the "
              f"checkpoint's prompt format; {PAPER}'s, the paper's, for any other)")
     add("--model", help=f"checkpoint folder (default: the {DEFAULT_RECIPE} model)")
-    add("--data", help="comma-separated problem files (default: the recipe's held-out file)")
+    add("--bench", help="the paper's test sets by name, comma-separated: "
+                        f"{','.join(data.PAPER_BENCHMARKS)}, or paper for all five")
+    add("--data", help="comma-separated problem files or bundled sets' names (default: the "
+                       "recipe's held-out file)")
     add("--k", type=int, default=16, help="samples per problem")
     add("--limit", type=int, help="only the first N problems of each file")
     add("--temperature", type=float, help="default: the recipe's first stage's")
@@ -113,8 +138,33 @@ def main(argv=None):
     add("--seed", type=int, default=0)
     add("--device", default="auto", choices=["auto", "cuda", "cpu"])
     add("--dtype", default="float32", choices=["float32", "bfloat16"])
-    add("--out", help="write a JSON with per-problem results (after each file)")
-    a = ap.parse_args(argv)
+    add("--out", help="write a JSON with per-problem results (after each file) and, beside it, "
+                      "the results table (.md)")
+    return ap.parse_args(argv)
+
+
+def problem_files(a, recipe, template: str) -> list[tuple[str, str]]:
+    """--bench or --data (or the recipe's held-out file) -> [(name shown, path)]."""
+    if a.bench and a.data:
+        raise ValueError("--bench and --data: give one of them")
+    if a.bench:
+        names = data.PAPER_BENCHMARKS if a.bench == "paper" else a.bench.split(",")
+        if unknown := [n for n in names if n not in data.PAPER_BENCHMARKS]:
+            raise ValueError(f"--bench {','.join(unknown)}: not one of "
+                             f"{', '.join(data.PAPER_BENCHMARKS)}, paper")
+        if template == "toy":
+            raise ValueError(f"--bench: {a.model} has the toy's character vocabulary, which "
+                             f"cannot write these problems: give a real model with --model")
+    else:
+        names = (a.data or recipe.eval_data or "").split(",")
+        if names == [""]:
+            raise ValueError("--data: give the problem files to score")
+    return [(n if n in data.NAMED_SETS else os.path.basename(n), data.problem_file(n))
+            for n in names]
+
+
+def main(argv=None):
+    a = parse_args(argv)
     rank, world, device = setup_dist(a.device)
     a.model = a.model or RECIPES[a.recipe or DEFAULT_RECIPE].model
     # every input checked before the model loads
@@ -127,11 +177,9 @@ def main(argv=None):
         data.check_template(tok, template, a.model)
         recipe = RECIPES[a.recipe] if a.recipe else next(
             (r for r in RECIPES.values() if r.template == template), RECIPES[PAPER])
-        a.data = a.data or recipe.eval_data
-        if not a.data:
-            raise ValueError("--data: give the problem files to score")
-        files = [(path, data.load_problems(path)) for path in a.data.split(",")]
-        for _, problems in files:
+        files = [(name, path, data.load_problems(path))
+                 for name, path in problem_files(a, recipe, template)]
+        for *_, problems in files:
             data.encode_problems(problems[:a.limit], tok, template, 10 ** 9)
         stage = checked_settings(a, recipe)
     except (ValueError, OSError, ImportError) as e:
@@ -153,27 +201,57 @@ def main(argv=None):
     engine = make_engine(kind, model, tok, model_dir=a.model, rank=rank, world=world, seed=seed,
                          dtype=a.dtype, max_model_len=max_prompt + max_tokens)
     results = []
-    for path, problems in files:
+    for name, path, problems in files:
         results.append(evaluate_file(engine, tok, template, path, k=a.k, temperature=temperature,
                                      top_p=a.top_p, max_tokens=max_tokens, max_prompt=max_prompt,
                                      seed=seed, rank=rank, world=world, problems=problems,
-                                     limit=a.limit))
+                                     limit=a.limit) | {"name": name, "in_file": len(problems)})
         if rank == 0:
             print_row(results[-1], a.k, header=len(results) == 1)
+            table = results_table(results, a.k)
             if a.out:  # written as each file is done: a later failure keeps the earlier scores
-                problem = write_atomic(a.out, json.dumps({"model": a.model, "results": results},
-                                                         indent=2))
-                if problem:
+                report = {"model": a.model, "results": results, "table": table}
+                if problem := (write_atomic(a.out, json.dumps(report, indent=2)) or write_atomic(
+                        os.path.splitext(a.out)[0] + ".md", table)):
                     sys.exit(problem)
+    if rank == 0 and (len(files) > 1 or files[0][0] in data.PAPER_BENCHMARKS):
+        print(f"\n{table}", flush=True)
     close_dist(engine)
+
+
+# pass@1 (%) in the FastCuRL paper's table (16 samples at T = 0.6 within 32K tokens), in
+# data.PAPER_BENCHMARKS' order
+PAPER_SCORES = {"FastCuRL-1.5B-V3": (49.6, 78.5, 90.5, 34.7, 54.5),
+                "DeepScaleR-1.5B-Preview": (43.1, 73.6, 87.8, 30.2, 50.0),
+                "R1-Distill-Qwen-1.5B": (28.8, 62.9, 82.8, 26.5, 43.3)}
+
+
+def results_table(results: list[dict], k: int) -> str:
+    """Markdown: pass@1 (and pass@k) in % per set, the paper's pass@1 beside the bundled test
+    sets, and the means when every set is one of them."""
+    ours = ["pass@1"] + ([f"pass@{k}"] if k > 1 else [])
+    lines = [f"| set | problems | {' | '.join(ours)} | "
+             + " | ".join(f"{name} (paper)" for name in PAPER_SCORES) + " |",
+             "|---" * (2 + len(ours) + len(PAPER_SCORES)) + "|"]
+    columns = []  # a row's figures: ours, then the paper's for a bundled test set
+    for r in results:
+        paper = [scores[data.PAPER_BENCHMARKS.index(r["name"])] for scores in
+                 PAPER_SCORES.values()] if r["name"] in data.PAPER_BENCHMARKS else []
+        columns.append([100 * r[key] for key in ours] + paper)
+        cells = [f"{x:.1f}" for x in columns[-1]] + [""] * (len(PAPER_SCORES) - len(paper))
+        lines.append(f"| {r['name']} | {r['problems']}/{r['in_file']} | {' | '.join(cells)} |")
+    if len(results) > 1 and all(len(c) == len(ours) + len(PAPER_SCORES) for c in columns):
+        means = [sum(column) / len(columns) for column in zip(*columns)]
+        lines.append("| mean | | " + " | ".join(f"{x:.1f}" for x in means) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def print_row(r: dict, k: int, header: bool):
     if header:
-        print(f"{'file':32s}     n  pass@1  pass@k      len    max  trunc")
+        print(f"{'set':32s}     n  pass@1  pass@k      len    max  trunc")
     dropped = (f"  ({r['dropped']} dropped: prompt + 1 token over the engine's max_model_len)"
                if r["dropped"] else "")
-    print(f"{os.path.basename(r['file'])[:32]:32s} {r['problems']:5d} {100 * r['pass@1']:7.1f} "
+    print(f"{r['name'][:32]:32s} {r['problems']:5d} {100 * r['pass@1']:7.1f} "
           f"{100 * r[f'pass@{k}']:7.1f} {r['response_len/mean']:8.1f} {r['response_len/max']:6d} "
           f"{100 * r['truncated_frac']:6.1f}{dropped}", flush=True)
 

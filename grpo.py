@@ -38,10 +38,11 @@ class Options:
     recipe: str = setting(DEFAULT_RECIPE, "the stage table and its defaults", choices=RECIPES)
     model: str | None = setting(None, "the first stage's starting Hugging Face checkpoint "
                                 "(default: the recipe's at stage 1, stage N-1's final at stage N)")
-    data: str | None = setting(None, "the problem file: JSON, JSONL or parquet (default: the "
-                               "recipe's)")
-    eval_data: str | None = setting(None, "held-out problems scored at the end of each stage "
-                                    "(default: the recipe's, with its data)")
+    data: str | None = setting(None, "the problem file: JSON, JSONL or parquet, or a bundled set's "
+                               "name: math-train, aime-train (default: the recipe's)")
+    eval_data: str | None = setting(None, "held-out problems scored at the end of each stage, "
+                                    "a file or a bundled set's name: aime24, amc23, math500, "
+                                    "minerva, olympiadbench (default: the recipe's, with its data)")
     out: str | None = setting(None, "output folder (default runs/<recipe>)")
     resume: bool = setting(False, "continue the run in --out from its last checkpoint")
     rollout: str = setting("auto", "rollout engine: vLLM when it can serve the model (auto), or "
@@ -172,10 +173,11 @@ def make_plan(options: Options, overrides: dict, rank: int, world: int, device) 
     for k in stages:
         check_writable(os.path.join(out, f"stage{k}"))
     src = start_checkpoint(options, recipe, out, min(stages))
-    data_file = options.data or recipe.data
+    data_file = data.problem_file(options.data or recipe.data)
     if data_file is None:
         fail(f"--recipe {options.recipe} needs --data (a problem file: JSON, JSONL or parquet)")
-    eval_file = options.eval_data or (recipe.eval_data if options.data is None else None)
+    eval_file = data.problem_file(options.eval_data) or (
+        recipe.eval_data if options.data is None else None)
     eval_file = eval_file if options.eval_k > 0 else None
     with_eval_rule = any(s.end_eval is not None for s in stages.values())
     if (options.eval_every or with_eval_rule) and not eval_file:

@@ -123,12 +123,18 @@ class TorchEngine:
                     params[name].copy_(t)
 
     def generate(self, prompts: list[list[int]], n: int = 1, max_tokens: int = 64,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[Completion]:
-        """n samples per prompt, prompt-major: out[i * n + j] is sample j of prompt i."""
-        per_call = max(1, self.max_rows // n)
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 progress=None) -> list[Completion]:
+        """n samples per prompt, prompt-major: out[i * n + j] is sample j of prompt i;
+        progress(prompts done, response tokens so far) as prompts finish."""
+        per_call, out = max(1, self.max_rows // n), []
         with self._packed_layers():
-            return [c for s in range(0, len(prompts), per_call) for c in self._generate(
-                prompts[s:s + per_call], n, max_tokens, temperature, top_p, seed + s)]
+            for s in range(0, len(prompts), per_call):
+                out += self._generate(prompts[s:s + per_call], n, max_tokens, temperature, top_p,
+                                      seed + s)
+                if progress:
+                    progress(len(out) // n, sum(len(c.response_ids) for c in out))
+        return out
 
     @torch.inference_mode()
     def _generate(self, prompts, n, max_tokens, temperature, top_p, seed):
@@ -266,17 +272,32 @@ class VLLMEngine:
         if world > 1:
             kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world)
         self.llm = vllm.LLM(**kw)
-        self.asleep, self.max_model_len = False, max_model_len
+        self.asleep, self.max_model_len, self.requests = False, max_model_len, 0
+        from vllm.sampling_params import RequestOutputKind
+        self.final_only = RequestOutputKind.FINAL_ONLY  # each request's output once, when done
 
-    def generate(self, prompts, n=1, max_tokens=64, temperature=1.0, top_p=1.0,
-                 seed=0) -> list[Completion]:
+    def generate(self, prompts, n=1, max_tokens=64, temperature=1.0, top_p=1.0, seed=0,
+                 progress=None) -> list[Completion]:
+        """As TorchEngine.generate. The loop of vLLM's LLM.generate, written out (LLMEngine's
+        add_request and step), so that progress sees each prompt as it finishes."""
         self.wake_up()
         sampling = self.vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p,
-                                            max_tokens=max_tokens, seed=seed, logprobs=0)
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling,
-                                 use_tqdm=False)
+                                            max_tokens=max_tokens, seed=seed, logprobs=0,
+                                            output_kind=self.final_only)
+        engine, names = self.llm.llm_engine, [f"{self.requests + i}" for i in range(len(prompts))]
+        self.requests += len(prompts)  # a request's name is unique in the engine's life
+        for name, p in zip(names, prompts):
+            engine.add_request(name, {"prompt_token_ids": list(p)}, sampling)
+        finished, tokens = {}, 0
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                if o.finished:
+                    finished[o.request_id] = o
+                    tokens += sum(len(c.token_ids) for c in o.outputs)
+                    if progress:
+                        progress(len(finished), tokens)
         comps = []
-        for p, o in zip(prompts, outs):
+        for p, o in zip(prompts, (finished[name] for name in names)):
             for c in o.outputs:
                 ids = list(c.token_ids)
                 lps = [c.logprobs[j][t].logprob for j, t in enumerate(ids)] if c.logprobs else []
