@@ -1,14 +1,15 @@
 """Evaluate a checkpoint: pass@1 averaged over k samples per problem (the paper's metric), pass@k.
 
     python eval.py                                 # the toy checkpoint on the toy held-out set
-    python eval.py --model CKPT --data aime24.jsonl,amc23.jsonl,math500.jsonl --k 16 \\
-        --temperature 0.6 --max-tokens 32768 [--limit 100] [--out results.json]
+    python eval.py --model CKPT --bench paper [--limit 100] [--out results.json]  # the paper's 5
+    python eval.py --model CKPT --data my.jsonl,math500 --k 16 --temperature 0.6 --max-tokens 32768
     torchrun --nproc_per_node 8 eval.py ...        # problems sharded across ranks, gathered on 0
 
     pass@1 = mean over problems of c / k;  pass@k (unbiased, Chen et al. 2021) = 1 - C(k - c, k) /
     C(k, k) = 1 if any of the k samples is right; c = right samples of the problem.
 
 Every input is checked before the model loads; --out gets the results so far after each file.
+The paper's sets (--bench) come with the project: data.NAMED_SETS, assets/benchmarks/.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def evaluate_file(engine, tok, template: str, path: str, *, problems: list, k: i
             "time_s": time.time() - t0, "per_problem": rows}
 
 
-PROGRESS_EVERY_S = 3.0  # seconds between two progress lines of a long evaluation
+PROGRESS_EVERY_S = 30.0  # seconds between two progress lines of a long evaluation
 
 
 def progress_printer(name: str, total: int, world: int):
