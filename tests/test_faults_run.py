@@ -169,3 +169,26 @@ def test_eval_seeds_of_any_size(engine):
                         "--k", "1", "--max-tokens", "4", "--rollout", engine], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "eval.jsonl" in r.stdout, r.stderr[-3000:]
+
+
+def test_a_kill_during_the_end_of_stage_eval_then_resume_scores_it_and_ends_the_stage(tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    args = ["--steps", "2", "--eval-k", "8"]  # the held-out eval: 256 problems x 8 samples, seconds
+    run(ref, *args, nproc=1)
+    p = subprocess.Popen(cmd(cut, *args, nproc=1), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for line in p.stdout:
+        if "stage 1 ends after step 2" in line:  # the eval starts now
+            time.sleep(0.5)
+            p.kill()
+            break
+    p.wait(timeout=60)
+    assert not os.path.exists(cut / "stage1" / "eval.json")
+    assert not os.path.exists(cut / "stage1" / "final")  # not complete without its eval
+    r = run(cut, *args, "--resume", nproc=1)
+    assert "step 3/" not in r.stdout and "held-out" in r.stdout, r.stdout[-2000:]
+    drop = ("time_s",)
+    scores = [{k: v for k, v in json.load(open(d / "stage1" / "eval.json")).items() if k not in drop}
+              for d in (ref, cut)]
+    assert scores[0] == scores[1]
+    assert metrics(cut) == metrics(ref) and same_weights(cut, ref)
