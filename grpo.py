@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import importlib
 import json
 import os
 import sys
@@ -73,6 +74,9 @@ class Options:
                               "starting checkpoint's)", choices=("source", "float32", "bfloat16"))
     vllm_memory: float | None = setting(None, "the share of the device's memory vLLM takes "
                                         "(default: 0.4 on a GPU, 0.15 on a CPU)", range="(0, 1]")
+    log: str = setting("none", "also log every metrics.jsonl row to TensorBoard or Weights & "
+                       "Biases (one run per stage, in its folder)",
+                       choices=("none", "tensorboard", "wandb"))
 
 
 def parse_args(argv=None) -> tuple[Options, dict[str, str]]:
@@ -94,7 +98,18 @@ def parse_args(argv=None) -> tuple[Options, dict[str, str]]:
         check(options)
     except ValueError as e:
         fail(str(e))
+    check_logger(options.log)
     return options, {k[6:]: v for k, v in given.items() if k.startswith("stage.") and v is not None}
+
+
+def check_logger(log: str):
+    """--log's package imports (an optional extra), checked before anything is written."""
+    try:
+        if log != "none":
+            importlib.import_module("torch.utils.tensorboard" if log == "tensorboard" else log)
+    except ImportError:
+        fail(f"--log {log}: the {log} package is not installed (pip install {log}, or pip install "
+             f"-e '.[log]')")
 
 
 def fail(message: str):
