@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -136,23 +137,27 @@ def test_tensorboard_kill_and_resume_keeps_one_history(tmp_path):
 
 
 def test_tensorboard_logger_purges_the_steps_after_the_checkpoint(tmp_path):
-    """In process, no training: a run logs steps 1-3 and dies (no close); the resume from the
-    checkpoint at step 2 logs 3-4 with other values: TensorBoard shows 1, 2 of the first and 3, 4
-    of the second."""
+    """In process, no training: a run logs steps 1-3 and dies (no close: its files then hold every
+    row logged); the resume from the checkpoint at step 2 logs 3-4 with other values: TensorBoard
+    shows 1, 2 of the first and 3, 4 of the second."""
     need("tensorboard")
     plan = SimpleNamespace(options=SimpleNamespace(log="tensorboard"), rank=0)
     stage_plan = SimpleNamespace(dir=str(tmp_path), identity={"stage": 1}, number=1)
     first, second = curriculum.StageLogger(), curriculum.StageLogger()
     first.open(plan, stage_plan, 0)
-    for step in (1, 2, 3):
-        first.log({"step": step, "reward/mean": step / 10})
+    rows = [{"step": step, "reward/mean": step / 10, **{f"other/{k}": k for k in range(30)}}
+            for step in (1, 2, 3)]
+    for row in rows:
+        first.log(row)
+    # the files as a kill at this moment would leave them: every row logged is in them
+    shutil.copytree(tmp_path / "tensorboard", tmp_path / "at_the_kill")
+    assert tensorboard_history(tmp_path / "at_the_kill")[0] == as_float32(rows)
     second.open(plan, stage_plan, 2)
     for step in (3, 4):
         second.log({"step": step, "reward/mean": step / 100})
     second.close()
-    rows, _ = tensorboard_history(tmp_path / "tensorboard")
-    assert rows == as_float32([{"step": 1, "reward/mean": 0.1}, {"step": 2, "reward/mean": 0.2},
-                               {"step": 3, "reward/mean": 0.03}, {"step": 4, "reward/mean": 0.04}])
+    assert tensorboard_history(tmp_path / "tensorboard")[0] == as_float32(
+        rows[:2] + [{"step": 3, "reward/mean": 0.03}, {"step": 4, "reward/mean": 0.04}])
 
 
 def test_no_logger_on_other_ranks_or_without_the_flag(tmp_path):
@@ -163,6 +168,24 @@ def test_no_logger_on_other_ranks_or_without_the_flag(tmp_path):
         logger.log({"step": 1, "reward/mean": 0.5})
         logger.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_the_logger_is_closed_however_the_run_ends(tmp_path, monkeypatch):
+    """An error in a stage (as a signal's or a NaN's early return) still closes the stage's logger
+    run: what it had logged is written and the run ended."""
+    need("tensorboard")
+    plan = SimpleNamespace(options=SimpleNamespace(log="tensorboard"), rank=0)
+    opened = []
+
+    def failing_stages(plan, policy, engine, stop, logger):
+        logger.open(plan, SimpleNamespace(dir=str(tmp_path), identity={}, number=1), 0)
+        opened.append(logger)
+        raise RuntimeError("a stage failed")
+
+    monkeypatch.setattr(curriculum, "run_stages", failing_stages)
+    with pytest.raises(RuntimeError):
+        curriculum.run(plan, None, None, lambda: False)
+    assert opened[0].writer is None and opened[0].kind == "none"
 
 
 # ---- wandb ---------------------------------------------------------------------------------------
