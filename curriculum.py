@@ -47,7 +47,7 @@ def run(plan, policy, engine, stop) -> str | None:
 
 
 def run_stages(plan, policy, engine, stop, logger) -> str | None:
-    """run's stages, each stage's metrics rows also to its logger run (--log)."""
+    """run's stages, each stage's metrics rows also to its logger run (--logger)."""
     for index, stage_plan in enumerate(plan.stages):
         if stop():  # a signal during start-up, or during the previous stage's eval
             say(plan, f"stopped by a signal before stage {stage_plan.number} trained: rerun the "
@@ -359,13 +359,14 @@ WANDB_FLUSH = "x_transaction_log_flush_interval"  # seconds between writes of wa
 
 
 class StageLogger:
-    """--log tensorboard|wandb, rank 0: every metrics.jsonl row of a stage also goes to the stage's
-    logger run, at global step = its "step", numbers as scalars and texts (stage_end) as text. One
-    run per stage, kept in the stage's folder; a resume continues it from the checkpoint's step."""
+    """--logger tensorboard|wandb, rank 0: every metrics.jsonl row of a stage also goes to the
+    stage's logger run, at global step = its "step", numbers as scalars and texts (stage_end) as
+    text. One run per stage, kept in the stage's folder; a resume continues it from the checkpoint's
+    step."""
     kind, writer = "none", None  # the writer: a SummaryWriter or a wandb run while a stage runs
 
     def open(self, plan, stage_plan, step: int):
-        self.kind = plan.options.log if plan.rank == 0 else "none"
+        self.kind = plan.options.logger if plan.rank == 0 else "none"
         if self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             # the events of steps after the checkpoint, logged by a process that died before its

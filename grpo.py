@@ -74,9 +74,9 @@ class Options:
                               "starting checkpoint's)", choices=("source", "float32", "bfloat16"))
     vllm_memory: float | None = setting(None, "the share of the device's memory vLLM takes "
                                         "(default: 0.4 on a GPU, 0.15 on a CPU)", range="(0, 1]")
-    log: str = setting("none", "also log every metrics.jsonl row to TensorBoard or Weights & "
-                       "Biases (one run per stage, in its folder)",
-                       choices=("none", "tensorboard", "wandb"))
+    logger: str = setting("none", "also log every metrics.jsonl row to TensorBoard or Weights & "
+                          "Biases (one run per stage, in its folder)",
+                          choices=("none", "tensorboard", "wandb"))
 
 
 def parse_args(argv=None) -> tuple[Options, dict[str, str]]:
@@ -98,18 +98,20 @@ def parse_args(argv=None) -> tuple[Options, dict[str, str]]:
         check(options)
     except ValueError as e:
         fail(str(e))
-    check_logger(options.log)
+    check_logger(options.logger)
     return options, {k[6:]: v for k, v in given.items() if k.startswith("stage.") and v is not None}
 
 
-def check_logger(log: str):
-    """--log's package imports (an optional extra), checked before anything is written."""
+def check_logger(logger: str):
+    """--logger's package imports (an optional extra), checked before anything is written. (Not
+    --log: torchrun takes that for an ambiguous abbreviation of its own --log-dir, --logs-specs.)"""
+    module = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}.get(logger)
     try:
-        if log != "none":
-            importlib.import_module("torch.utils.tensorboard" if log == "tensorboard" else log)
+        if module:
+            importlib.import_module(module)
     except ImportError:
-        fail(f"--log {log}: the {log} package is not installed (pip install {log}, or pip install "
-             f"-e '.[log]')")
+        fail(f"--logger {logger}: the {logger} package is not installed (pip install {logger}, or "
+             f"pip install -e '.[log]')")
 
 
 def fail(message: str):
