@@ -1,4 +1,4 @@
-"""--log tensorboard|wandb with the real packages in their offline modes: the history read back from
+"""--logger tensorboard|wandb with the real packages in their offline modes: the history read back from
 TensorBoard's event files and from wandb's offline run file equals metrics.jsonl (same names, same
 values, same steps), also after a SIGKILL and --resume into the same run; a missing package is one
 line before anything is written."""
@@ -28,7 +28,7 @@ VOLATILE = ("time/", "throughput/")
 def need(package: str):
     """Skip without the package, except in CI (FASTCURL_REQUIRE_VLLM=1), which installs it."""
     if importlib.util.find_spec(package) is None:
-        reason = f"--log tests need {package} (pip install -e '.[log]')"
+        reason = f"--logger tests need {package} (pip install -e '.[log]')"
         if os.environ.get("FASTCURL_REQUIRE_VLLM") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
@@ -44,7 +44,7 @@ def environment(tmp_path, **extra) -> dict:
 
 
 def command(out, log, *args):
-    return [sys.executable, f"{ROOT}/grpo.py", "--stage", "1", "--out", str(out), "--log", log, *SMALL, *args]
+    return [sys.executable, f"{ROOT}/grpo.py", "--stage", "1", "--out", str(out), "--logger", log, *SMALL, *args]
 
 
 def train(tmp_path, out, log, *args):
@@ -136,12 +136,26 @@ def test_tensorboard_kill_and_resume_keeps_one_history(tmp_path):
     assert [step for step, _ in texts["run.json"]] == [0, saved]
 
 
+@pytest.mark.slow
+def test_tensorboard_under_torchrun_from_rank_0_only(tmp_path):
+    """torchrun passes --logger on (--log it would refuse: an ambiguous abbreviation of its own
+    --log-dir and --logs-specs); rank 0 alone writes the events."""
+    need("tensorboard")
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = subprocess.run(torchrun + command(out, "tensorboard", "--steps", "2")[1:], cwd=ROOT,
+                       env=environment(tmp_path), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert len(os.listdir(out / "stage1" / "tensorboard")) == 1
+    assert tensorboard_history(out / "stage1" / "tensorboard")[0] == as_float32(metrics(out))
+
+
 def test_tensorboard_logger_purges_the_steps_after_the_checkpoint(tmp_path):
     """In process, no training: a run logs steps 1-3 and dies (no close: its files then hold every
     row logged); the resume from the checkpoint at step 2 logs 3-4 with other values: TensorBoard
     shows 1, 2 of the first and 3, 4 of the second."""
     need("tensorboard")
-    plan = SimpleNamespace(options=SimpleNamespace(log="tensorboard"), rank=0)
+    plan = SimpleNamespace(options=SimpleNamespace(logger="tensorboard"), rank=0)
     stage_plan = SimpleNamespace(dir=str(tmp_path), identity={"stage": 1}, number=1)
     first, second = curriculum.StageLogger(), curriculum.StageLogger()
     first.open(plan, stage_plan, 0)
@@ -163,7 +177,7 @@ def test_tensorboard_logger_purges_the_steps_after_the_checkpoint(tmp_path):
 def test_no_logger_on_other_ranks_or_without_the_flag(tmp_path):
     for log, rank in (("tensorboard", 1), ("none", 0)):
         logger = curriculum.StageLogger()
-        logger.open(SimpleNamespace(options=SimpleNamespace(log=log), rank=rank),
+        logger.open(SimpleNamespace(options=SimpleNamespace(logger=log), rank=rank),
                     SimpleNamespace(dir=str(tmp_path), identity={}, number=1), 0)
         logger.log({"step": 1, "reward/mean": 0.5})
         logger.close()
@@ -174,7 +188,7 @@ def test_the_logger_is_closed_however_the_run_ends(tmp_path, monkeypatch):
     """An error in a stage (as a signal's or a NaN's early return) still closes the stage's logger
     run: what it had logged is written and the run ended."""
     need("tensorboard")
-    plan = SimpleNamespace(options=SimpleNamespace(log="tensorboard"), rank=0)
+    plan = SimpleNamespace(options=SimpleNamespace(logger="tensorboard"), rank=0)
     opened = []
 
     def failing_stages(plan, policy, engine, stop, logger):
@@ -277,13 +291,13 @@ def test_wandb_kill_and_resume_continues_the_same_run(tmp_path):
 @pytest.mark.parametrize("log", ["tensorboard", "wandb"])
 def test_a_missing_logger_package_is_one_line(tmp_path, log):
     """A package of that name first on the path whose import fails, as a missing one does."""
-    fake = tmp_path / "fake" / log  # --log's name is its package's
+    fake = tmp_path / "fake" / log  # --logger's name is its package's
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(f"raise ImportError(\"No module named '{log}'\")\n")
     out = tmp_path / "run"
     r = subprocess.run(command(out, log), cwd=ROOT, env=environment(tmp_path, PYTHONPATH=str(tmp_path / "fake")),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr == (f"[fastcurl] --log {log}: the {log} package is not installed (pip install {log}, or "
+    assert r.stderr == (f"[fastcurl] --logger {log}: the {log} package is not installed (pip install {log}, or "
                         f"pip install -e '.[log]')\n")
     assert not out.exists()  # nothing written
