@@ -71,7 +71,8 @@ def run_stages(plan, policy, engine, stop, logger) -> str | None:
         problem = begin_stage_files(plan, stage_plan, state)
         if problem:
             return problem
-        logger.open(plan, stage_plan, state.step)
+        if problem := logger.open(plan, stage_plan, state.step):
+            return problem
         # 3. steps until a rule ends the stage (or a signal, or updates that keep failing); a
         # checkpoint whose state has an end was saved by a signal in the stage's last step, or is
         # a final whose cap --resume raised (then the stage goes on)
@@ -365,31 +366,19 @@ class StageLogger:
     step."""
     kind, writer = "none", None  # the writer: a SummaryWriter or a wandb run while a stage runs
 
-    def open(self, plan, stage_plan, step: int):
-        self.kind = plan.options.logger if plan.rank == 0 else "none"
-        if self.kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            # the events of steps after the checkpoint, logged by a process that died before its
-            # next one, are hidden as metrics.jsonl drops their lines
-            self.writer = SummaryWriter(os.path.join(stage_plan.dir, "tensorboard"),
-                                        purge_step=step + 1)
-            self.writer.add_text("run.json", json.dumps(stage_plan.identity, indent=1), step)
-        elif self.kind == "wandb":
-            import wandb
-            id_file, run_id = os.path.join(stage_plan.dir, "wandb_id"), secrets.token_hex(4)
-            if os.path.exists(id_file):  # the same run on every resume
-                with open(id_file) as f:
-                    run_id = f.read().strip()
-            checkpoint.write_atomic(id_file, run_id)  # a full disk: the step's next write says so
-            # wandb writes its run file every 15 s (wandb >= 0.31; before, every 32 KiB): a kill
-            # would lose the rows of those seconds, so a shorter interval where there is one
-            flush = {WANDB_FLUSH: 0.25} if WANDB_FLUSH in getattr(wandb.Settings, "model_fields",
-                                                                  {}) else {}
-            out = os.path.basename(os.path.dirname(os.path.abspath(stage_plan.dir)))
-            self.writer = wandb.init(project=os.environ.get("WANDB_PROJECT") or "fastcurl",
-                                     name=f"{out}-stage{stage_plan.number}", id=run_id,
-                                     resume="allow", dir=stage_plan.dir, config=stage_plan.identity,
-                                     settings=wandb.Settings(**flush))
+    def open(self, plan, stage_plan, step: int) -> str | None:
+        """The stage's run, continued after `step` -> None, or on every rank the message of one
+        that cannot start."""
+        kind, problem = plan.options.logger if plan.rank == 0 else "none", None
+        try:
+            if kind != "none":
+                start = tensorboard_writer if kind == "tensorboard" else wandb_run
+                self.writer = start(stage_plan, step)
+            self.kind = kind
+        except Exception as e:  # wandb.init's errors (no API key, no network) are of many kinds
+            problem = (f"[fastcurl] --logger {kind} cannot start: {e} (rerun with --resume once "
+                       f"fixed)")
+        return checkpoint.on_every_rank(problem)
 
     def log(self, record: dict):
         if self.kind == "wandb":  # commit: sent now, not when the next step comes
@@ -408,6 +397,34 @@ class StageLogger:
         elif self.kind == "tensorboard":
             self.writer.close()
         self.kind, self.writer = "none", None
+
+
+def tensorboard_writer(stage_plan, step: int):
+    """The stage's TensorBoard writer, continued after `step`."""
+    from torch.utils.tensorboard import SummaryWriter
+    # the events of steps after the checkpoint, logged by a process that died before its next
+    # one, are hidden as metrics.jsonl drops their lines
+    writer = SummaryWriter(os.path.join(stage_plan.dir, "tensorboard"), purge_step=step + 1)
+    writer.add_text("run.json", json.dumps(stage_plan.identity, indent=1), step)
+    return writer
+
+
+def wandb_run(stage_plan, step: int):
+    """The stage's wandb run (its steps are the rows' own: `step` is not needed)."""
+    import wandb
+    id_file, run_id = os.path.join(stage_plan.dir, "wandb_id"), secrets.token_hex(4)
+    if os.path.exists(id_file):  # the same run on every resume
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    checkpoint.write_atomic(id_file, run_id)  # a full disk: the step's next write says so
+    # wandb writes its run file every 15 s (wandb >= 0.31; before, every 32 KiB): a kill would
+    # lose the rows of those seconds, so a shorter interval where there is one
+    known = getattr(wandb.Settings, "model_fields", {})
+    flush = {WANDB_FLUSH: 0.25} if WANDB_FLUSH in known else {}
+    out = os.path.basename(os.path.dirname(os.path.abspath(stage_plan.dir)))
+    return wandb.init(project=os.environ.get("WANDB_PROJECT") or "fastcurl", id=run_id,
+                      name=f"{out}-stage{stage_plan.number}", resume="allow", dir=stage_plan.dir,
+                      config=stage_plan.identity, settings=wandb.Settings(**flush))
 
 
 def score_held_out(plan, stage, engine, limit: int | None = None) -> dict:
