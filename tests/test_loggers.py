@@ -37,10 +37,9 @@ def need(package: str):
 def environment(tmp_path, **extra) -> dict:
     """wandb offline and silent, every folder it writes inside tmp_path."""
     wandb_home = tmp_path / "wandb_home"
-    return dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true",
-                WANDB_DIR=str(wandb_home), WANDB_CONFIG_DIR=str(wandb_home / "config"),
-                WANDB_CACHE_DIR=str(wandb_home / "cache"), WANDB_DATA_DIR=str(wandb_home / "data"),
-                **extra)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+            "WANDB_DIR": str(wandb_home), "WANDB_CONFIG_DIR": str(wandb_home / "config"),
+            "WANDB_CACHE_DIR": str(wandb_home / "cache"), "WANDB_DATA_DIR": str(wandb_home / "data"), **extra}
 
 
 def command(out, log, *args):
@@ -283,6 +282,21 @@ def test_wandb_kill_and_resume_continues_the_same_run(tmp_path):
     assert len(logged) == 6
     assert without_volatile([union[step] for step in sorted(union)]) == without_volatile(logged)
     assert second["history"][0]["step"] == saved + 1  # the resume from the checkpoint
+
+
+@pytest.mark.slow
+def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path):
+    """Online without an API key (HOME in tmp: no ~/.netrc) wandb.init fails: one line, every rank
+    stops before a step."""
+    need("wandb")
+    out = tmp_path / "run"
+    env = {k: v for k, v in environment(tmp_path, WANDB_MODE="online", HOME=str(tmp_path)).items()
+           if k != "WANDB_API_KEY"}
+    r = subprocess.run(command(out, "wandb", "--steps", "2"), cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("[fastcurl] --logger wandb cannot start: ")
+    assert "API key" in r.stderr and not os.path.exists(out / "stage1" / "metrics.jsonl")
 
 
 # ---- a missing package ---------------------------------------------------------------------------
