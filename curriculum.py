@@ -417,8 +417,8 @@ def wandb_run(stage_plan, step: int):
         with open(id_file) as f:
             run_id = f.read().strip()
     checkpoint.write_atomic(id_file, run_id)  # a full disk: the step's next write says so
-    # wandb writes its run file every 15 s (wandb >= 0.31; before, every 32 KiB): a kill would
-    # lose the rows of those seconds, so a shorter interval where there is one
+    # wandb writes its run file every 15 s (older versions: every 32 KiB): a kill would lose the
+    # rows of those seconds, so a shorter interval where wandb has the setting
     known = getattr(wandb.Settings, "model_fields", {})
     flush = {WANDB_FLUSH: 0.25} if WANDB_FLUSH in known else {}
     out = os.path.basename(os.path.dirname(os.path.abspath(stage_plan.dir)))
