@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 import sys
 import time
 
@@ -38,6 +39,15 @@ from trainer import Trainer, group_advantages
 def run(plan, policy, engine, stop) -> str | None:
     """Every stage of the plan in order -> None, or the message to exit with. stop(): whether a
     signal asked the run to stop (checkpoint.StopFlag)."""
+    logger = StageLogger()
+    try:
+        return run_stages(plan, policy, engine, stop, logger)
+    finally:  # however the run ends (a signal, NaN, an error), what was logged is kept
+        logger.close()
+
+
+def run_stages(plan, policy, engine, stop, logger) -> str | None:
+    """run's stages, each stage's metrics rows also to its logger run (--logger)."""
     for index, stage_plan in enumerate(plan.stages):
         if stop():  # a signal during start-up, or during the previous stage's eval
             say(plan, f"stopped by a signal before stage {stage_plan.number} trained: rerun the "
@@ -61,13 +71,15 @@ def run(plan, policy, engine, stop) -> str | None:
         problem = begin_stage_files(plan, stage_plan, state)
         if problem:
             return problem
+        if problem := logger.open(plan, stage_plan, state.step):
+            return problem
         # 3. steps until a rule ends the stage (or a signal, or updates that keep failing); a
         # checkpoint whose state has an end was saved by a signal in the stage's last step, or is
         # a final whose cap --resume raised (then the stage goes on)
         if state.end.startswith("steps") and state.step < stage_plan.settings.steps:
             state.end = ""
         status = "done" if state.end else train_stage(plan, stage_plan, trainer, sampler, engine,
-                                                      state, stop)
+                                                      state, stop, logger)
         saved = checkpoint.latest_marker(stage_plan.dir)
         if status == "stopped":
             say(plan, f"stopped by a signal; checkpoint in {saved}: rerun the same command with "
@@ -95,10 +107,11 @@ def run(plan, policy, engine, stop) -> str | None:
                 return problem
         if problem := save(plan, stage_plan, trainer, sampler, state, "final"):
             return problem
+        logger.close()
     return None
 
 
-def train_stage(plan, stage_plan, trainer, sampler, engine, state, stop) -> str:
+def train_stage(plan, stage_plan, trainer, sampler, engine, state, stop, logger) -> str:
     """Steps from state.step until a rule ends the stage (state.end says why) -> "done", "stopped"
     (a signal: checkpointed), "nan" (--max-skips bad updates in a row: checkpointed), or the
     message of a write that found the disk full (the checkpoint before is the last)."""
@@ -138,7 +151,7 @@ def train_stage(plan, stage_plan, trainer, sampler, engine, state, stop) -> str:
         if state.end:
             record["stage_end"] = state.end
         if problem := checkpoint.on_every_rank(log_step(plan, stage_plan, record, state,
-                                                        first_step, t_start)):
+                                                        first_step, t_start, logger)):
             return problem
         # 8. a checkpoint every --save-every steps, and on the way out
         status = ("nan" if state.skips_in_row >= options.max_skips
@@ -305,10 +318,11 @@ def rollout_metrics(completions, rewards: torch.Tensor, n: int, world: int) -> d
                      "truncated_frac", "zero_adv_frac", "tokens"], host), errors=int(host[7]))
 
 
-def log_step(plan, stage_plan, record: dict, state: StageState, first_step: int, t_start: float):
-    """Rank 0: the step's metrics.jsonl line, the progress line (time per step since first_step),
-    the stage's end, and the warnings given once (every response cut; too few groups differ) ->
-    None, or the message of a full disk."""
+def log_step(plan, stage_plan, record: dict, state: StageState, first_step: int, t_start: float,
+             logger):
+    """Rank 0: the step's metrics.jsonl line (and the logger's row), the progress line (time per
+    step since first_step), the stage's end, and the warnings given once (every response cut; too
+    few groups differ) -> None, or the message of a full disk."""
     if plan.rank != 0:
         return None
     stage, number, step = stage_plan.settings, stage_plan.number, record["step"]
@@ -325,6 +339,7 @@ def log_step(plan, stage_plan, record: dict, state: StageState, first_step: int,
     if problem := checkpoint.full_disk(stage_plan.dir, append):  # without the part written
         os.truncate(metrics, size)
         return problem
+    logger.log(record)
     per_step = (time.time() - t_start) / (step - first_step)
     held_out = (f" eval {record['eval/pass@1']:.3f} ({record['time/eval_s']:.1f}s)"
                 if "eval/pass@1" in record else "")
@@ -339,6 +354,77 @@ def log_step(plan, stage_plan, record: dict, state: StageState, first_step: int,
                   f"{stage.dynamic_sampling}): training on them (dynamic/groups in metrics.jsonl)")
     if state.end:
         say(plan, f"stage {number} ends after step {step}: {state.end}")
+
+
+WANDB_FLUSH = "x_transaction_log_flush_interval"  # seconds between writes of wandb's run file
+
+
+class StageLogger:
+    """--logger tensorboard|wandb, rank 0: every metrics.jsonl row of a stage also goes to the
+    stage's logger run, at global step = its "step", numbers as scalars and texts (stage_end) as
+    text. One run per stage, kept in the stage's folder; a resume continues it from the checkpoint's
+    step."""
+    kind, writer = "none", None  # the writer: a SummaryWriter or a wandb run while a stage runs
+
+    def open(self, plan, stage_plan, step: int) -> str | None:
+        """The stage's run, continued after `step` -> None, or on every rank the message of one
+        that cannot start."""
+        kind, problem = plan.options.logger if plan.rank == 0 else "none", None
+        try:
+            if kind != "none":
+                start = tensorboard_writer if kind == "tensorboard" else wandb_run
+                self.writer = start(stage_plan, step)
+            self.kind = kind
+        except Exception as e:  # wandb.init's errors (no API key, no network) are of many kinds
+            problem = (f"[fastcurl] --logger {kind} cannot start: {e} (rerun with --resume once "
+                       f"fixed)")
+        return checkpoint.on_every_rank(problem)
+
+    def log(self, record: dict):
+        if self.kind == "wandb":  # commit: sent now, not when the next step comes
+            self.writer.log(record, step=record["step"], commit=True)
+        elif self.kind == "tensorboard":
+            for key, value in record.items():
+                if isinstance(value, str):
+                    self.writer.add_text(key, value, record["step"])
+                else:
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()  # a kill loses no row that metrics.jsonl has
+
+    def close(self):
+        if self.kind == "wandb":
+            self.writer.finish()
+        elif self.kind == "tensorboard":
+            self.writer.close()
+        self.kind, self.writer = "none", None
+
+
+def tensorboard_writer(stage_plan, step: int):
+    """The stage's TensorBoard writer, continued after `step`."""
+    from torch.utils.tensorboard import SummaryWriter
+    # the events of steps after the checkpoint, logged by a process that died before its next
+    # one, are hidden as metrics.jsonl drops their lines
+    writer = SummaryWriter(os.path.join(stage_plan.dir, "tensorboard"), purge_step=step + 1)
+    writer.add_text("run.json", json.dumps(stage_plan.identity, indent=1), step)
+    return writer
+
+
+def wandb_run(stage_plan, step: int):
+    """The stage's wandb run (its steps are the rows' own: `step` is not needed)."""
+    import wandb
+    id_file, run_id = os.path.join(stage_plan.dir, "wandb_id"), secrets.token_hex(4)
+    if os.path.exists(id_file):  # the same run on every resume
+        with open(id_file) as f:
+            run_id = f.read().strip()
+    checkpoint.write_atomic(id_file, run_id)  # a full disk: the step's next write says so
+    # wandb writes its run file every 15 s (older versions: every 32 KiB): a kill would lose the
+    # rows of those seconds, so a shorter interval where wandb has the setting
+    known = getattr(wandb.Settings, "model_fields", {})
+    flush = {WANDB_FLUSH: 0.25} if WANDB_FLUSH in known else {}
+    out = os.path.basename(os.path.dirname(os.path.abspath(stage_plan.dir)))
+    return wandb.init(project=os.environ.get("WANDB_PROJECT") or "fastcurl", id=run_id,
+                      name=f"{out}-stage{stage_plan.number}", resume="allow", dir=stage_plan.dir,
+                      config=stage_plan.identity, settings=wandb.Settings(**flush))
 
 
 def score_held_out(plan, stage, engine, limit: int | None = None) -> dict:

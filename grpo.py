@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import importlib
 import json
 import os
 import sys
@@ -74,6 +75,9 @@ class Options:
                               "starting checkpoint's)", choices=("source", "float32", "bfloat16"))
     vllm_memory: float | None = setting(None, "the share of the device's memory vLLM takes "
                                         "(default: 0.4 on a GPU, 0.15 on a CPU)", range="(0, 1]")
+    logger: str = setting("none", "also log every metrics.jsonl row to TensorBoard or Weights & "
+                          "Biases (one run per stage, in its folder)",
+                          choices=("none", "tensorboard", "wandb"))
 
 
 def parse_args(argv=None) -> tuple[Options, dict[str, str]]:
@@ -95,7 +99,20 @@ def parse_args(argv=None) -> tuple[Options, dict[str, str]]:
         check(options)
     except ValueError as e:
         fail(str(e))
+    check_logger(options.logger)
     return options, {k[6:]: v for k, v in given.items() if k.startswith("stage.") and v is not None}
+
+
+def check_logger(logger: str):
+    """--logger's package imports (an optional extra), checked before anything is written. (Not
+    --log: torchrun takes that for an ambiguous abbreviation of its own --log-dir, --logs-specs.)"""
+    module = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}.get(logger)
+    try:
+        if module:
+            importlib.import_module(module)
+    except ImportError:
+        fail(f"--logger {logger}: the {logger} package is not installed (pip install {logger}, or "
+             f"pip install -e '.[log]')")
 
 
 def fail(message: str):
