@@ -11,8 +11,9 @@ gradients and optimizer state.
     block i  | shard (P/W, fp32) | all-gather full (param_dtype),  | all-gather again, compute,
              |                   | compute, free                   | reduce-scatter grad (mean,
              |                   |                                 | reduce_dtype) into shard, free
-    root     | shard             | all-gather, kept until backward | reduce-scatter grad into shard,
-             |                   |                                 | free
+    root     | shard, and the    | all-gather once per update (the | reduce-scatter grad into shard,
+             | full copy kept    | copy is kept: every pass of a   | full copy kept
+             | gathered          | step and the engine's use it)   |
 
 The module's own parameters become views into a unit's gathered buffer `full`; freeing the buffer
 frees its storage (views and autograd keep their metadata) and gathering writes it back, so the
@@ -143,9 +144,19 @@ class Unit:
 
     def _free(self):
         self.full.untyped_storage().resize_(0)
+        self.gathered_from = None
+
+    def _shard_version(self) -> tuple[int, int]:
+        """Changes whenever the shard's values may have (an optimizer step, a load: in place)."""
+        return self.shard._version, self.shard.data_ptr()
 
     def gather(self):
-        """All-gather the flat parameter into `full`.data (autograd's version stays as it was)."""
+        """All-gather the flat parameter into `full`.data (autograd's version stays as it was),
+        unless it holds the shard's current values already: the root, kept gathered, is gathered
+        once per update for every pass of a step (old log-probs, forwards, the engine's copy), a
+        frozen reference's root once per stage."""
+        if self.gathered() and self.gathered_from == self._shard_version():
+            return
         if not self.gathered():
             self.full.untyped_storage().resize_(self.padded * self.full.element_size())
         src = self.shard.detach().to(self.full.dtype)
@@ -153,6 +164,7 @@ class Unit:
             self.full.data.copy_(src)
         else:
             _gather_flat(self.full.data, src)
+        self.gathered_from = self._shard_version()
 
     def _set_views(self):
         """Set each attribute to its slice of `full` (views made in grad mode, for autograd)."""
@@ -193,17 +205,25 @@ class Unit:
         piece = piece.to(self.shard.dtype)
         self.shard.grad = piece if self.shard.grad is None else self.shard.grad + piece
         self.in_backward = False
-        self._free()
+        if self.reshard:
+            self._free()
 
-    def full_tensors(self):
-        """(name, fp32 tensor) of each parameter of the unit, gathered from all ranks (not kept)."""
-        buf = torch.empty(self.padded, dtype=torch.float32, device=self.shard.device)
-        if self.W == 1:
-            buf.copy_(self.shard.detach())
+    def full_tensors(self, compute: bool = False):
+        """(name, tensor) of each parameter of the unit, gathered from all ranks: fp32 (not
+        kept), or with compute in the compute dtype, gathered as for a forward."""
+        if compute:
+            self.gather()
+            buf = self.full.detach()
         else:
-            _gather_flat(buf, self.shard.detach().contiguous())
+            buf = torch.empty(self.padded, dtype=torch.float32, device=self.shard.device)
+            if self.W == 1:
+                buf.copy_(self.shard.detach())
+            else:
+                _gather_flat(buf, self.shard.detach().contiguous())
         for name, o, shape, _ in self.entries:
             yield name, buf[o:o + math.prod(shape)].view(shape)
+        if compute and self.reshard:
+            self._free()
 
 
 def shard(module: nn.Module, param_dtype=None, reduce_dtype=torch.float32) -> nn.Module:
@@ -243,16 +263,17 @@ def clip_grad_norm_(module: nn.Module, max_norm: float) -> torch.Tensor:
     return total
 
 
-def full_state_dict(module: nn.Module):
+def full_state_dict(module: nn.Module, compute: bool = False):
     """Yield (name, full fp32 tensor) unit by unit, names as in the unsharded model's state_dict (a
-    tied head under both names), so the whole model is never held twice. Every rank must iterate it
-    (collectives)."""
+    tied head under both names), so the whole model is never held twice. compute: in the compute
+    dtype instead, for an inference copy (the root then stays gathered for the next forward).
+    Every rank must iterate it (collectives)."""
     if getattr(module, "_fsdp2", False):
         for name, t in module.state_dict().items():
             yield name, t.full_tensor() if hasattr(t, "full_tensor") else t
         return
     for u in module._fsdp_units:
-        for name, t in u.full_tensors():
+        for name, t in u.full_tensors(compute):
             yield name, t
             if (name == "model.embed_tokens.weight"
                     and getattr(module.config, "tie_word_embeddings", False)):

@@ -255,9 +255,12 @@ class Trainer:
         """The stage's lr with a linear warmup over its first st.warmup_steps updates."""
         return st.lr * min(1.0, (update + 1) / max(st.warmup_steps, 1))
 
-    def full_state_dict(self):
-        """(name, full tensor) pairs; under fsdp every rank must consume them (all-gathered)."""
-        return fsdp.full_state_dict(self.model) if self.sharded else self.model.state_dict().items()
+    def full_state_dict(self, compute: bool = False):
+        """(name, full tensor) pairs; under fsdp every rank must consume them (all-gathered).
+        compute: the weights as the forward uses them (--dtype), for the rollout engine's copy."""
+        if not self.sharded:
+            return self.model.state_dict().items()
+        return fsdp.full_state_dict(self.model, compute)
 
     def _sum(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world > 1:
