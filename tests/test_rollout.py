@@ -148,3 +148,15 @@ def test_the_two_pass_sampler_draws_what_the_whole_row_sampler_draws(monkeypatch
     new = rollout.sample(bad, temperature, 1.0, torch.Generator().manual_seed(1))
     old = rollout._sample_full(bad, temperature, 1.0, torch.Generator().manual_seed(1))
     assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1])
+
+
+def test_auto_takes_the_native_engine_on_a_cpu_and_vllm_on_a_gpu():
+    from model import load_config
+    from rollout import choose_engine
+    import data
+    cfg = load_config(data.TOY_MODEL)
+    assert choose_engine("auto", cfg, torch.device("cpu"))[0] == "torch"
+    assert choose_engine("torch", cfg, torch.device("cuda")) == ("torch", "asked for torch")
+    pytest.importorskip("vllm")
+    assert choose_engine("auto", cfg, torch.device("cuda")) == ("vllm", "auto: on a GPU")
+    assert choose_engine("vllm", cfg, torch.device("cpu")) == ("vllm", "asked for")
