@@ -159,12 +159,15 @@ class Unit:
             return
         if not self.gathered():
             self.full.untyped_storage().resize_(self.padded * self.full.element_size())
+        self._all_gather()
+        self.gathered_from = self._shard_version()
+
+    def _all_gather(self):
         src = self.shard.detach().to(self.full.dtype)
         if self.W == 1:
             self.full.data.copy_(src)
         else:
             _gather_flat(self.full.data, src)
-        self.gathered_from = self._shard_version()
 
     def _set_views(self):
         """Set each attribute to its slice of `full` (views made in grad mode, for autograd)."""
@@ -237,6 +240,13 @@ def shard(module: nn.Module, param_dtype=None, reduce_dtype=torch.float32) -> nn
     root = Unit(module, list(names.values()), param_dtype, reduce_dtype, reshard=False)
     module._fsdp_units = blocks + [root]
     return module
+
+
+def weights_changed(module: nn.Module):
+    """After an optimizer step: every unit gathers anew before its next use (a fused optimizer
+    changes the shards without the version bump gather() also looks at)."""
+    for u in getattr(module, "_fsdp_units", ()):
+        u.gathered_from = None
 
 
 def is_sharded(module) -> bool:

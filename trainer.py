@@ -245,6 +245,8 @@ class Trainer:
         model.gradient_checkpointing = cfg.grad_checkpointing
         # the learning rate is the stage's, set before every update (lr_at)
         self.opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=cfg.weight_decay)
+        if self.sharded:  # the units kept gathered hold the old weights after an update
+            self.opt.register_step_post_hook(lambda *_: fsdp.weights_changed(model))
         self.updates = 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         # adaptive entropy control (_entropy_coef): alpha (None before the first step) and on/off
