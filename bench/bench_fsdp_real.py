@@ -28,7 +28,7 @@ from bench.common import save_result  # noqa: E402
 def run(mode: str, model: str, out: str, steps: int) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            f"{ROOT}/grpo.py", "--recipe", "fastcurl-1.5b", "--stage", "1", "--model", model, "--data",
-           "math-train", "--batch", "8", "--n-samples", "4", "--max-tokens", "48", "--steps", str(steps),
+           f"{ROOT}/assets/benchmarks/train_math.json", "--batch", "8", "--n-samples", "4", "--max-tokens", "48", "--steps", str(steps),
            "--eval-k", "0", "--rollout", "torch", "--device", "cpu", "--fsdp", mode, "--out", out]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if r.returncode:
