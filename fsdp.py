@@ -103,8 +103,30 @@ def finish(code: int = 0):
 # ---- sharding ----------------------------------------------------------------------------------
 
 # torch >= 2.13 renames the flat collectives; older ones only have the first names
-_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+# gloo's all-gather and reduce-scatter are slower than its all-reduce of the whole vector (2 CPU
+# ranks, 156 MB: all-reduce 0.105 s, reduce-scatter 0.231 s, all-gather 0.190 s), so on gloo both
+# are an all-reduce: of the gathered vector with zeros beside this rank's piece, of the gradient
+def _gather_flat(full: torch.Tensor, piece: torch.Tensor):
+    """full <- every rank's piece, in rank order (full: W pieces)."""
+    if dist.get_backend() != "gloo":
+        return _all_gather_single(full, piece)
+    rank, world = _rank_world()
+    full.zero_()
+    full.chunk(world)[rank].copy_(piece)
+    dist.all_reduce(full)
+
+
+def _scatter_flat(piece: torch.Tensor, full: torch.Tensor):
+    """piece <- this rank's piece of the sum over ranks of full (full may be overwritten)."""
+    if dist.get_backend() != "gloo":
+        return _reduce_scatter_single(piece, full, op=dist.ReduceOp.SUM)
+    rank, world = _rank_world()
+    dist.all_reduce(full)
+    piece.copy_(full.chunk(world)[rank])
 
 
 def _rank_world() -> tuple[int, int]:
@@ -203,7 +225,7 @@ class Unit:
         full.grad = None
         if self.W > 1:
             piece = torch.empty(self.shard.numel(), dtype=self.reduce_dtype, device=g.device)
-            _scatter_flat(piece, g, op=dist.ReduceOp.SUM)
+            _scatter_flat(piece, g)
             piece /= self.W
         piece = piece.to(self.shard.dtype)
         self.shard.grad = piece if self.shard.grad is None else self.shard.grad + piece

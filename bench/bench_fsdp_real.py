@@ -25,10 +25,10 @@ sys.path.insert(0, ROOT)
 from bench.common import save_result  # noqa: E402
 
 
-def run(mode: str, model: str, out: str, steps: int) -> list[dict]:
+def run(mode: str, model: str, out: str, steps: int, shape: list[str]) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            f"{ROOT}/grpo.py", "--recipe", "fastcurl-1.5b", "--stage", "1", "--model", model, "--data",
-           f"{ROOT}/assets/benchmarks/train_math.json", "--batch", "8", "--n-samples", "4", "--max-tokens", "48", "--steps", str(steps),
+           f"{ROOT}/assets/benchmarks/train_math.json", *shape, "--steps", str(steps),
            "--eval-k", "0", "--rollout", "torch", "--device", "cpu", "--fsdp", mode, "--out", out]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if r.returncode:
@@ -41,6 +41,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--modes", default="none,hand,torch")
+    ap.add_argument("--batch", default="8")
+    ap.add_argument("--n-samples", default="4")
+    ap.add_argument("--max-tokens", default="48")
     a = ap.parse_args()
     from tests import real_vocab
     modes = a.modes.split(",")
@@ -50,11 +53,13 @@ def main():
                                               intermediate=256)
         for r in range(a.rounds):
             for m in modes:
-                rows = run(m, model, f"{tmp}/{m}-{r}", a.steps)[1:]
+                shape = ["--batch", a.batch, "--n-samples", a.n_samples, "--max-tokens", a.max_tokens]
+                rows = run(m, model, f"{tmp}/{m}-{r}", a.steps, shape)[1:]
                 times[m]["train_s"] += [row["time/train_s"] for row in rows]
                 times[m]["sync_s"] += [row["time/sync_s"] for row in rows]
                 print(m, r, [round(row["time/train_s"], 2) for row in rows], flush=True)
     res = {"machine": platform.processor() or platform.machine(), "ranks": 2, "backend": "gloo",
+           "batch": a.batch, "n_samples": a.n_samples, "max_tokens": a.max_tokens,
            "rounds": a.rounds, "steps_per_run": a.steps, "modes": {}}
     for m in modes:
         t = times[m]
