@@ -130,7 +130,7 @@ def train_stage(plan, stage_plan, trainer, sampler, engine, state, stop, logger)
         engine.sleep()  # vLLM on a GPU hands its memory to the trainer meanwhile
         stats = trainer.step(batch.completions, advantages, stage, keep=keep)
         t2 = time.time()
-        engine.update_weights(trainer.full_state_dict())
+        engine.update_weights(trainer.full_state_dict(compute=True))
         t3 = time.time()
         # 6. one metrics line over all ranks (and the held-out score every --eval-every steps)
         rollout = rollout_metrics(*batch.sampled, stage.n, plan.world)

@@ -193,7 +193,7 @@ def main(argv=None):
         out_dir = os.path.dirname(os.path.abspath(a.out))
         if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
             raise SystemExit(f"[fastcurl] --out {a.out}: {out_dir} is not a writable folder")
-    kind, why = choose_engine(a.rollout, config)  # vLLM loads its own copy of the weights
+    kind, why = choose_engine(a.rollout, config, device)  # vLLM loads its own copy of the weights
     model = None if kind == "vllm" else Transformer.from_pretrained(
         a.model, dtype=getattr(torch, a.dtype), device=device)
     if rank == 0:

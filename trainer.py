@@ -245,6 +245,8 @@ class Trainer:
         model.gradient_checkpointing = cfg.grad_checkpointing
         # the learning rate is the stage's, set before every update (lr_at)
         self.opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=cfg.weight_decay)
+        if self.sharded:  # the units kept gathered hold the old weights after an update
+            self.opt.register_step_post_hook(lambda *_: fsdp.weights_changed(model))
         self.updates = 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         # adaptive entropy control (_entropy_coef): alpha (None before the first step) and on/off
@@ -255,9 +257,12 @@ class Trainer:
         """The stage's lr with a linear warmup over its first st.warmup_steps updates."""
         return st.lr * min(1.0, (update + 1) / max(st.warmup_steps, 1))
 
-    def full_state_dict(self):
-        """(name, full tensor) pairs; under fsdp every rank must consume them (all-gathered)."""
-        return fsdp.full_state_dict(self.model) if self.sharded else self.model.state_dict().items()
+    def full_state_dict(self, compute: bool = False):
+        """(name, full tensor) pairs; under fsdp every rank must consume them (all-gathered).
+        compute: the weights as the forward uses them (--dtype), for the rollout engine's copy."""
+        if not self.sharded:
+            return self.model.state_dict().items()
+        return fsdp.full_state_dict(self.model, compute)
 
     def _sum(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world > 1:

@@ -1,6 +1,7 @@
 """Generated tokens/s: the native engine, vLLM and transformers' generate, same prompts, n and budget.
 
     python bench/bench_rollout.py [--shapes toy,0.5b]        # writes bench/results/rollout-<device>.json
+    python bench/bench_rollout.py --shapes 152k-8,152k-32,152k-64 --engines torch,vllm   # -> rollout-cpu-152k.json
     python bench/bench_rollout.py --shapes 1.5b --engines torch,torch-dynamic,transformers --dtype bfloat16
 
 Shapes: the shipped toy checkpoint, and randomly initialised Qwen2-shaped ~0.5B (hidden 896, 24 layers) and
@@ -30,6 +31,11 @@ HALF_B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hi
 
 ONE_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
               num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e4)
+
+
+# the real vocabulary on the smallest model (hidden 128, 2 layers): the head and the sampler are the decode
+TINY_152K = dict(vocab_size=151936, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e4)
 
 
 def worker(engine: str, model_dir: str, prompts: int, n: int, prompt_len: int, max_tokens: int,
@@ -103,7 +109,9 @@ def main():
     from model import Config, Transformer, init_weights
     settings = {"toy": dict(prompts=16, n=8, prompt_len=8, max_tokens=64),
                 "0.5b": dict(prompts=8, n=8, prompt_len=16, max_tokens=32),
-                "1.5b": dict(prompts=16, n=4, prompt_len=64, max_tokens=128)}
+                "1.5b": dict(prompts=16, n=4, prompt_len=64, max_tokens=128),
+                **{f"152k-{rows}": dict(prompts=rows // 4, n=4, prompt_len=64, max_tokens=64)
+                   for rows in (8, 32, 64)}}
     res = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
            "date": time.strftime("%Y-%m-%d"), "shapes": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,11 +119,14 @@ def main():
             if shape == "toy":
                 d = os.path.join(ROOT, "assets", "toy", "model")
             else:
-                d = os.path.join(tmp, shape)
-                m = init_weights(Transformer(Config(**{"0.5b": HALF_B, "1.5b": ONE_5B}[shape])), std=0.02)
-                m.save_pretrained(d, dtype=getattr(torch, a.dtype))
-                res[f"{shape}_params"] = m.num_params()
-                del m
+                model = shape.split("-")[0]  # the 152k-<rows> shapes share one model
+                d = os.path.join(tmp, model)
+                if not os.path.exists(d):
+                    m = init_weights(Transformer(Config(**{"0.5b": HALF_B, "1.5b": ONE_5B, "152k": TINY_152K}[model])),
+                                     std=0.02)
+                    m.save_pretrained(d, dtype=getattr(torch, a.dtype))
+                    res[f"{model}_params"] = m.num_params()
+                    del m
             s = dict(settings[shape], **({"max_tokens": a.max_tokens} if a.max_tokens else {}))
             rows = {}
             for e in a.engines.split(","):
@@ -132,7 +143,7 @@ def main():
                     rows[k]["native_over_this"] = ok["torch"]["tokens_per_s"] / ok[k]["tokens_per_s"]
             res["shapes"][shape] = {"settings": s, "engines": rows}
     dev = "gpu" if torch.cuda.is_available() else "cpu"
-    save_result(f"rollout-{dev}.json", res)
+    save_result(f"rollout-{dev}" + ("-152k" if a.shapes.startswith("152k") else "") + ".json", res)
     print(json.dumps(res, indent=2))
 
 

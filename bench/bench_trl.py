@@ -2,10 +2,13 @@
 
     python bench/bench_trl.py                 # builds .bench-trl/ (a venv with trl) on first use
     python bench/bench_trl.py --shape 23.6m --rounds 3 --steps 6    # the larger model
+    python bench/bench_trl.py --shape 152k --rounds 3 --steps 6     # the real vocabulary
 The two sides alternate (fastcurl, TRL, fastcurl, TRL, ...: --rounds pairs), so a machine that slows down
 slows both; the result is the median of the per-round tokens/s ratios with their range. Shapes: the shipped
-toy checkpoint, and a randomly initialised 23.6M-parameter Qwen2 with the toy's tokenizer (hidden 512,
-8 layers, 8 heads, 4 KV heads, MLP 1408) written to a temporary folder. Phases: ours from metrics.jsonl
+toy checkpoint, a randomly initialised 23.6M-parameter Qwen2 with the toy's tokenizer (hidden 512,
+8 layers, 8 heads, 4 KV heads, MLP 1408) written to a temporary folder, and 152k: the same body with
+R1-Distill-Qwen's real vocabulary of 151,936 tokens and tokenizer (tests/real_vocab.py; 179M parameters, the
+embedding and the untied head 87% of them), where the head and the sampler cost most. Phases: ours from metrics.jsonl
 (sampling, training), TRL's from its own profiling timers (per step, averaged over all steps).
 
 TRL is installed only in this benchmark's own environment (.bench-trl/: a venv that sees the project venv's
@@ -52,6 +55,10 @@ def make_model(shape: str, tmp: str) -> str:
     src = os.path.join(TOY, "model")
     if shape == "toy":
         return src
+    if shape == "152k":  # the real R1-Distill tokenizer (tests/real_vocab.py), the 23.6M shape's body
+        from tests import real_vocab
+        return real_vocab.build_model_folder(os.path.join(tmp, shape), "r1", hidden=512, layers=8, heads=8,
+                                             kv_heads=4, intermediate=1408)
     import shutil
 
     import dataclasses
@@ -71,7 +78,7 @@ def ours(steps: int, out: str, model_dir: str) -> dict:
     shutil_rm(out)
     cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--recipe", "toy", "--stage", "1", "--steps", str(steps),
            "--rollout", "torch", "--fsdp", "none", "--eval-k", "0", "--save-every", "0", "--out", out,
-           "--model", model_dir]
+           "--model", model_dir, "--template", "toy"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     rows = [json.loads(line) for line in open(os.path.join(out, "stage1", "metrics.jsonl"))]
     step_s = [r["time/rollout_s"] + r["time/train_s"] + r["time/sync_s"] for r in rows]
@@ -97,8 +104,8 @@ def trl_side(steps: int, out: str, model_dir: str) -> dict:
     import data
     from reward import score_batch
 
-    tok = transformers.AutoTokenizer.from_pretrained(os.path.join(TOY, "model"))
-    ours_tok = data.Tokenizer(os.path.join(TOY, "model"))
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ours_tok = data.Tokenizer(model_dir)
     sets, _, _ = data.split_by_length(data.load_problems(os.path.join(TOY, "train.jsonl")), "toy")
     prompts = [data.format_prompt(p.problem, "toy") for p in sets["L1"]]
     assert tok(prompts[0], add_special_tokens=False)["input_ids"] == ours_tok.encode(prompts[0])  # same token ids
@@ -161,7 +168,7 @@ def trl_python(env_dir: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--shape", default="toy", choices=["toy", "23.6m"])
+    ap.add_argument("--shape", default="toy", choices=["toy", "23.6m", "152k"])
     ap.add_argument("--rounds", type=int, default=3, help="alternating fastcurl/TRL pairs")
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--env", default=os.path.join(ROOT, ".bench-trl"))

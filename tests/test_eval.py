@@ -50,7 +50,7 @@ def test_eval_loads_no_copy_of_the_weights_when_vllm_serves(tmp_path, monkeypatc
     stand_in = Transformer.from_pretrained(f"{ROOT}/assets/toy/model")
     loads = []
     monkeypatch.setattr(Transformer, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(a)))
-    monkeypatch.setattr(evaluator, "choose_engine", lambda kind, config: ("vllm", "a stand-in"))
+    monkeypatch.setattr(evaluator, "choose_engine", lambda kind, config, device: ("vllm", "a stand-in"))
     monkeypatch.setattr(evaluator, "make_engine",
                         lambda kind, model, tok, **kw: TorchEngine(stand_in, tok.eos_ids, tok.pad_id))
     evaluator.main(["--data", str(tmp_path / "small.jsonl"), "--k", "1"])

@@ -125,3 +125,38 @@ def test_packed_cpu_weights_follow_in_place_updates():
         m.lm_head.weight.copy_(torch.randn_like(m.lm_head.weight))  # the head alone (tied: the embedding too)
     assert [c.response_ids for c in eng.generate(PROMPTS, n=1, max_tokens=16, temperature=0.0)] == \
         [argmax_no_cache(m, p, 16, 3) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("block_bytes", [1 << 19, 4096 * 8])  # one block; blocks of 1,024 / 256 entries
+def test_the_two_pass_sampler_draws_what_the_whole_row_sampler_draws(monkeypatch, temperature, block_bytes):
+    """The same uniforms give the same tokens as the inverse CDF over the whole row (float64 sums
+    both; only a uniform within float rounding of a boundary could differ: none here) and the same
+    log-probs; whole blocks of -inf, a 152K vocabulary and NaN/inf rows included."""
+    import rollout
+    monkeypatch.setattr(rollout, "SAMPLE_BLOCK_BYTES", block_bytes)
+    cases = [torch.randn(64, 5000) * 3, torch.randn(8, 151936) * 2, torch.randn(33, 999)]
+    cases[0][:, 1024:3000] = float("-inf")  # blocks with no mass
+    cases[0][:, 4000] += 40.0  # one token holds nearly all of it
+    for logits in cases:
+        new = rollout.sample(logits, temperature, 1.0, torch.Generator().manual_seed(5))
+        old = rollout._sample_full(logits, temperature, 1.0, torch.Generator().manual_seed(5))
+        assert torch.equal(new[0], old[0])
+        assert torch.allclose(new[1], old[1], atol=2e-5, rtol=1e-5)
+    bad = torch.randn(4, 300)
+    bad[1, 7], bad[2, 9] = float("nan"), float("inf")
+    new = rollout.sample(bad, temperature, 1.0, torch.Generator().manual_seed(1))
+    old = rollout._sample_full(bad, temperature, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1])
+
+
+def test_auto_takes_the_native_engine_on_a_cpu_and_vllm_on_a_gpu():
+    from model import load_config
+    from rollout import choose_engine
+    import data
+    cfg = load_config(data.TOY_MODEL)
+    assert choose_engine("auto", cfg, torch.device("cpu"))[0] == "torch"
+    assert choose_engine("torch", cfg, torch.device("cuda")) == ("torch", "asked for torch")
+    pytest.importorskip("vllm")
+    assert choose_engine("auto", cfg, torch.device("cuda")) == ("vllm", "auto: on a GPU")
+    assert choose_engine("vllm", cfg, torch.device("cpu")) == ("vllm", "asked for")
