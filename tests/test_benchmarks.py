@@ -82,24 +82,42 @@ def test_grpo_takes_the_bundled_sets_by_name(real_model_r1, tmp_path):
         data.problem_file("math-train"))
 
 
+PROGRESS_CHECK = """
+import json, sys
+sys.path.insert(0, {root!r})
+import data
+from model import Transformer
+from rollout import make_engine
+tok = data.Tokenizer(data.TOY_MODEL)
+model = None if {engine!r} == "vllm" else Transformer.from_pretrained(data.TOY_MODEL)
+generator = make_engine({engine!r}, model, tok, model_dir=data.TOY_MODEL, max_model_len=128)
+generator.max_rows = 2  # the native engine: one problem of n = 2 per internal batch
+calls = []
+prompts = [tok.encode(data.format_prompt(p.problem, "toy")) for p in data.load_problems(data.TOY_EVAL)[:5]]
+completions = generator.generate(prompts, n=2, max_tokens=16, progress=lambda *a: calls.append(a))
+print(json.dumps([calls, sum(len(c.response_ids) for c in completions)]))
+"""
+
+
 @pytest.mark.parametrize("engine", ["torch", pytest.param("vllm", marks=pytest.mark.slow)])
-def test_a_long_evaluation_reports_its_progress(monkeypatch, capsys, engine):
+def test_either_engine_reports_each_prompt_as_it_finishes(engine):
     if engine == "vllm" and os.environ.get("FASTCURL_REQUIRE_VLLM") != "1":
         pytest.importorskip("vllm")
+    r = subprocess.run([sys.executable, "-c", PROGRESS_CHECK.format(root=ROOT, engine=engine)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)  # vLLM in a process of its own
+    assert r.returncode == 0, r.stderr[-3000:]
+    calls, tokens = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [done for done, _ in calls] == [1, 2, 3, 4, 5]
+    assert calls[-1][1] == tokens and all(a[1] <= b[1] for a, b in zip(calls, calls[1:]))
+
+
+def test_a_long_evaluation_prints_its_progress(monkeypatch, capsys):
     from model import Transformer
     from rollout import make_engine
     tok = data.Tokenizer(data.TOY_MODEL)
-    model = None if engine == "vllm" else Transformer.from_pretrained(data.TOY_MODEL)
-    generator = make_engine(engine, model, tok, model_dir=data.TOY_MODEL, max_model_len=128)
-    if engine == "torch":
-        generator.max_rows = 2  # one problem of k = 2 per call: a report after each
-    calls = []
-    completions = generator.generate([tok.encode(data.format_prompt(p.problem, "toy"))
-                                      for p in data.load_problems(data.TOY_EVAL)[:5]], n=2,
-                                     max_tokens=16, progress=lambda *a: calls.append(a))
-    assert [done for done, _ in calls] == [1, 2, 3, 4, 5]
-    assert calls[-1][1] == sum(len(c.response_ids) for c in completions)
-    assert all(a[1] <= b[1] for a, b in zip(calls, calls[1:]))
+    generator = make_engine("torch", Transformer.from_pretrained(data.TOY_MODEL), tok,
+                            model_dir=data.TOY_MODEL, max_model_len=128)
+    generator.max_rows = 2  # one problem of k = 2 per internal batch: a report after each
     monkeypatch.setattr(evaluate, "PROGRESS_EVERY_S", 0.0)  # every report printed
     problems = data.load_problems(data.TOY_EVAL)[:4]
     evaluate.evaluate_file(generator, tok, "toy", "held_out.jsonl", problems=problems, k=2,
