@@ -192,11 +192,14 @@ class Unit:
             _gather_flat(self.full.data, src)
 
     def _set_views(self):
-        """Set each attribute to its slice of `full` (views made in grad mode, for autograd)."""
-        for _, o, shape, homes in self.entries:
-            v = self.full[o:o + math.prod(shape)].view(shape)
+        """Set each attribute to its piece of `full` (views made in grad mode, for autograd). One
+        split for all: its backward writes the pieces' gradients into one buffer of full's size,
+        where a slice per parameter would each fill one of its own with zeros, then sum them."""
+        sizes = [math.prod(shape) for _, _, shape, _ in self.entries]
+        pieces = torch.split(self.full, sizes + [self.padded - sum(sizes)])
+        for (_, _, shape, homes), piece in zip(self.entries, pieces):
             for mod, attr in homes:
-                setattr(mod, attr, v)
+                setattr(mod, attr, piece.view(shape))
 
     def pre_forward(self, module, args):
         if not self.in_backward:  # a recompute in the backward (activation checkpointing) has them
