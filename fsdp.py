@@ -181,15 +181,16 @@ class Unit:
             return
         if not self.gathered():
             self.full.untyped_storage().resize_(self.padded * self.full.element_size())
-        self._all_gather()
+        self._gather_into(self.full.data)
         self.gathered_from = self._shard_version()
 
-    def _all_gather(self):
-        src = self.shard.detach().to(self.full.dtype)
+    def _gather_into(self, buf: torch.Tensor):
+        """buf <- every rank's shard, in buf's dtype."""
+        src = self.shard.detach().to(buf.dtype)
         if self.W == 1:
-            self.full.data.copy_(src)
+            buf.copy_(src)
         else:
-            _gather_flat(self.full.data, src)
+            _gather_flat(buf, src)
 
     def _set_views(self):
         """Set each attribute to its piece of `full` (views made in grad mode, for autograd). One
@@ -244,10 +245,7 @@ class Unit:
             buf = self.full.detach()
         else:
             buf = torch.empty(self.padded, dtype=torch.float32, device=self.shard.device)
-            if self.W == 1:
-                buf.copy_(self.shard.detach())
-            else:
-                _gather_flat(buf, self.shard.detach().contiguous())
+            self._gather_into(buf)
         for name, o, shape, _ in self.entries:
             yield name, buf[o:o + math.prod(shape)].view(shape)
         if compute and self.reshard:

@@ -65,7 +65,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     u = torch.rand(rows, 1, generator=gen, device=cdf.device, dtype=torch.float64) * cdf[:, -1:]
     which = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # [B, 1]
     # the second pass: the chosen block of each row, the uniform's place in its mass
-    into = ((u - cdf.gather(-1, which) + mass.gather(-1, which)) / mass.gather(-1, which))
+    chosen = mass.gather(-1, which)
+    into = (u - cdf.gather(-1, which) + chosen) / chosen
     index = which * block + torch.arange(block, device=logits.device)
     inside = index < vocab
     z = logits.gather(-1, index.clamp(max=vocab - 1))
@@ -170,13 +171,15 @@ class TorchEngine:
                  progress=None) -> list[Completion]:
         """n samples per prompt, prompt-major: out[i * n + j] is sample j of prompt i;
         progress(prompts done, response tokens so far) as prompts finish."""
-        per_call, out = max(1, self.max_rows // n), []
+        per_call, out, tokens = max(1, self.max_rows // n), [], 0
         with self._packed_layers():
             for s in range(0, len(prompts), per_call):
-                out += self._generate(prompts[s:s + per_call], n, max_tokens, temperature, top_p,
-                                      seed + s)
+                batch = self._generate(prompts[s:s + per_call], n, max_tokens, temperature, top_p,
+                                       seed + s)
+                out += batch
                 if progress:
-                    progress(len(out) // n, sum(len(c.response_ids) for c in out))
+                    tokens += sum(len(c.response_ids) for c in batch)
+                    progress(len(out) // n, tokens)
         return out
 
     @torch.inference_mode()

@@ -25,12 +25,12 @@ def sharded_model():
 
 def count_gathers(monkeypatch) -> dict:
     counts = {}
-    real = fsdp.Unit._all_gather
+    real = fsdp.Unit._gather_into
 
-    def counting(unit):
+    def counting(unit, buf):
         counts[id(unit)] = counts.get(id(unit), 0) + 1
-        real(unit)
-    monkeypatch.setattr(fsdp.Unit, "_all_gather", counting)
+        real(unit, buf)
+    monkeypatch.setattr(fsdp.Unit, "_gather_into", counting)
     return counts
 
 
