@@ -243,8 +243,9 @@ class Trainer:
         self.sharded = fsdp.is_sharded(model)
         self.device = next(model.parameters()).device
         model.gradient_checkpointing = cfg.grad_checkpointing
-        # the learning rate is the stage's, set before every update (lr_at)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=cfg.weight_decay)
+        # the learning rate is the stage's, set before every update (lr_at); fused: one pass over
+        # each parameter (the per-tensor loop took 4.4 s a step at the real vocabulary on a CPU)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=cfg.weight_decay, fused=True)
         if self.sharded:  # the units kept gathered hold the old weights after an update
             self.opt.register_step_post_hook(lambda *_: fsdp.weights_changed(model))
         self.updates = 0
