@@ -13,12 +13,18 @@ def case(N, H, V, seed, dtype=torch.float32):
     return h, w, y, torch.randn(N, generator=g), torch.randn(N, generator=g)
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("N,H,V,T,chunk", [(37, 16, 101, 1.0, 500), (64, 32, 257, 0.6, 1 << 24),
-                                           (5, 8, 3, 1.7, 7), (130, 24, 1000, 0.9, 4096)])
-def test_torch_twin_matches_float64(N, H, V, T, chunk):
+                                           (5, 8, 3, 1.7, 7), (130, 24, 1000, 0.9, 4096),
+                                           (300, 16, 2500, 0.8, 1 << 11)])
+def test_torch_twin_matches_float64(N, H, V, T, chunk, keep):
+    """Tiles of every shape (one, a row of them, a column, a grid with ragged edges: VOCAB_TILE is
+    1,024 columns), the logits recomputed in the backward or kept (in memory left dirty by an
+    earlier call, as the trainer's reused buffer is)."""
     h, w, y, g_lp, g_ent = case(N, H, V, N + V)
     h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
-    lp, ent = fused_logprob_entropy(h1, w1, y, T, impl="torch", chunk_elems=chunk)
+    memory = torch.full((N * V + 3,), float("nan")) if keep else None
+    lp, ent = fused_logprob_entropy(h1, w1, y, T, impl="torch", chunk_elems=chunk, keep=memory)
     h2, w2 = h.double().requires_grad_(), w.double().requires_grad_()
     lp_ref, ent_ref = reference_logprob_entropy(h2, w2, y, T)
     assert lp.dtype == ent.dtype == torch.float32
