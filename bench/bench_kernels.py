@@ -5,7 +5,7 @@
     python bench/bench_kernels.py --n 32768 --dtype bf16 --impls naive-bf16,triton,verl,liger
 
 At DeepSeek-R1-Distill-Qwen-1.5B's head (H=1536, V=151936), temperature 0.6; impls: naive (fp32 matmul and
-softmax), naive-bf16 (the head matmul in bf16, softmax in fp32: the fair bar), torch (the chunked twin),
+softmax), naive-bf16 (the head matmul in bf16, softmax in fp32: the fair bar), torch (the tiled twin),
 triton, and where they are installed (never a dependency; shared/gpu/prepare-anchors.sh lays them out) verl's
 linear_cross_entropy (log-prob and entropy, as ours) and Liger's fused linear cross entropy (log-prob only,
 its gradient made in the forward: a 6NHV design; temperature applied as h / T). An impl that does not
