@@ -1,11 +1,12 @@
-"""Fused log-prob and entropy from hidden states and the LM head, never materialising [N, V] logits.
+"""Fused log-prob and entropy from hidden states and the LM head, without materialising [N, V] logits
+(unless the caller hands memory to keep them in: see `keep`).
 
     z = h W^T / T                 (per token, over the vocabulary)
     lse = log sum_v exp(z_v)
     logprob = z[label] - lse
     entropy = lse - sum_v softmax(z)_v z_v
 
-Backward recomputes z block by block. With p = softmax(z) and upstream gradients g_lp, g_ent:
+Backward recomputes z tile by tile. With p = softmax(z) and upstream gradients g_lp, g_ent:
 
     dz = g_lp (onehot(label) - p) - g_ent p (z - (lse - entropy))
     dh = dz W / T,   dW = dz^T h / T          (accumulated in fp32)
