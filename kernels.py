@@ -1,5 +1,5 @@
-"""Fused log-prob and entropy from hidden states and the LM head, without materialising [N, V] logits
-(unless the caller hands memory to keep them in: see `keep`).
+"""Fused log-prob and entropy from hidden states and the LM head, without materialising [N, V]
+logits (unless the caller hands memory to keep them in: see `keep`).
 
     z = h W^T / T                 (per token, over the vocabulary)
     lse = log sum_v exp(z_v)
