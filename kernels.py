@@ -122,6 +122,8 @@ def fused_logprob_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     cuda_elems = DZ_ELEMS_CUDA if impl == "triton" else CHUNK_ELEMS_CUDA
     chunk_elems = chunk_elems or (cuda_elems if hidden.is_cuda else CHUNK_ELEMS)
     if impl == "triton":
+        if keep is not None:
+            raise ValueError("keep is the torch path's: the Triton kernels recompute the logits")
         return _TritonFused.apply(hidden, weight, labels, float(temperature), chunk_elems)
     if impl != "torch":
         raise ValueError(f"impl must be auto, torch or triton, not {impl!r}")

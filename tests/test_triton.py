@@ -130,3 +130,10 @@ def test_triton_path_names_its_devices():
         lp, ent = fused_logprob_entropy(h, w, y, 0.8, impl="triton", chunk_elems=100)
         (lp * g_lp).sum().backward()
     assert not guard.caught, guard.caught
+
+
+def test_kept_logits_are_refused_on_the_triton_path():
+    """keep= holds the torch path's logits; the Triton kernels never write them, so asking says so."""
+    h, w, y, _, _ = make(4, 8, 10, 1)
+    with pytest.raises(ValueError, match="keep is the torch path's"):
+        fused_logprob_entropy(h, w, y, impl="triton", keep=torch.empty(40))
