@@ -166,9 +166,34 @@ class KVCache:
 
 @dataclass
 class Packed:
-    """Sequences of these lengths laid back to back, filling one row (no padding): attention stays
-    inside each sequence (causal), and the caller's position ids restart at 0 in each."""
-    lengths: list[int]
+    """Groups laid back to back, filling one row (no padding): a prompt of prompts[g] tokens, then
+    the responses that continue it, of responses[g] tokens each. A response attends (causally) to
+    its prompt and itself, never to another response, so each prompt is computed once for all of
+    its samples; the caller's position ids restart at 0 at each prompt and continue from the
+    prompt's length in each of its responses. Every prompt has at least one response."""
+    prompts: list[int]
+    responses: list[list[int]]
+
+
+def packed_attention(q, k, v, packed: Packed):
+    """Causal attention over [prompt, response] for each response of each group: the prompt's own
+    rows come from its first response's call (the later ones recompute and drop them: a few rows
+    of attention, against a prompt's whole forward saved per sample). One call per sequence: on a
+    CPU 4-8x faster than one call with a block mask; on CUDA each call is a flash kernel. split,
+    not slices: its backward is one concatenation, a slice's a zero-filled full-size copy."""
+    sizes = [n for p, rs in zip(packed.prompts, packed.responses) for n in (p, *rs)]
+    qs, ks, vs = (iter(t.split(sizes, dim=2)) for t in (q, k, v))
+    out = []
+    for p, rs in zip(packed.prompts, packed.responses):
+        pq, pk, pv = next(qs), next(ks), next(vs)
+        for j, r in enumerate(rs):
+            rq, rk, rv = next(qs), next(ks), next(vs)
+            y = F.scaled_dot_product_attention(torch.cat([pq, rq], 2), torch.cat([pk, rk], 2),
+                                               torch.cat([pv, rv], 2), is_causal=True,
+                                               enable_gqa=True)
+            prompt_rows, response_rows = y.split([p, r], dim=2)
+            out += [prompt_rows, response_rows] if j == 0 else [response_rows]
+    return torch.cat(out, dim=2)
 
 
 class Attention(nn.Module):
@@ -188,12 +213,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if isinstance(mask, Packed):  # one causal attention per sequence (on a CPU 4-8x faster
-            # than one call with a block-diagonal mask; on CUDA each call is a flash kernel). split,
-            # not slices: its backward is one concatenation, a slice's a zero-filled full-size copy
-            qs, ks, vs = (t.split(mask.lengths, dim=2) for t in (q, k, v))
-            y = torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True)
-                           for a, b, c in zip(qs, ks, vs)], dim=2)
+        if isinstance(mask, Packed):
+            y = packed_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=True)
@@ -248,8 +269,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids, position_ids=None, mask=None, cache: KVCache | None = None):
         """Final normed hidden states [B, T, H].
 
-        Training: sequences packed into a row, `position_ids` restarting per sequence and `mask` a
-        Packed with their spans (or one sequence per row: no mask, positions 0..T-1).
+        Training: prompts and their responses packed into a row, `mask` a Packed with their spans
+        and `position_ids` to match (or one sequence per row: no mask, positions 0..T-1).
         Generation: left-padded rows with `position_ids`, a boolean `mask` [B, 1, T, S] and a
         `cache`."""
         B, T = input_ids.shape

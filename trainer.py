@@ -160,11 +160,12 @@ def rollout_correction(gap, mask, mode: str, cap: float):
 
 @dataclasses.dataclass
 class Rows:
-    """A micro-batch in training layout: completions (prompt + response) back to back in one row
-    for the model, their response tokens as a [B, R] batch (a completion per row) for the loss."""
+    """A micro-batch in training layout: for the model, each prompt once and its completions'
+    responses after it, in one row; for the loss, the response tokens as a [B, R] batch (a
+    completion per row)."""
     ids: torch.Tensor       # [1, L] the packed tokens
-    positions: torch.Tensor | None  # [1, L] positions, restarting at 0 in each completion
-    packed: Packed | None   # the completions' lengths in the row (attention stays inside each)
+    positions: torch.Tensor | None  # [1, L] from 0 in each prompt, on from it in its responses
+    packed: Packed | None   # the prompts' and responses' lengths in the row (model.Packed)
     resp_pos: torch.Tensor  # [B, R] where in the row the hidden state predicting token j of b is
     resp_ids: torch.Tensor  # [B, R]
     mask: torch.Tensor      # [B, R] 1 for real response tokens
@@ -172,33 +173,49 @@ class Rows:
 
 
 def micro_batches(comps, token_budget: int, pad_id: int, device) -> list[Rows]:
-    """Completions, sorted by length, in micro-batches of at most token_budget tokens (a longer one
-    alone): no padding reaches the model. Laid out on the host, one copy per tensor to `device`."""
-    lengths = [len(c.prompt_ids) + len(c.response_ids) for c in comps]
-    groups, used = [], 0
-    for i in sorted(range(len(comps)), key=lengths.__getitem__):
-        if groups and used + lengths[i] <= token_budget:
-            groups[-1].append(i)
-            used += lengths[i]
-        else:
-            groups.append([i])
-            used = lengths[i]
+    """Completions in micro-batches of at most token_budget tokens (a longer one alone), a prompt's
+    samples together while they fit, each prompt laid out once per micro-batch with its samples'
+    responses after it: no padding reaches the model, and no prompt twice. Laid out on the host,
+    one copy per tensor to `device`."""
+    by_prompt = {}
+    for i, c in enumerate(comps):
+        by_prompt.setdefault(tuple(c.prompt_ids), []).append(i)
+    batches, used = [], 0  # each micro-batch: {prompt: [completions]}
+    for prompt, members in by_prompt.items():
+        for i in members:
+            cost = len(comps[i].response_ids) + (0 if batches and prompt in batches[-1] else
+                                                 len(prompt))
+            if batches and used + cost <= token_budget:
+                batches[-1].setdefault(prompt, []).append(i)
+                used += cost
+            else:
+                batches.append({prompt: [i]})
+                used = len(prompt) + len(comps[i].response_ids)
     out, host = [], torch.device("cpu")
-    for g in groups:
-        R = max(max(len(comps[i].response_ids) for i in g), 1)
-        resp_pos, rid = torch.zeros(2, len(g), R, dtype=torch.long, device=host)
-        mask = torch.zeros(len(g), R, device=host)
-        ids, positions = [], []
-        for b, i in enumerate(g):
-            p, r = comps[i].prompt_ids, comps[i].response_ids
-            resp_pos[b, :len(r)] = torch.arange(len(r), device=host) + len(ids) + len(p) - 1
-            ids += p + r
-            positions += range(lengths[i])
-            rid[b, :len(r)] = torch.tensor(r, dtype=torch.long, device=host)
-            mask[b, :len(r)] = 1
+    for batch in batches:
+        index = [i for members in batch.values() for i in members]
+        R = max(max(len(comps[i].response_ids) for i in index), 1)
+        resp_pos, rid = torch.zeros(2, len(index), R, dtype=torch.long, device=host)
+        mask = torch.zeros(len(index), R, device=host)
+        ids, positions, b = [], [], 0
+        for prompt, members in batch.items():
+            last = len(ids) + len(prompt) - 1  # the prompt's last token predicts each first token
+            ids += prompt
+            positions += range(len(prompt))
+            for i in members:
+                r = comps[i].response_ids
+                predictors = [last, *range(len(ids), len(ids) + len(r) - 1)][:len(r)]
+                resp_pos[b, :len(r)] = torch.tensor(predictors, dtype=torch.long, device=host)
+                ids += r
+                positions += range(len(prompt), len(prompt) + len(r))
+                rid[b, :len(r)] = torch.tensor(r, dtype=torch.long, device=host)
+                mask[b, :len(r)] = 1
+                b += 1
+        packed = Packed([len(p) for p in batch], [[len(comps[i].response_ids) for i in members]
+                                                  for members in batch.values()])
         row = torch.tensor([ids, positions], dtype=torch.long, device=host).to(device)
-        out.append(Rows(row[:1], row[1:], Packed([lengths[i] for i in g]), resp_pos.to(device),
-                        rid.to(device), mask.to(device), g))
+        out.append(Rows(row[:1], row[1:], packed, resp_pos.to(device), rid.to(device),
+                        mask.to(device), index))
     return out
 
 
@@ -401,7 +418,8 @@ class Trainer:
 
     def _metrics(self, sums: dict, gap: dict, mbs_all, comps) -> dict:
         """Token-weighted means over all ranks (rollout/masked_frac: the share of response tokens
-        left out), the trainer/engine log-prob gap and the padding share; one copy to the host."""
+        left out), the trainer/engine log-prob gap and the share of the completions' tokens that
+        laying each prompt out once saved; one copy to the host."""
         tot = self._sum(torch.stack([sums[k] for k in STAT_KEYS]).float())
         diffs = torch.cat([d.abs() for d in gap.values()] or [torch.zeros(1, device=self.device)])
         dsum = self._sum(torch.stack([diffs.sum(), diffs.new_tensor(float(diffs.numel()))]))
@@ -410,9 +428,9 @@ class Trainer:
                           dmax[None].to(tot.dtype)]).tolist()
         out = dict(zip(STAT_KEYS[1:], host))
         out["rollout/logprob_absdiff"], out["rollout/logprob_maxdiff"] = host[-2], host[-1]
-        pad_tok = sum(mb.ids.numel() for mb in mbs_all if mb.index)
-        real = sum(len(c.prompt_ids) + len(c.response_ids) for c in comps)
-        out["pad_frac"] = 1 - real / pad_tok if pad_tok else 0.0
+        computed = sum(mb.ids.numel() for mb in mbs_all if mb.index)
+        alone = sum(len(c.prompt_ids) + len(c.response_ids) for c in comps)
+        out["prompt_shared_frac"] = 1 - computed / alone if alone else 0.0
         return out
 
     def _entropy_coef(self, st) -> float:

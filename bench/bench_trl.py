@@ -85,7 +85,7 @@ def ours(steps: int, out: str, model_dir: str) -> dict:
     res = summarise(step_s, [r["throughput/tokens_per_s"] * s for r, s in zip(rows, step_s)],
                     [r["response_len/mean"] for r in rows], [r["reward/mean"] for r in rows])
     res["phases_s"] = {k: statistics.median(r[f"time/{k}_s"] for r in rows[2:]) for k in ("rollout", "train")}
-    res["pad_frac"] = statistics.mean(r["pad_frac"] for r in rows)
+    res["prompt_shared_frac"] = statistics.mean(r["prompt_shared_frac"] for r in rows)
     return res
 
 

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow  # every test here starts processes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["step", "stage", "reward/mean", "reward/std", "response_len/mean", "response_len/max", "truncated_frac",
         "entropy/mean", "kl/mean", "pg_clipfrac", "grad_norm", "lr", "zero_adv_frac", "time/rollout_s",
-        "time/train_s", "time/sync_s", "throughput/tokens_per_s", "pad_frac", "rollout/logprob_absdiff"]
+        "time/train_s", "time/sync_s", "throughput/tokens_per_s", "prompt_shared_frac", "rollout/logprob_absdiff"]
 
 
 def grpo(*args, nproc=2, check=True):

@@ -292,7 +292,7 @@ def test_everything_left_out_is_no_update():
     before = {k: v.clone() for k, v in tr.model.state_dict().items()}
     s = tr.step(comps, adv, stage(), keep=[False] * len(comps))
     assert all(torch.equal(v, tr.model.state_dict()[k]) for k, v in before.items())
-    assert s["grad_norm"] == 0 and tr.updates == 0 and s["pad_frac"] == 0.0
+    assert s["grad_norm"] == 0 and tr.updates == 0 and s["prompt_shared_frac"] == 0.0
 
 
 # ---- adaptive entropy control ------------------------------------------------------------------

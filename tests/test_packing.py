@@ -1,6 +1,7 @@
-"""Packed training rows: several completions back to back in one row, positions restarting and
-attention kept inside each, give what each completion gives alone (values and gradients, Qwen2 and
-Llama shapes, with and without activation checkpointing); and skipping the old-log-prob forward
+"""Packed training rows: several completions in one row, each prompt once with its samples'
+responses after it, positions restarting and attention kept inside each prompt + response, give
+what each completion gives alone (values and gradients, Qwen2 and Llama shapes, with and without
+activation checkpointing); and skipping the old-log-prob forward
 (one update per rollout batch) leaves the loss, the gradients and the metrics as they were."""
 import copy
 import random
@@ -22,14 +23,16 @@ SHAPES = {  # Qwen2: q/k/v biases, tied head; Llama: no biases, its own head
 }
 
 
-def completions(n, seed=0, engine_logprobs=False):
+def completions(n, seed=0, engine_logprobs=False, samples=1):
+    """n prompts, `samples` completions of each (prompt-major, as the engine returns them)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         p = [rng.randrange(2, 50) for _ in range(rng.randrange(2, 12))]
-        r = [rng.randrange(2, 50) for _ in range(rng.randrange(1, 20))]
-        lps = [-rng.random() * 3 for _ in r] if engine_logprobs else []
-        out.append(Completion(p, r, lps, "stop"))
+        for _ in range(samples):
+            r = [rng.randrange(2, 50) for _ in range(rng.randrange(1, 20))]
+            lps = [-rng.random() * 3 for _ in r] if engine_logprobs else []
+            out.append(Completion(p, r, lps, "stop"))
     return out
 
 
@@ -43,11 +46,14 @@ def test_packed_rows_equal_each_sequence_alone(shape, ckpt):
     torch.manual_seed(0)
     m = init_weights(Transformer(Config(**SHAPES[shape])), std=0.2, seed=1).double().train()
     m.gradient_checkpointing = ckpt
-    comps = completions(9)
+    comps = completions(4, samples=3) + completions(2, seed=1)
     mbs = micro_batches(comps, 48, 0, "cpu")
     assert len(mbs) > 1 and all(len(mb.index) > 1 for mb in mbs[:-1])  # really packed, several rows
-    assert sum(mb.ids.numel() for mb in mbs) == sum(len(c.prompt_ids) + len(c.response_ids)
-                                                    for c in comps)  # no padding at all
+    shared = [n for mb in mbs for n in map(len, mb.packed.responses)]
+    assert max(shared) > 1 and len(shared) > 6  # prompts laid out once for several samples, and
+    # some group's samples split over two micro-batches (its prompt in both)
+    for mb in mbs:  # no padding at all
+        assert mb.ids.numel() == sum(mb.packed.prompts) + sum(map(sum, mb.packed.responses))
     G = {i: torch.randn(len(c.response_ids), 64, dtype=torch.float64) for i, c in enumerate(comps)}
     packed, alone = {}, {}
     m.zero_grad()
@@ -83,7 +89,7 @@ def test_skipping_the_old_logprob_forward_changes_nothing():
     torch.manual_seed(0)
     base = init_weights(Transformer(Config(**SHAPES["qwen2"])), std=0.2, seed=3)
     ref = copy.deepcopy(base).requires_grad_(False)
-    comps = completions(12, seed=5, engine_logprobs=True)
+    comps = completions(3, seed=5, engine_logprobs=True, samples=4)
     adv = torch.randn(12)
     st = Stage("L2", 20, batch=3, n=4, steps=1, lr=1e-2, kl_coef=0.1, entropy_coef=0.01,
                correction="tis-token", correction_cap=1.5)
@@ -109,4 +115,4 @@ def test_skipping_the_old_logprob_forward_changes_nothing():
         assert torch.allclose(w1[k], w2[k], rtol=1e-6, atol=1e-9), k
     for k in s1:
         assert s1[k] == pytest.approx(s2[k], rel=1e-6, abs=1e-9), k
-    assert s1["rollout/logprob_absdiff"] > 0 and s1["pad_frac"] == 0.0
+    assert s1["rollout/logprob_absdiff"] > 0 and s1["prompt_shared_frac"] > 0
