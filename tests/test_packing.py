@@ -1,8 +1,8 @@
 """Packed training rows: several completions in one row, each prompt once with its samples'
 responses after it, positions restarting and attention kept inside each prompt + response, give
 what each completion gives alone (values and gradients, Qwen2 and Llama shapes, with and without
-activation checkpointing); and skipping the old-log-prob forward
-(one update per rollout batch) leaves the loss, the gradients and the metrics as they were."""
+activation checkpointing); and skipping the old-log-prob forward (one update per rollout batch)
+leaves the loss, the gradients and the metrics as they were."""
 import copy
 import random
 
